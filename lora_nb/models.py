@@ -1,0 +1,284 @@
+"""Base models: load SD1.x / SDXL from a hub id, a diffusers folder, a single
+checkpoint file or the bundled toy model; build tiny random models for tests.
+
+A loaded model is a :class:`BaseModel`: the diffusers pipeline plus its family
+(``"sd15"`` or ``"sdxl"``) and where it came from.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lora_nb import LoraNbError
+
+FAMILIES = ("sd15", "sdxl")
+
+# Words the tiny test tokenizers know as single tokens (everything else still
+# tokenizes, byte by byte).
+TINY_WORDS = (
+    "a an the of on in with and photo picture painting drawing portrait of person man woman girl boy "
+    "dog cat bird car house tree flower sky sea mountain city street room face hair eyes smile "
+    "red green blue yellow purple white black gray orange pink brown circle square triangle star "
+    "background style anime realistic best quality masterpiece lowres blurry sks zorb toy"
+)
+
+
+@dataclass
+class BaseModel:
+    """A loaded base model: the pipeline, its family and a human-readable source."""
+
+    pipe: object
+    family: str
+    source: str
+
+    @property
+    def text_encoders(self) -> list:
+        encs = [self.pipe.text_encoder]
+        if self.family == "sdxl":
+            encs.append(self.pipe.text_encoder_2)
+        return encs
+
+    @property
+    def tokenizers(self) -> list:
+        toks = [self.pipe.tokenizer]
+        if self.family == "sdxl":
+            toks.append(self.pipe.tokenizer_2)
+        return toks
+
+    @property
+    def vae_scale(self) -> int:
+        """How many pixels one latent cell covers (8 for real SD, less for tiny models)."""
+        return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: VAE scale × UNet downsampling."""
+        unet_down = 2 ** (len(self.pipe.unet.config.block_out_channels) - 1)
+        return self.vae_scale * unet_down
+
+
+def repo_data_dir() -> Path:
+    """The project's ``data/`` folder (override with the ``LORA_NB_DATA`` environment variable)."""
+    env = os.environ.get("LORA_NB_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "data"
+
+
+def toy_model_dir() -> Path:
+    return repo_data_dir() / "toy-model"
+
+
+# --------------------------------------------------------------------------- tiny builders
+
+def _tiny_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+    )
+
+
+def _tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(32, 64), latent_channels=4,
+        layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32, sample_size=64,
+    )
+
+
+def _tiny_text_encoder(tokenizer, with_projection: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=5,
+        num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length, projection_dim=32,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, hidden_act="gelu",
+    )
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(cfg)
+
+
+def build_tiny_sd15(folder: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
+    """Build a tiny random SD1.5-architecture pipeline and save it (diffusers format) to ``folder``.
+
+    64×64 images → 32×32 latents; about 2 M parameters; for tests and benchmarks.
+    """
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from lora_nb.tokenizer import write_clip_tokenizer
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    tok = write_clip_tokenizer(TINY_WORDS.split(), folder / "tokenizer")
+    unet = UNet2DConditionModel(
+        sample_size=32, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=8, norm_num_groups=32,
+    )
+    sched = _tiny_scheduler()
+    if prediction_type != "epsilon":
+        sched = sched.__class__.from_config(sched.config, prediction_type=prediction_type)
+    pipe = StableDiffusionPipeline(
+        vae=_tiny_vae(), text_encoder=_tiny_text_encoder(tok), tokenizer=tok, unet=unet,
+        scheduler=sched, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_sdxl(folder: str | Path, seed: int = 0) -> Path:
+    """Build a tiny random SDXL-architecture pipeline (two text encoders, time ids) and save it."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    from lora_nb.tokenizer import write_clip_tokenizer
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    tok = write_clip_tokenizer(TINY_WORDS.split(), folder / "tokenizer")
+    tok2 = write_clip_tokenizer(TINY_WORDS.split(), folder / "tokenizer_2")
+    unet = UNet2DConditionModel(
+        sample_size=32, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+        use_linear_projection=True, transformer_layers_per_block=(1, 2), cross_attention_dim=64,
+        addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=80, norm_num_groups=32,
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=_tiny_vae(), text_encoder=_tiny_text_encoder(tok), text_encoder_2=_tiny_text_encoder(tok2, True),
+        tokenizer=tok, tokenizer_2=tok2, unet=unet, scheduler=_tiny_scheduler(),
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
+# --------------------------------------------------------------------------- loading
+
+def detect_family_of_folder(folder: Path) -> str:
+    """``sdxl`` when the diffusers folder has a second text encoder, else ``sd15``."""
+    index = folder / "model_index.json"
+    if not index.exists():
+        raise LoraNbError(
+            f"{folder} is not a diffusers model folder (no model_index.json). "
+            "Set model_source to a diffusers folder, a .safetensors checkpoint file, a hub id, or 'toy'."
+        )
+    import json
+
+    cls = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
+    return "sdxl" if ("XL" in cls or (folder / "text_encoder_2").exists()) else "sd15"
+
+
+def detect_family_of_checkpoint(path: Path) -> str:
+    """Read only the tensor names of a single-file checkpoint and tell SD1.x from SDXL."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as exc:  # noqa: BLE001 - any parse failure means "not a checkpoint"
+        raise LoraNbError(f"{path} is not a readable .safetensors checkpoint ({exc}).") from None
+    if any(k.startswith("conditioner.embedders.1") for k in keys):
+        return "sdxl"
+    if any(k.startswith("cond_stage_model.") for k in keys) or any(k.startswith("model.diffusion_model.") for k in keys):
+        return "sd15"
+    raise LoraNbError(f"{path} does not look like an SD1.x or SDXL checkpoint (no UNet or text-encoder weights found).")
+
+
+def _pipeline_class(family: str):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+
+
+def looks_like_hub_id(source: str) -> bool:
+    parts = source.split("/")
+    return len(parts) == 2 and all(parts) and not Path(source).exists() and not source.startswith((".", "~"))
+
+
+def load_base_model(source: str | Path, family: str = "auto", dtype: torch.dtype = torch.float32,
+                    allow_pickle: bool = False) -> BaseModel:
+    """Load a base model from ``source``.
+
+    ``source`` is ``"toy"`` (the bundled toy model), a local diffusers folder, a
+    single ``.safetensors`` checkpoint file (community models), or a hub id such
+    as ``stable-diffusion-v1-5/stable-diffusion-v1-5``. ``family`` is ``auto``,
+    ``sd15`` or ``sdxl``. Pickle checkpoints (``.ckpt``/``.pt``) need
+    ``allow_pickle=True`` because unpickling can run arbitrary code.
+    """
+    if family not in ("auto",) + FAMILIES:
+        raise LoraNbError(f"model_family={family!r} is not known: use 'auto', 'sd15' or 'sdxl'.")
+    src = str(source)
+    if src == "toy":
+        path = toy_model_dir()
+        if not (path / "model_index.json").exists():
+            raise LoraNbError(
+                f"The bundled toy model is missing at {path}. It ships with the repository; "
+                "re-clone, or rebuild it with `python scripts/build_toy_model.py`."
+            )
+        src = str(path)
+    path = Path(src).expanduser()
+    if path.is_dir():
+        fam = detect_family_of_folder(path) if family == "auto" else family
+        try:
+            pipe = _pipeline_class(fam).from_pretrained(path, dtype=dtype, safety_checker=None) if fam == "sd15" \
+                else _pipeline_class(fam).from_pretrained(path, dtype=dtype)
+        except (OSError, ValueError) as exc:
+            raise LoraNbError(f"Could not load the diffusers model in {path}: {exc}") from None
+        return BaseModel(pipe, fam, str(path))
+    if path.is_file():
+        return _load_single_file(path, family, dtype, allow_pickle)
+    if looks_like_hub_id(src):
+        return _load_from_hub(src, family, dtype)
+    raise LoraNbError(
+        f"model_source={src!r} is neither a folder, a file, 'toy' nor a hub id like 'org/name'. "
+        "Check the path (it does not exist)."
+    )
+
+
+def _load_single_file(path: Path, family: str, dtype, allow_pickle: bool) -> BaseModel:
+    suffix = path.suffix.lower()
+    if suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        if not allow_pickle:
+            raise LoraNbError(
+                f"{path} is a pickle checkpoint, and unpickling a file can run code hidden in it. "
+                "Prefer a .safetensors version of the model; if you trust this file, pass allow_pickle=True "
+                "(it is then loaded with torch.load(weights_only=True))."
+            )
+    elif suffix != ".safetensors":
+        raise LoraNbError(f"{path} is not a model checkpoint (expected .safetensors, or a diffusers folder).")
+    fam = family if family != "auto" else (detect_family_of_checkpoint(path) if suffix == ".safetensors" else "sd15")
+    cls = _pipeline_class(fam)
+    try:
+        pipe = cls.from_single_file(str(path), dtype=dtype)
+    except Exception as exc:  # noqa: BLE001 - diffusers raises many types here
+        raise LoraNbError(
+            f"Could not load the {fam} checkpoint {path}: {type(exc).__name__}: {str(exc)[:300]}. "
+            "Single-file loading needs the base model's configuration; offline, convert the checkpoint to a "
+            "diffusers folder on a machine with internet access, or check that the file is complete."
+        ) from None
+    return BaseModel(pipe, fam, str(path))
+
+
+def _load_from_hub(repo_id: str, family: str, dtype) -> BaseModel:
+    from diffusers import DiffusionPipeline
+
+    try:
+        pipe = DiffusionPipeline.from_pretrained(repo_id, dtype=dtype)
+    except Exception as exc:  # noqa: BLE001 - hub errors come in many types
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise LoraNbError(
+            f"Could not load {repo_id!r} from the Hugging Face hub ({type(exc).__name__}). "
+            + ("Hub access is switched off (HF_HUB_OFFLINE=1). " if offline else "This machine may be offline. ")
+            + "Use model_source='toy' for the offline course, or download the model to a folder and pass its path."
+        ) from None
+    fam = "sdxl" if hasattr(pipe, "text_encoder_2") and pipe.text_encoder_2 is not None else "sd15"
+    if family != "auto" and family != fam:
+        raise LoraNbError(f"model_family={family!r} but {repo_id} is an {fam} model: set model_family='auto'.")
+    return BaseModel(pipe, fam, repo_id)
