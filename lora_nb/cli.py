@@ -1,0 +1,146 @@
+"""The ``lora-nb`` command line: train, inspect, config, course, diagnose.
+
+Errors a learner can fix are printed as one clear message (exit status 2),
+never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from lora_nb import LoraNbError
+
+
+def cmd_train(args) -> int:
+    from lora_nb.config import Config
+    from lora_nb.train import train
+
+    cfg = Config.load(args.config)
+    if args.set:
+        cfg = cfg.with_overrides(args.set)
+    result = train(cfg, on_event=_print_event, resume=not args.restart)
+    print(f"Done: {result.steps} steps in {result.seconds:.1f} s. Files:")
+    for f in result.files:
+        print(f"  {f}")
+    return 0
+
+
+def _print_event(event) -> None:
+    if event.kind == "start":
+        plan = event.data["plan"]
+        print(plan.describe() + f" (precision: {event.data['precision']}, device: {event.data['device']})")
+        if event.data["resumed_from_epoch"]:
+            print(f"Resuming after epoch {event.data['resumed_from_epoch']} from the saved state.")
+    elif event.kind == "warning":
+        print(f"warning: {event.data['message']}", file=sys.stderr)
+    elif event.kind == "epoch":
+        val = event.data.get("val_loss")
+        train_loss = event.data.get("train_loss")
+        print(f"epoch {event.epoch}: train loss {train_loss:.4f}" if train_loss is not None else f"epoch {event.epoch}",
+              f"validation loss {val:.4f}" if val is not None else "")
+    elif event.kind == "save":
+        print(f"saved {event.data['path']}")
+
+
+def cmd_inspect(args) -> int:
+    from lora_nb.lora_io import format_inspection, inspect_lora
+
+    info = inspect_lora(args.file)
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+    else:
+        print(format_inspection(info))
+    return 1 if info.get("problems") else 0
+
+
+def cmd_config(args) -> int:
+    from lora_nb.config import Config, preset
+
+    cfg = preset(args.preset) if args.preset else Config()
+    if args.set:
+        cfg = cfg.with_overrides(args.set)
+    sys.stdout.write(cfg.to_yaml())
+    return 0
+
+
+def cmd_course(args) -> int:
+    from lora_nb.course import run_course
+
+    params = dict(_parse_param(p) for p in (args.param or []))
+    summary = run_course(args.workspace, params=params, quick=args.quick, params_file=args.params_file,
+                         only=args.only)
+    print(summary.describe())
+    return 0 if summary.ok else 1
+
+
+def cmd_diagnose(args) -> int:
+    from lora_nb.diagnose import diagnose_workspace, format_diagnosis
+
+    result = diagnose_workspace(args.workspace)
+    print(json.dumps(result, indent=2, default=str) if args.json else format_diagnosis(result))
+    return 0
+
+
+def _parse_param(pair: list[str]) -> tuple[str, object]:
+    import yaml
+
+    name, value = pair
+    try:
+        return name, yaml.safe_load(value)
+    except yaml.YAMLError:
+        return name, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lora-nb", description="Train and inspect LoRAs for Stable Diffusion.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a LoRA from a config YAML")
+    t.add_argument("config", help="config YAML (write one with `lora-nb config --preset toy`)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. network.rank=16")
+    t.add_argument("--restart", action="store_true", help="ignore saved state and start over")
+    t.set_defaults(func=cmd_train)
+
+    i = sub.add_parser("inspect", help="show what a LoRA file holds and flag problems")
+    i.add_argument("file")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.set_defaults(func=cmd_inspect)
+
+    c = sub.add_parser("config", help="print a full config YAML")
+    c.add_argument("--preset", choices=["anime", "realistic", "toy"])
+    c.add_argument("--set", action="append", metavar="KEY=VALUE")
+    c.set_defaults(func=cmd_config)
+
+    r = sub.add_parser("course", help="run the notebooks headlessly through papermill")
+    r.add_argument("--workspace", default="runs/course", help="folder for the results and executed notebooks")
+    r.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"),
+                   help="a notebook parameter for every notebook that has it")
+    r.add_argument("--params-file", help="YAML file of notebook parameters")
+    r.add_argument("--quick", action="store_true", help="the smallest meaningful run")
+    r.add_argument("--only", nargs="*", help="run only these notebooks (e.g. 01 04)")
+    r.set_defaults(func=cmd_course)
+
+    d = sub.add_parser("diagnose", help="over/underfitting diagnosis of a trained workspace")
+    d.add_argument("workspace")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=cmd_diagnose)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LoraNbError as exc:
+        print(f"lora-nb: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lora-nb: interrupted; files saved so far are intact, and a rerun continues from the last save.",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,528 @@
+"""Every training setting, as dataclasses; presets; validation; the steps math.
+
+A :class:`Config` groups the settings the course teaches (concepts C13–C25)
+plus what a real trainer needs. It round-trips through YAML, accepts dotted
+overrides (``network.rank=16``), and is validated *before* any compute: every
+wrong value gives one message naming the setting and the fix.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from lora_nb import LoraNbError
+
+OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Lion8bit", "Prodigy", "SGD")
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+PRECISIONS = ("no", "fp16", "bf16")
+SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
+SAVE_FORMATS = ("kohya", "diffusers")
+UNET_TARGETS = ("kohya", "attention")
+SAMPLERS = ("Euler", "Euler a", "Heun", "LMS", "DPM++ 2M", "DPM++ 2M Karras", "DPM++ 2M SDE",
+            "DPM++ SDE", "DPM2", "DPM2 a", "DDIM")
+NAMED_SIZES = {
+    "square": (512, 512), "portrait": (512, 768), "landscape": (768, 512),
+    "sdxl-square": (1024, 1024), "sdxl-portrait": (832, 1216), "sdxl-landscape": (1216, 832),
+    "toy-square": (64, 64), "toy-portrait": (64, 96), "toy-landscape": (96, 64),
+}
+
+
+class ConfigError(LoraNbError):
+    """One or more settings are wrong; the message lists each with its fix."""
+
+
+@dataclass
+class ModelConfig:
+    source: str = "toy"  # "toy", a hub id, a local diffusers folder or a .safetensors checkpoint
+    family: str = "auto"  # auto / sd15 / sdxl
+    prediction_type: str = "auto"  # auto (from the model's scheduler) / epsilon / v_prediction
+    vae: str = ""  # optional separate VAE (e.g. the fp16-fix VAE for SDXL); empty = the model's own
+    allow_pickle: bool = False  # allow .ckpt/.pt checkpoints (loaded with weights_only=True)
+
+
+@dataclass
+class DatasetConfig:
+    dir: str = "data/toy-concept"  # folder of <repeats>_<concept> subfolders (kohya convention) or images
+    resolution: str = "64x64"  # WIDTHxHEIGHT, or a named size (square, portrait, landscape, sdxl-…, toy-…)
+    repeats: int | None = None  # times each image is learned per epoch; None = from the folder names
+    caption_extension: str = ".txt"  # the captions the trainer reads, next to each image
+    trigger_word: str = ""  # put first in every caption when missing; empty = captions as they are
+    shuffle_caption: bool = False  # shuffle comma-separated tags every step
+    keep_tokens: int = 1  # with shuffle: this many leading tags stay in place (the trigger word)
+    caption_dropout: float = 0.0  # share of steps trained with an empty caption
+    flip_aug: bool = False  # random horizontal flips (cached too)
+    reg_dir: str = ""  # regularization images (same class, without the subject); empty = none
+    prior_loss_weight: float = 1.0  # weight of the regularization images' loss
+    enable_buckets: bool = False  # no crop: aspect-ratio buckets instead of one size
+    bucket_step: int = 64  # bucket side step in pixels (64 real models, 8 toy)
+    cache_latents: bool = True  # encode each image with the VAE once, not every step
+    cache_text_embeddings: str = "auto"  # auto / yes / no; auto = when the text encoder is frozen and captions fixed
+    validation_split: int = 0  # images held out of training for the fixed-noise validation loss
+
+
+@dataclass
+class NetworkConfig:
+    rank: int = 8  # network dim: capacity and file size
+    alpha: float = 4.0  # the update is scaled by alpha / rank
+    unet_targets: str = "kohya"  # kohya (every linear in transformer blocks) / attention (q, k, v, out)
+    clip_skip: int = 1  # use the text encoder's N-th layer from the end (2 is common for anime models)
+
+
+@dataclass
+class OptimizerConfig:
+    optimizer: str = "AdamW8bit"  # AdamW, AdamW8bit, Lion, Lion8bit, Prodigy, SGD
+    learning_rate: float = 1e-4  # base LR; used for the UNet when unet_lr is not set
+    unet_lr: float | None = None  # overrides learning_rate for the UNet when set
+    text_encoder_lr: float = 0.0  # 0 = text encoder frozen; usually unet_lr/2 … /10
+    lr_scheduler: str = "cosine"  # constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial
+    lr_warmup_steps: int = 0  # steps of linear warm-up
+    lr_restarts: int = 1  # cosine_with_restarts: number of hard restarts (cycles)
+    lr_power: float = 1.0  # polynomial: the power
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0  # gradient clipping; 0 = off
+
+
+@dataclass
+class TrainingConfig:
+    epochs: int = 10
+    batch_size: int = 1
+    mixed_precision: str = "no"  # no / fp16 / bf16 (fp16 needs a CUDA GPU)
+    seed: int = 42
+    noise_offset: float = 0.0  # 0.05–0.1 helps very dark/bright images
+    min_snr_gamma: float = 0.0  # 0 = off; 5 is the usual value
+    gradient_checkpointing: bool = False  # trade compute for memory
+    max_steps: int = 0  # 0 = epochs decide; otherwise stop after this many steps
+
+
+@dataclass
+class SampleConfig:
+    every_n_epochs: int = 0  # 0 = no previews during training
+    prompts: list[str] = field(default_factory=list)  # sd-scripts prompt lines (--n --w --h --d --s --l --ss)
+    sampler: str = "DDIM"  # AUTOMATIC1111 sampler name
+    steps: int = 20
+    cfg_scale: float = 7.0
+    seed: int = 42
+    width: int = 0  # 0 = the training resolution
+    height: int = 0
+    negative_prompt: str = ""
+
+
+@dataclass
+class SaveConfig:
+    every_n_epochs: int = 1  # 0 = only the final file
+    precision: str = "fp16"  # fp16 / bf16 / fp32
+    formats: list[str] = field(default_factory=lambda: ["kohya"])  # kohya and/or diffusers
+    output_name: str = "lora"
+    output_dir: str = "runs/default"  # the workspace: lora/, samples/, metrics.jsonl, state/
+    save_state: bool = True  # keep resumable training state (rerun continues)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    save: SaveConfig = field(default_factory=SaveConfig)
+
+    # ------------------------------------------------------------------ conversions
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+    def write_yaml(self, path: str | Path) -> Path:
+        from lora_nb.fsutil import write_text_atomic
+
+        return write_text_atomic(Path(path), self.to_yaml())
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "config") -> "Config":
+        return _build(cls, data or {}, where)
+
+    @classmethod
+    def from_yaml(cls, text: str, where: str = "config") -> "Config":
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{where} is not valid YAML: {exc}") from None
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"{where} must be a mapping of sections (model:, dataset:, …), not {type(data).__name__}.")
+        return cls.from_dict(data or {}, where)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Config":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file {path} does not exist. Write one with `lora-nb config --preset toy > {path}`.")
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path} is not UTF-8 text; save it as UTF-8.") from None
+        return cls.from_yaml(text, where=str(path))
+
+    def with_overrides(self, overrides: dict | list[str]) -> "Config":
+        """A copy with dotted overrides applied: ``{"network.rank": 16}`` or ``["network.rank=16"]``."""
+        if isinstance(overrides, list):
+            overrides = dict(_split_assignment(o) for o in overrides)
+        data = self.to_dict()
+        for key, value in overrides.items():
+            parts = key.split(".")
+            if len(parts) == 1:
+                parts = [_section_of(parts[0]), parts[0]]
+            section, name = parts[0], ".".join(parts[1:])
+            if section not in data or name not in data[section]:
+                raise ConfigError(f"Unknown setting {key!r}. Known: {', '.join(all_setting_names())}.")
+            if isinstance(value, str):
+                value = yaml.safe_load(value) if value != "" else ""
+            data[section][name] = value
+        return Config.from_dict(data, where="overrides")
+
+
+def _split_assignment(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise ConfigError(f"Override {text!r} must look like section.name=value, e.g. network.rank=16.")
+    key, value = text.split("=", 1)
+    return key.strip(), value.strip()
+
+
+def all_setting_names() -> list[str]:
+    return [f"{s}.{f.name}" for s, cls in _SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+_SECTIONS = {"model": ModelConfig, "dataset": DatasetConfig, "network": NetworkConfig, "optimizer": OptimizerConfig,
+             "training": TrainingConfig, "sample": SampleConfig, "save": SaveConfig}
+
+
+def _section_of(name: str) -> str:
+    owners = [s for s, cls in _SECTIONS.items() if name in {f.name for f in dataclasses.fields(cls)}]
+    if len(owners) != 1:
+        raise ConfigError(f"Unknown or ambiguous setting {name!r}: write it as section.name ({', '.join(all_setting_names())}).")
+    return owners[0]
+
+
+def _check_type(value, annotation: str, where: str):
+    """Coerce/check one value against its annotation string; raise a named ConfigError."""
+    hint = annotation.replace(" ", "")
+    optional = hint.endswith("|None")
+    base = hint[:-5] if optional else hint
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where} must not be empty (expected {base}).")
+    if base == "bool":
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} must be true or false, not {value!r}.")
+    if base == "int":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(f"{where} must be a whole number, not {value!r}.")
+        return int(value)
+    if base == "float":
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{where} must be a number, not {value!r}.") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, not {value!r}.")
+        return float(value)
+    if base == "str":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be text, not {value!r}.")
+        return value
+    if base == "list[str]":
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where} must be a list of text lines, not {value!r}.")
+        return list(value)
+    raise AssertionError(f"unhandled annotation {annotation}")  # pragma: no cover - programming error
+
+
+def _build(cls, data: dict, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping, not {type(data).__name__}.")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise ConfigError(
+            f"Unknown setting(s) {', '.join(repr(u) for u in unknown)} in {where}. "
+            f"Known here: {', '.join(fields)}. Check the spelling."
+        )
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in data:
+            continue
+        value = data[name]
+        if cls is Config:
+            kwargs[name] = _build(_SECTIONS[name], value or {}, f"{where}.{name}" if where != "config" else name)
+        else:
+            kwargs[name] = _check_type(value, f.type if isinstance(f.type, str) else str(f.type), f"{where}.{name}")
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------- presets
+
+def _preset_anime() -> Config:
+    c = Config()
+    c.model.source = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    c.dataset.resolution = "512x512"
+    c.dataset.repeats, c.training.epochs = 8, 20
+    c.network.rank, c.network.alpha, c.network.clip_skip = 16, 8.0, 2
+    c.optimizer.learning_rate = c.optimizer.unet_lr = 1e-4
+    c.optimizer.text_encoder_lr = 5e-5
+    c.optimizer.optimizer, c.optimizer.lr_scheduler = "AdamW8bit", "cosine"
+    c.training.mixed_precision, c.save.precision = "fp16", "fp16"
+    c.training.batch_size = 2
+    c.dataset.shuffle_caption, c.dataset.keep_tokens = True, 1
+    c.save.every_n_epochs, c.sample.every_n_epochs = 2, 2
+    c.sample.sampler, c.sample.steps, c.sample.cfg_scale = "Euler a", 28, 7.0
+    c.dataset.bucket_step = 64
+    return c
+
+
+def _preset_realistic() -> Config:
+    c = _preset_anime()
+    c.dataset.repeats, c.training.epochs = 15, 10
+    c.network.rank, c.network.alpha, c.network.clip_skip = 64, 32.0, 1
+    c.sample.sampler = "DPM++ 2M Karras"
+    return c
+
+
+def _preset_toy() -> Config:
+    c = Config()
+    c.model.source = "toy"
+    c.dataset.dir = "data/toy-concept"
+    c.dataset.resolution = "64x64"
+    c.dataset.repeats, c.training.epochs = 10, 6
+    c.dataset.bucket_step = 8
+    c.network.rank, c.network.alpha = 8, 8.0
+    c.optimizer.optimizer, c.optimizer.lr_scheduler = "AdamW", "cosine"
+    c.optimizer.learning_rate = 1e-3
+    c.optimizer.text_encoder_lr = 5e-4
+    c.optimizer.lr_warmup_steps = 10
+    c.training.batch_size, c.training.mixed_precision = 8, "no"
+    c.training.min_snr_gamma = 5.0
+    c.save.every_n_epochs, c.save.precision = 2, "fp32"
+    c.save.output_dir = "runs/toy"
+    c.sample.every_n_epochs, c.sample.sampler, c.sample.steps, c.sample.cfg_scale = 2, "DDIM", 20, 5.0
+    c.sample.prompts = ["zorb on a gray background --d 1", "a red circle on a blue background --d 2"]
+    return c
+
+
+PRESETS = {"anime": _preset_anime, "realistic": _preset_realistic, "toy": _preset_toy}
+
+
+def preset(name: str) -> Config:
+    """A fresh Config filled with a preset's recommended values: ``anime``, ``realistic`` or ``toy``."""
+    if name not in PRESETS:
+        raise ConfigError(f"Unknown preset {name!r}: choose one of {', '.join(PRESETS)}.")
+    return copy.deepcopy(PRESETS[name]())
+
+
+# ---------------------------------------------------------------------------- validation
+
+@dataclass
+class Problem:
+    level: str  # "error" or "warning"
+    setting: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.level}: {self.setting}: {self.message}"
+
+
+def parse_resolution(text: str) -> tuple[int, int]:
+    """``"512x768"`` → (512, 768) as (width, height); named sizes allowed."""
+    text = str(text).strip().lower()
+    if text in NAMED_SIZES:
+        return NAMED_SIZES[text]
+    m = re.fullmatch(r"(\d+)\s*[x×*,]\s*(\d+)", text) or re.fullmatch(r"(\d+)", text)
+    if not m:
+        raise ConfigError(
+            f"dataset.resolution={text!r} is not a size: write WIDTHxHEIGHT such as 512x512, 512x768, 768x512, "
+            f"or one of {', '.join(NAMED_SIZES)}."
+        )
+    w = int(m.group(1))
+    h = int(m.group(2)) if m.lastindex and m.lastindex >= 2 else w
+    return w, h
+
+
+def check_config(cfg: Config, cuda_available: bool | None = None) -> list[Problem]:
+    """Every problem of ``cfg`` that can be seen without the model or dataset."""
+    import torch
+
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    p: list[Problem] = []
+
+    def err(setting, msg):
+        p.append(Problem("error", setting, msg))
+
+    def warn(setting, msg):
+        p.append(Problem("warning", setting, msg))
+
+    n, o, t, d, s, sv = cfg.network, cfg.optimizer, cfg.training, cfg.dataset, cfg.sample, cfg.save
+    if n.rank <= 0:
+        err("network.rank", f"must be a positive whole number (got {n.rank}); 8–32 for styles/characters, 64–128 for realistic.")
+    if n.alpha <= 0:
+        err("network.alpha", f"must be positive (got {n.alpha}); rank/2 is usual.")
+    elif n.rank > 0 and n.alpha > n.rank:
+        warn("network.alpha", f"alpha {n.alpha:g} > rank {n.rank}: the update is multiplied by {n.alpha / n.rank:.2f}, "
+             "like a larger learning rate. Usually alpha ≤ rank (rank/2 is common).")
+    if n.unet_targets not in UNET_TARGETS:
+        err("network.unet_targets", f"{n.unet_targets!r} is unknown: use one of {', '.join(UNET_TARGETS)}.")
+    if n.clip_skip < 1:
+        err("network.clip_skip", "must be 1 (last layer) or more.")
+    if o.optimizer not in OPTIMIZERS:
+        err("optimizer.optimizer", f"{o.optimizer!r} is unknown: use one of {', '.join(OPTIMIZERS)}.")
+    if o.lr_scheduler not in SCHEDULERS:
+        err("optimizer.lr_scheduler", f"{o.lr_scheduler!r} is unknown: use one of {', '.join(SCHEDULERS)}.")
+    if o.learning_rate <= 0:
+        err("optimizer.learning_rate", f"must be positive (got {o.learning_rate:g}); 1e-4 is the usual start (1 for Prodigy).")
+    if o.unet_lr is not None and o.unet_lr <= 0:
+        err("optimizer.unet_lr", "must be positive, or empty (null) to use learning_rate.")
+    if o.text_encoder_lr < 0:
+        err("optimizer.text_encoder_lr", "must be 0 (text encoder frozen) or positive.")
+    unet_lr = o.unet_lr if o.unet_lr is not None else o.learning_rate
+    if o.text_encoder_lr > unet_lr > 0:
+        warn("optimizer.text_encoder_lr", f"{o.text_encoder_lr:g} is above the UNet LR {unet_lr:g}; usually it is 1/2 to 1/10 of it.")
+    if o.optimizer in ("Lion", "Lion8bit") and unet_lr >= 5e-5:
+        warn("optimizer.learning_rate", f"Lion wants an LR about 10× smaller than AdamW (try {unet_lr / 10:g}); {unet_lr:g} is AdamW-sized.")
+    if o.optimizer == "Prodigy" and unet_lr != 1.0:
+        warn("optimizer.learning_rate", f"Prodigy finds the step size itself: set every LR to 1 (got {unet_lr:g}).")
+    if o.lr_warmup_steps < 0:
+        err("optimizer.lr_warmup_steps", "must be 0 or more.")
+    if o.lr_restarts < 1:
+        err("optimizer.lr_restarts", "must be 1 or more (3–5 is usual with cosine_with_restarts).")
+    if t.epochs < 1:
+        err("training.epochs", f"must be at least 1 (got {t.epochs}).")
+    if t.batch_size < 1:
+        err("training.batch_size", f"must be at least 1 (got {t.batch_size}).")
+    if t.mixed_precision not in PRECISIONS:
+        err("training.mixed_precision", f"{t.mixed_precision!r} is unknown: use no, fp16 or bf16.")
+    elif t.mixed_precision == "fp16" and not cuda_available:
+        warn("training.mixed_precision", "fp16 needs a CUDA GPU and there is none here: training runs in fp32 instead "
+             "(same result, slower and more memory on a GPU). Set training.mixed_precision=no to silence this.")
+    if t.min_snr_gamma < 0:
+        err("training.min_snr_gamma", "must be 0 (off) or positive (5 is usual).")
+    if t.noise_offset < 0:
+        err("training.noise_offset", "must be 0 (off) or positive (0.05–0.1).")
+    if not 0 <= d.caption_dropout < 1:
+        err("dataset.caption_dropout", "must be between 0 and 1 (e.g. 0.05).")
+    if d.keep_tokens < 0:
+        err("dataset.keep_tokens", "must be 0 or more.")
+    if d.repeats is not None and d.repeats < 1:
+        err("dataset.repeats", f"must be at least 1 (got {d.repeats}); leave empty to read it from folder names.")
+    if not d.caption_extension.startswith("."):
+        err("dataset.caption_extension", f"must start with a dot, e.g. '.txt' (got {d.caption_extension!r}).")
+    if d.cache_text_embeddings not in ("auto", "yes", "no"):
+        err("dataset.cache_text_embeddings", "must be auto, yes or no.")
+    if d.bucket_step < 8 or d.bucket_step % 8:
+        err("dataset.bucket_step", "must be a multiple of 8 (64 for real models, 8 for the toy model).")
+    try:
+        w, h = parse_resolution(d.resolution)
+        if w % 8 or h % 8 or w < 8 or h < 8:
+            err("dataset.resolution", f"{w}x{h}: both sides must be multiples of 8 (e.g. 512x512, 512x768, 768x512).")
+    except ConfigError as exc:
+        err("dataset.resolution", str(exc).split(": ", 1)[-1])
+    if s.sampler not in SAMPLERS:
+        err("sample.sampler", f"{s.sampler!r} is unknown: use one of {', '.join(SAMPLERS)}.")
+    if s.every_n_epochs < 0 or sv.every_n_epochs < 0:
+        err("save.every_n_epochs" if sv.every_n_epochs < 0 else "sample.every_n_epochs", "must be 0 (off) or more.")
+    if sv.precision not in SAVE_PRECISIONS:
+        err("save.precision", f"{sv.precision!r} is unknown: use fp16, bf16 or fp32.")
+    bad = [f for f in sv.formats if f not in SAVE_FORMATS]
+    if bad or not sv.formats:
+        err("save.formats", f"{bad or sv.formats} not allowed: use kohya (AUTOMATIC1111/ComfyUI) and/or diffusers.")
+    if not re.fullmatch(r"[\w.\- ]+", sv.output_name or ""):
+        err("save.output_name", f"{sv.output_name!r} must be a plain file name (letters, digits, - _ .).")
+    if cfg.model.family not in ("auto", "sd15", "sdxl"):
+        err("model.family", f"{cfg.model.family!r} is unknown: use auto, sd15 or sdxl.")
+    if cfg.model.prediction_type not in ("auto", "epsilon", "v_prediction"):
+        err("model.prediction_type", f"{cfg.model.prediction_type!r} is unknown: use auto, epsilon or v_prediction.")
+    return p
+
+
+def check_against_model(cfg: Config, size_multiple: int, family: str) -> list[Problem]:
+    """Problems that need the loaded model: can it take this resolution?"""
+    p = []
+    w, h = parse_resolution(cfg.dataset.resolution)
+    if w % size_multiple or h % size_multiple:
+        fix_w, fix_h = (max(size_multiple, round(v / size_multiple) * size_multiple) for v in (w, h))
+        p.append(Problem("error", "dataset.resolution",
+                         f"{w}x{h} does not fit this {family} model: sides must be multiples of {size_multiple} "
+                         f"(the VAE and UNet downsampling). Try {fix_w}x{fix_h}."))
+    if cfg.dataset.enable_buckets and cfg.dataset.bucket_step % size_multiple:
+        p.append(Problem("error", "dataset.bucket_step", f"must be a multiple of {size_multiple} for this model."))
+    return p
+
+
+def check_against_dataset(cfg: Config, n_images: int, where: str) -> list[Problem]:
+    """Problems that need the dataset's size."""
+    p = []
+    if n_images == 0:
+        p.append(Problem("error", "dataset.dir", f"no training images found in {where}. Put images (png/jpg/webp) there, "
+                                                 "in <repeats>_<concept> subfolders or directly."))
+    elif cfg.training.batch_size > n_images:
+        p.append(Problem("error", "training.batch_size", f"{cfg.training.batch_size} is larger than the dataset "
+                                                         f"({n_images} images): use at most {n_images}."))
+    return p
+
+
+def raise_for_errors(problems: list[Problem]) -> list[Problem]:
+    """Raise one ConfigError listing every error; return the warnings."""
+    errors = [p for p in problems if p.level == "error"]
+    if errors:
+        raise ConfigError("Please fix these settings:\n" + "\n".join(f"  - {e.setting}: {e.message}" for e in errors))
+    return [p for p in problems if p.level == "warning"]
+
+
+# ---------------------------------------------------------------------------- steps math
+
+@dataclass
+class StepsPlan:
+    images: int  # training images (without repeats)
+    samples_per_epoch: int  # images × repeats (doubled with regularization, as kohya does)
+    steps_per_epoch: int
+    epochs: int
+    total_steps: int
+    saves: int  # LoRA files written: one every N epochs, the last epoch's being the final file
+
+    def describe(self) -> str:
+        return (f"{self.images} images → {self.samples_per_epoch} samples per epoch → {self.steps_per_epoch} steps per epoch; "
+                f"{self.epochs} epochs → {self.total_steps} steps; {self.saves} LoRA file(s) saved")
+
+
+def plan_steps(folders: list[tuple[int, int]], batch_size: int, epochs: int, save_every: int = 0,
+               with_regularization: bool = False, max_steps: int = 0) -> StepsPlan:
+    """The steps math in one place.
+
+    ``folders`` is ``[(image_count, repeats), …]``. Steps per epoch =
+    ceil(Σ images × repeats / batch); with regularization images kohya pairs
+    every training sample with one class image, doubling the samples. Files
+    saved: one at every ``save_every``-th epoch before the last, plus the final
+    file (``<name>.safetensors``) at the end: 10 epochs, every 2 → 5 files.
+    """
+    images = sum(c for c, _ in folders)
+    samples = sum(c * r for c, r in folders) * (2 if with_regularization else 1)
+    steps_per_epoch = math.ceil(samples / batch_size) if samples else 0
+    total = steps_per_epoch * epochs
+    if max_steps:
+        total = min(total, max_steps)
+        epochs = math.ceil(total / steps_per_epoch) if steps_per_epoch else 0
+    saves = (len([e for e in range(1, epochs) if e % save_every == 0]) if save_every else 0) + 1
+    return StepsPlan(images, samples, steps_per_epoch, epochs, total, saves)

@@ -1,0 +1,179 @@
+"""The training dataset as the trainer reads it: images, captions, repeats.
+
+Follows the kohya folder convention: ``<dataset dir>/<repeats>_<concept>/``
+holds images with a caption file of the same name next to each one
+(``image.png`` + ``image.txt``). Images placed directly in the dataset folder
+count with ``dataset.repeats`` (or 1).
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from lora_nb import LoraNbError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CAPTION_EXTENSIONS = (".txt", ".caption", ".cap", ".tags")
+FOLDER_RE = re.compile(r"^(\d+)_(.+)$")
+
+
+@dataclass
+class Item:
+    image: Path
+    caption: str
+    repeats: int
+    folder: str
+    is_reg: bool = False
+
+
+@dataclass
+class DatasetScan:
+    items: list[Item]
+    folders: list[tuple[int, int]]  # (image count, repeats) per folder, for the steps math
+    tag_frequency: dict[str, dict[str, int]]
+    warnings: list[str] = field(default_factory=list)
+
+
+def read_caption(path: Path) -> str:
+    """Read a caption file: UTF-8 (with or without BOM), falling back to Latin-1; one line."""
+    data = path.read_bytes()
+    for enc in ("utf-8-sig", "utf-16") if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ("utf-8-sig",):
+        try:
+            text = data.decode(enc)
+            break
+        except UnicodeDecodeError:
+            continue
+    else:
+        text = data.decode("latin-1")
+    return " ".join(text.replace("\x00", "").split())
+
+
+def split_tags(caption: str) -> list[str]:
+    return [t.strip() for t in caption.split(",") if t.strip()]
+
+
+def add_trigger(caption: str, trigger: str) -> str:
+    """Put ``trigger`` first in ``caption`` unless it already starts with it."""
+    if not trigger:
+        return caption
+    tags = split_tags(caption)
+    if tags and tags[0] == trigger:
+        return caption
+    tags = [trigger] + [t for t in tags if t != trigger]
+    return ", ".join(tags)
+
+
+def shuffle_tags(caption: str, keep_tokens: int, rng: random.Random) -> str:
+    """kohya's shuffle: the first ``keep_tokens`` comma-separated tags stay, the rest are shuffled."""
+    tags = split_tags(caption)
+    head, tail = tags[:keep_tokens], tags[keep_tokens:]
+    rng.shuffle(tail)
+    return ", ".join(head + tail)
+
+
+def list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                  and not p.name.startswith("."))
+
+
+def scan_dataset(root: str | Path, caption_extension: str = ".txt", repeats: int | None = None,
+                 trigger_word: str = "", is_reg: bool = False) -> DatasetScan:
+    """Find the images, captions and repeats under ``root``.
+
+    A missing caption falls back to the trigger word (or the folder's concept
+    name), and is reported. When no image has a caption with
+    ``caption_extension`` but captions with another extension exist, that is
+    the classic "LoRA does nothing" mistake: it raises a clear error.
+    """
+    root = Path(root)
+    what = "dataset.reg_dir" if is_reg else "dataset.dir"
+    if not root.is_dir():
+        raise LoraNbError(f"{what}={str(root)!r} is not a folder. Point it at the folder holding your "
+                          "<repeats>_<concept> subfolders (notebook 03 writes it into the workspace).")
+    groups: list[tuple[Path, int, str]] = []
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        m = FOLDER_RE.match(sub.name)
+        if m:
+            groups.append((sub, int(m.group(1)), m.group(2)))
+    if list_images(root):
+        groups.append((root, 1, root.name))
+    items: list[Item] = []
+    folders: list[tuple[int, int]] = []
+    tag_frequency: dict[str, dict[str, int]] = {}
+    warnings: list[str] = []
+    other_ext: collections.Counter = collections.Counter()
+    missing: list[str] = []
+    found_any_caption = False
+    for folder, folder_repeats, concept in groups:
+        images = list_images(folder)
+        if not images:
+            continue
+        r = repeats if repeats is not None else folder_repeats
+        freq: collections.Counter = collections.Counter()
+        for img in images:
+            cap_path = img.with_suffix(caption_extension)
+            if cap_path.is_file():
+                caption = read_caption(cap_path)
+                found_any_caption = True
+            else:
+                caption = ""
+                missing.append(img.name)
+                for ext in CAPTION_EXTENSIONS:
+                    if ext != caption_extension and img.with_suffix(ext).is_file():
+                        other_ext[ext] += 1
+            if not caption and not is_reg:
+                caption = trigger_word or concept.replace("_", " ")
+            if not is_reg:
+                caption = add_trigger(caption, trigger_word)
+            freq.update(split_tags(caption))
+            items.append(Item(img, caption, r, folder.name, is_reg))
+        folders.append((len(images), r))
+        tag_frequency[folder.name] = dict(freq)
+    if other_ext and not found_any_caption:
+        ext, n = other_ext.most_common(1)[0]
+        raise LoraNbError(
+            f"No caption files with dataset.caption_extension={caption_extension!r} in {root}, but {n} with {ext!r}: "
+            f"the trainer would ignore every caption (the classic 'LoRA does nothing' bug). "
+            f"Set dataset.caption_extension={ext!r}, or rename the files."
+        )
+    if missing and not is_reg:
+        shown = ", ".join(missing[:5]) + (" …" if len(missing) > 5 else "")
+        warnings.append(f"{len(missing)} image(s) in {root} have no {caption_extension} caption ({shown}); "
+                        f"they train with the caption {(trigger_word or 'the folder concept name')!r} only.")
+    return DatasetScan(items, folders, tag_frequency, warnings)
+
+
+def load_training_image(path: Path, size: tuple[int, int], flip: bool = False):
+    """Load ``path`` as RGB (EXIF-rotated, alpha on white), cover-resize and centre-crop to ``size`` (w, h).
+
+    Returns ``(array float32 in [-1, 1] CHW, original (h, w), crop (top, left))``.
+    """
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("RGBA", "LA", "P"):
+                im = im.convert("RGBA")
+                bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+                im = Image.alpha_composite(bg, im)
+            im = im.convert("RGB")
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
+        raise LoraNbError(f"Cannot read training image {path}: {exc}. Remove it or re-import the dataset "
+                          "(notebook 01 skips broken files).") from None
+    w, h = size
+    ow, oh = im.size
+    scale = max(w / ow, h / oh)
+    nw, nh = max(w, round(ow * scale)), max(h, round(oh * scale))
+    im = im.resize((nw, nh), Image.LANCZOS if scale < 1 else Image.BICUBIC)
+    left, top = (nw - w) // 2, (nh - h) // 2
+    im = im.crop((left, top, left + w, top + h))
+    if flip:
+        im = ImageOps.mirror(im)
+    arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+    return arr.transpose(2, 0, 1).copy(), (oh, ow), (top, left)
