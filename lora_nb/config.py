@@ -85,16 +85,16 @@ class OptimizerConfig:
     lr_warmup_steps: int = 0  # steps of linear warm-up
     lr_restarts: int = 1  # cosine_with_restarts: number of hard restarts (cycles)
     lr_power: float = 1.0  # polynomial: the power
-    weight_decay: float = 0.01
+    weight_decay: float = 0.01  # decoupled weight decay (AdamW, Lion)
     max_grad_norm: float = 1.0  # gradient clipping; 0 = off
 
 
 @dataclass
 class TrainingConfig:
-    epochs: int = 10
-    batch_size: int = 1
+    epochs: int = 10  # passes over the dataset (each image × repeats per pass)
+    batch_size: int = 1  # images per step: faster epochs, more memory
     mixed_precision: str = "no"  # no / fp16 / bf16 (fp16 needs a CUDA GPU)
-    seed: int = 42
+    seed: int = 42  # same seed + settings → same LoRA
     noise_offset: float = 0.0  # 0.05–0.1 helps very dark/bright images
     min_snr_gamma: float = 0.0  # 0 = off; 5 is the usual value
     gradient_checkpointing: bool = False  # trade compute for memory
@@ -106,12 +106,12 @@ class SampleConfig:
     every_n_epochs: int = 0  # 0 = no previews during training
     prompts: list[str] = field(default_factory=list)  # sd-scripts prompt lines (--n --w --h --d --s --l --ss)
     sampler: str = "DDIM"  # AUTOMATIC1111 sampler name
-    steps: int = 20
-    cfg_scale: float = 7.0
-    seed: int = 42
+    steps: int = 20  # denoising steps per preview
+    cfg_scale: float = 7.0  # how strongly previews follow the prompt
+    seed: int = 42  # fixed seed: previews comparable across epochs
     width: int = 0  # 0 = the training resolution
-    height: int = 0
-    negative_prompt: str = ""
+    height: int = 0  # 0 = the training resolution
+    negative_prompt: str = ""  # default negative prompt for previews
 
 
 @dataclass
@@ -119,7 +119,7 @@ class SaveConfig:
     every_n_epochs: int = 1  # 0 = only the final file
     precision: str = "fp16"  # fp16 / bf16 / fp32
     formats: list[str] = field(default_factory=lambda: ["kohya"])  # kohya and/or diffusers
-    output_name: str = "lora"
+    output_name: str = "lora"  # file name: <name>.safetensors, <name>-e0002.safetensors …
     output_dir: str = "runs/default"  # the workspace: lora/, samples/, metrics.jsonl, state/
     save_state: bool = True  # keep resumable training state (rerun continues)
 
@@ -194,6 +194,19 @@ def _split_assignment(text: str) -> tuple[str, str]:
         raise ConfigError(f"Override {text!r} must look like section.name=value, e.g. network.rank=16.")
     key, value = text.split("=", 1)
     return key.strip(), value.strip()
+
+
+def setting_help() -> dict[str, str]:
+    """``{"network.rank": "network dim: capacity and file size", …}`` from the comments above."""
+    import inspect
+
+    out = {}
+    for section, cls in _SECTIONS.items():
+        for line in inspect.getsource(cls).splitlines():
+            m = re.match(r"\s+(\w+):.*?#\s*(.+)$", line)
+            if m:
+                out[f"{section}.{m.group(1)}"] = m.group(2).strip()
+    return out
 
 
 def all_setting_names() -> list[str]:
