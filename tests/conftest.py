@@ -8,6 +8,11 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# One intra-op thread: on a shared 2-core machine (CI, notebooks running beside the
+# suite) two threads per process oversubscribe the cores and run many times slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -24,3 +29,42 @@ def tiny_sdxl_dir(tmp_path_factory):
     from lora_nb.models import build_tiny_sdxl
 
     return build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """Four 64×64 images of coloured squares with booru-style captions, kohya layout ``2_sks``."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("dataset")
+    folder = root / "2_sks"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    colours = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40)}
+    for i, (name, rgb) in enumerate(colours.items()):
+        a = np.full((64, 64, 3), 128, np.uint8)
+        x, y = rng.integers(4, 36, 2)
+        a[y:y + 24, x:x + 24] = rgb
+        Image.fromarray(a).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(f"{name} square, gray background", encoding="utf-8")
+    return root
+
+
+def make_config(model_dir, dataset_dir, workspace, **overrides):
+    """A small, fast training config for tests."""
+    from lora_nb.config import preset
+
+    cfg = preset("toy")
+    cfg.model.source = str(model_dir)
+    cfg.dataset.dir = str(dataset_dir)
+    cfg.dataset.trigger_word = "sks"
+    cfg.dataset.repeats = 1
+    cfg.training.batch_size = 2
+    cfg.training.epochs = 2
+    cfg.optimizer.optimizer = "AdamW"
+    cfg.optimizer.lr_warmup_steps = 0
+    cfg.sample.every_n_epochs = 0
+    cfg.save.output_dir = str(workspace)
+    cfg.save.every_n_epochs = 1
+    return cfg.with_overrides(overrides) if overrides else cfg

@@ -1,0 +1,623 @@
+"""LoRA files: attach LoRA adapters to a base model, save them in the kohya
+format (what AUTOMATIC1111 and ComfyUI load) or the diffusers format, load a
+file into a pipeline for inference, and inspect a file.
+
+Kohya format, in short (details: ``shared/reference/stack-facts.md``)::
+
+    lora_unet_<module path, "." -> "_">.lora_down.weight   [rank, in, (1, 1)]
+    lora_unet_<...>.lora_up.weight                           [out, rank, (1, 1)]
+    lora_unet_<...>.alpha                                    0-dim, the real alpha
+    lora_te_text_model_encoder_layers_<i>_self_attn_q_proj... (SD1.5 text encoder)
+    lora_te1_text_model_... / lora_te2_text_model_...         (SDXL's two text encoders)
+
+SDXL UNet modules use the LDM/SGM block names (``input_blocks_4_1_...``,
+``middle_block_1_...``, ``output_blocks_0_1_...``) as kohya's sd-scripts writes
+them; SD1.x UNet modules keep diffusers names (``down_blocks_0_attentions_0_...``),
+as sd-scripts writes those too.
+
+The scale a LoRA applies is ``alpha / rank`` in both formats.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+from lora_nb import LoraNbError
+
+ADAPTER_NAME = "default"
+
+# Inside every UNet transformer (``Transformer2DModel``): the module names kohya's
+# sd-scripts puts LoRA on (every Linear / 1x1 conv), relative to the transformer
+# (proj_in / proj_out) or to each of its ``transformer_blocks.N``.
+KOHYA_UNET_TARGETS = (
+    "proj_in", "proj_out",
+    "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+    "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
+    "ff.net.0.proj", "ff.net.2",
+)
+# What diffusers' training examples target: attention projections only.
+ATTENTION_UNET_TARGETS = (
+    "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+    "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
+)
+# CLIP text encoder layers (kohya's set); "attention" keeps the first four.
+TEXT_ENCODER_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                        "mlp.fc1", "mlp.fc2")
+TEXT_ENCODER_ATTENTION_TARGETS = TEXT_ENCODER_TARGETS[:4]
+
+TARGET_CHOICES = ("kohya", "attention")
+FORMATS = ("kohya", "diffusers")
+PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+INIT_CHOICES = {"gaussian": "gaussian", "default": True, "random": False}
+BASE_MODEL_VERSIONS = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+# --------------------------------------------------------------------------- target modules
+
+def unet_target_modules(unet, which: str = "kohya") -> list[str]:
+    """Full names of the UNet modules that get a LoRA: ``which`` is ``kohya`` or ``attention``.
+
+    Only modules inside the UNet's transformers (``attentions.*``) qualify, so the
+    names can go to peft's ``target_modules`` and match exactly these modules.
+    """
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    suffixes = _unet_suffixes(which)
+    names = []
+    for tname, transformer in unet.named_modules():
+        if not isinstance(transformer, Transformer2DModel):
+            continue
+        for rel, mod in transformer.named_modules():
+            if _is_lora_able(mod) and _strip_block_index(rel) in suffixes:
+                names.append(f"{tname}.{rel}")
+    return names
+
+
+def text_encoder_target_modules(text_encoder, which: str = "kohya") -> list[str]:
+    """Full names of the CLIP text-encoder modules that get a LoRA (q/k/v/out_proj, fc1, fc2 for kohya)."""
+    suffixes = TEXT_ENCODER_TARGETS if which == "kohya" else TEXT_ENCODER_ATTENTION_TARGETS
+    _unet_suffixes(which)  # validates ``which``
+    pattern = re.compile(r"(?:^|\.)encoder\.layers\.\d+\.(.+)$")
+    names = []
+    for name, mod in text_encoder.named_modules():
+        m = pattern.search(name)
+        if m and m.group(1) in suffixes and isinstance(mod, torch.nn.Linear):
+            names.append(name)
+    return names
+
+
+def _unet_suffixes(which: str) -> tuple[str, ...]:
+    if which == "kohya":
+        return KOHYA_UNET_TARGETS
+    if which == "attention":
+        return ATTENTION_UNET_TARGETS
+    raise LoraNbError(f"target_modules={which!r} is not known: use one of {', '.join(TARGET_CHOICES)}.")
+
+
+def _strip_block_index(rel: str) -> str:
+    """``transformer_blocks.3.attn1.to_q`` -> ``attn1.to_q``; ``proj_in`` stays."""
+    return re.sub(r"^transformer_blocks\.\d+\.", "", rel)
+
+
+def _is_lora_able(mod) -> bool:
+    if isinstance(mod, torch.nn.Linear):
+        return True
+    return isinstance(mod, torch.nn.Conv2d) and tuple(mod.kernel_size) == (1, 1)
+
+
+# --------------------------------------------------------------------------- attach
+
+def add_lora(model, rank: int, alpha: float, unet_targets: str = "kohya", train_text_encoder: bool = True,
+             init: str = "gaussian") -> dict[str, int]:
+    """Attach peft LoRA adapters (adapter name ``default``) to ``model``'s UNet and, when
+    ``train_text_encoder``, to its text encoder(s) (SDXL: both).
+
+    ``init``: ``gaussian`` (B = 0: a no-op at step 0, diffusers' choice), ``default``
+    (peft's Kaiming A, B = 0) or ``random`` (A and B random: for tests, the LoRA
+    changes the output from the start). ``unet_targets`` (``kohya`` or ``attention``) also
+    picks the text-encoder set: q/k/v/out_proj + fc1/fc2, or q/k/v/out_proj only.
+    Returns the number of LoRA modules per component, e.g. ``{"unet": 192, "text_encoder": 72}``.
+    """
+    from peft import LoraConfig
+
+    if rank <= 0:
+        raise LoraNbError(f"rank={rank} must be a positive integer (typical: 4 to 128).")
+    if alpha <= 0:
+        raise LoraNbError(f"alpha={alpha} must be positive (typical: rank/2 to rank; 1 is common too).")
+    if init not in INIT_CHOICES:
+        raise LoraNbError(f"init={init!r} is not known: use one of {', '.join(INIT_CHOICES)}.")
+    counts = {}
+    components = [("unet", model.pipe.unet, unet_target_modules(model.pipe.unet, unet_targets))]
+    if train_text_encoder:
+        for name, enc in zip(_text_encoder_names(model.family), model.text_encoders):
+            components.append((name, enc, text_encoder_target_modules(enc, unet_targets)))
+    for name, module, targets in components:
+        if not targets:
+            raise LoraNbError(f"The {name} of {model.source} has no module for target_modules={unet_targets!r}.")
+        cfg = LoraConfig(r=int(rank), lora_alpha=float(alpha), init_lora_weights=INIT_CHOICES[init],
+                         target_modules=targets)
+        module.add_adapter(cfg, adapter_name=ADAPTER_NAME)
+        counts[name] = len(targets)
+    return counts
+
+
+def _text_encoder_names(family: str) -> list[str]:
+    return ["text_encoder", "text_encoder_2"] if family == "sdxl" else ["text_encoder"]
+
+
+def lora_components(model) -> dict[str, torch.nn.Module]:
+    """The model's components that carry the ``default`` LoRA adapter, by diffusers name."""
+    comps = {"unet": model.pipe.unet}
+    comps.update(zip(_text_encoder_names(model.family), model.text_encoders))
+    return {n: m for n, m in comps.items() if ADAPTER_NAME in (getattr(m, "peft_config", None) or {})}
+
+
+# --------------------------------------------------------------------------- kohya names
+
+def sdxl_ldm_block_map(unet_config) -> dict[str, str]:
+    """Map diffusers UNet transformer prefixes to LDM/SGM names, from the UNet config.
+
+    ``down_blocks.b.attentions.j`` -> ``input_blocks.(1 + b*(L+1) + j).1``,
+    ``mid_block.attentions.0`` -> ``middle_block.1``,
+    ``up_blocks.b.attentions.j`` -> ``output_blocks.(b*(L+1) + j).1`` with L = layers
+    per block (real SDXL: ``down_blocks.1.attentions.0`` -> ``input_blocks.4.1``).
+    The inverse of what diffusers' loader does (``_maybe_map_sgm_blocks_to_diffusers``).
+    """
+    lpb = unet_config.layers_per_block
+    if not isinstance(lpb, int):
+        if len(set(lpb)) != 1:
+            raise LoraNbError("This UNet has a different layers_per_block per block; LDM naming needs one value.")
+        lpb = lpb[0]
+    mapping = {}
+    for b, kind in enumerate(unet_config.down_block_types):
+        for j in range(lpb):
+            mapping[f"down_blocks.{b}.attentions.{j}"] = f"input_blocks.{1 + b * (lpb + 1) + j}.1"
+    mapping["mid_block.attentions.0"] = "middle_block.1"
+    for b, kind in enumerate(unet_config.up_block_types):
+        for j in range(lpb + 1):
+            mapping[f"up_blocks.{b}.attentions.{j}"] = f"output_blocks.{b * (lpb + 1) + j}.1"
+    return mapping
+
+
+def kohya_module_name(component: str, module_path: str, family: str, ldm_map: dict[str, str] | None = None) -> str:
+    """The kohya key prefix of one module, e.g. ``lora_unet_down_blocks_0_attentions_0_proj_in``.
+
+    ``component`` is ``unet``, ``text_encoder`` or ``text_encoder_2``; text-encoder paths
+    get their ``text_model.`` back (transformers 5 ``CLIPTextModel`` has none).
+    """
+    if component == "unet":
+        path = module_path
+        if family == "sdxl":
+            m = re.match(r"^((?:down_blocks|up_blocks)\.\d+\.attentions\.\d+|mid_block\.attentions\.0)\.(.*)$", path)
+            if not m or m.group(1) not in (ldm_map or {}):
+                raise LoraNbError(f"UNet module {module_path} has no LDM name; kohya SDXL files need transformer "
+                                  "modules only (target_modules 'kohya' or 'attention').")
+            path = f"{ldm_map[m.group(1)]}.{m.group(2)}"
+        prefix = "lora_unet_"
+    else:
+        path = module_path if module_path.startswith("text_model.") else f"text_model.{module_path}"
+        prefix = {"text_encoder": "lora_te1_" if family == "sdxl" else "lora_te_", "text_encoder_2": "lora_te2_"}[component]
+    return prefix + path.replace(".", "_")
+
+
+def kohya_state_dict(model, alpha: float, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The ``default`` adapter of every LoRA-carrying component as a kohya state dict (real alpha)."""
+    ldm_map = sdxl_ldm_block_map(model.pipe.unet.config) if model.family == "sdxl" else None
+    out = {}
+    for comp, module in lora_components(model).items():
+        for mod_path, (down, up) in _peft_pairs(module).items():
+            key = kohya_module_name(comp, mod_path, model.family, ldm_map)
+            out[f"{key}.lora_down.weight"] = down.detach().to("cpu", dtype).contiguous()
+            out[f"{key}.lora_up.weight"] = up.detach().to("cpu", dtype).contiguous()
+            out[f"{key}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
+    return out
+
+
+def _peft_pairs(module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{module path: (lora_A weight, lora_B weight)}`` of the ``default`` adapter."""
+    from peft.utils import get_peft_model_state_dict
+
+    sd = get_peft_model_state_dict(module, adapter_name=ADAPTER_NAME)
+    pairs = {}
+    for key, tensor in sd.items():
+        if key.endswith(".lora_A.weight"):
+            path = key[: -len(".lora_A.weight")]
+            pairs[path] = (tensor, sd[f"{path}.lora_B.weight"])
+    return pairs
+
+
+# --------------------------------------------------------------------------- save
+
+def save_lora(path: str | Path, model, alpha: float | None = None, fmt: str = "kohya", precision: str = "fp16",
+              metadata: dict[str, str] | None = None) -> Path:
+    """Save the model's ``default`` LoRA adapter(s) to ``path`` (a ``.safetensors`` file).
+
+    ``fmt`` ``kohya`` (AUTOMATIC1111 / ComfyUI / diffusers) or ``diffusers``;
+    ``precision`` fp16 / bf16 / fp32; ``metadata`` extra ``ss_*`` strings (LRs,
+    epochs, steps, resolution, tag frequency as JSON ...). ``alpha`` defaults to the
+    adapter's own and must match it when given. The file appears whole or not at
+    all (written to a temporary file in the same folder, then renamed).
+    """
+    path = Path(path)
+    if fmt not in FORMATS:
+        raise LoraNbError(f"save format {fmt!r} is not known: use one of {', '.join(FORMATS)}.")
+    if precision not in PRECISIONS:
+        raise LoraNbError(f"save_precision={precision!r} is not known: use one of {', '.join(PRECISIONS)}.")
+    if path.suffix != ".safetensors":
+        raise LoraNbError(f"{path}: LoRA files are saved as .safetensors; change the file name's extension.")
+    comps = lora_components(model)
+    if "unet" not in comps:
+        raise LoraNbError("The model has no LoRA adapter to save: call add_lora(model, ...) (or train) first.")
+    rank, alpha = _rank_and_alpha(comps, alpha)
+    meta = _ss_metadata(model, comps, rank, alpha, metadata)
+    dtype = PRECISIONS[precision]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "kohya":
+        _atomic_save_file(kohya_state_dict(model, alpha, dtype), path, meta)
+    else:
+        _save_diffusers(path, model, comps, dtype, meta)
+    return path
+
+
+def _rank_and_alpha(comps: dict, alpha: float | None) -> tuple[int, float]:
+    cfg = comps["unet"].peft_config[ADAPTER_NAME]
+    for name, mod in comps.items():
+        other = mod.peft_config[ADAPTER_NAME]
+        if other.r != cfg.r or other.lora_alpha != cfg.lora_alpha or other.use_rslora:
+            raise LoraNbError(f"The {name} LoRA has rank/alpha {other.r}/{other.lora_alpha} (rsLoRA={other.use_rslora}) "
+                              f"but the UNet has {cfg.r}/{cfg.lora_alpha}: one rank and alpha (no rsLoRA) per file.")
+    if alpha is not None and not math.isclose(float(alpha), float(cfg.lora_alpha)):
+        raise LoraNbError(f"save_lora(alpha={alpha}) but the adapter was built with alpha={cfg.lora_alpha}: "
+                          "the file would not reproduce the model. Pass the alpha used in add_lora, or leave it out.")
+    return int(cfg.r), float(cfg.lora_alpha)
+
+
+def _ss_metadata(model, comps: dict, rank: int, alpha: float, extra: dict | None) -> dict[str, str]:
+    meta = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": _fmt_number(alpha),
+        "ss_base_model_version": BASE_MODEL_VERSIONS.get(model.family, model.family),
+        "ss_network_args": json.dumps({}),
+        "ss_text_encoder_trained": str(any(n != "unet" for n in comps)),
+        "ss_sd_model_name": Path(str(model.source)).name if Path(str(model.source)).exists() else str(model.source),
+    }
+    for key, value in (extra or {}).items():
+        meta[str(key)] = value if isinstance(value, str) else json.dumps(value)
+    return meta
+
+
+def _fmt_number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+def _atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _save_diffusers(path: Path, model, comps: dict, dtype: torch.dtype, meta: dict[str, str]) -> None:
+    """diffusers' ``save_lora_weights`` (with the peft configs, else alpha is lost on reload),
+    into a temporary folder; then the ``ss_*`` metadata is added and the file renamed into place.
+
+    The peft keys (``lora_A``/``lora_B``) are saved as they are: diffusers 0.42.1's
+    ``convert_state_dict_to_diffusers`` only renames attention modules (``to_q.lora.down``,
+    ``q_proj.lora_linear_layer.down``) and leaves proj_in/ff/fc1 as ``lora_A``; diffusers'
+    loader then skips the renamed ones (48 of 72 modules on the tiny SD1.5 went missing).
+    """
+    from diffusers.training_utils import _collate_lora_metadata
+    from peft.utils import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    kwargs = {}
+    for name, module in comps.items():
+        sd = get_peft_model_state_dict(module, adapter_name=ADAPTER_NAME)
+        sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in sd.items()}
+        kwargs[f"{name}_lora_layers"] = sd
+    kwargs.update(_collate_lora_metadata(comps))
+    with tempfile.TemporaryDirectory(prefix=".lora-save-", dir=path.parent) as tmpdir:
+        type(model.pipe).save_lora_weights(tmpdir, weight_name="lora.safetensors", **kwargs)
+        written = Path(tmpdir) / "lora.safetensors"
+        with safe_open(str(written), framework="pt") as f:
+            file_meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        _atomic_save_file(tensors, path, {**file_meta, **meta})
+
+
+# --------------------------------------------------------------------------- read and inspect
+
+def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a LoRA ``.safetensors`` file; clear errors for missing,
+    pickle or unreadable files."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    _check_lora_path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for broken files
+        raise LoraNbError(f"{path} is not a readable .safetensors file ({exc}). It may be truncated "
+                          "(an interrupted download or save): download or save it again.") from None
+
+
+def _check_lora_path(path: Path) -> None:
+    if not path.exists():
+        raise LoraNbError(f"LoRA file {path} does not exist: check the path (and the lora/ folder of the run).")
+    if path.is_dir():
+        raise LoraNbError(f"{path} is a folder: pass the .safetensors file inside it.")
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise LoraNbError(f"{path} is a pickle file, and unpickling can run code hidden in it. Use the "
+                          ".safetensors version of this LoRA (most sites offer one), or convert it on a machine "
+                          "you don't mind risking.")
+    if path.suffix.lower() != ".safetensors":
+        raise LoraNbError(f"{path} is not a .safetensors LoRA file.")
+
+
+def file_format(keys) -> str:
+    """``kohya``, ``diffusers`` (``unet.``/``text_encoder.`` prefixed peft keys) or ``unknown``."""
+    keys = list(keys)
+    if keys and all(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys):
+        return "kohya"
+    if keys and all(k.startswith(("unet.", "text_encoder.", "text_encoder_2.")) for k in keys):
+        return "diffusers"
+    return "unknown"
+
+
+def _component_of(key: str) -> str:
+    for prefix, comp in (("lora_unet_", "unet"), ("lora_te2_", "text_encoder_2"), ("lora_te1_", "text_encoder"),
+                         ("lora_te_", "text_encoder"), ("unet.", "unet"), ("text_encoder_2.", "text_encoder_2"),
+                         ("text_encoder.", "text_encoder")):
+        if key.startswith(prefix):
+            return comp
+    return "other"
+
+
+def _down_keys(tensors: dict) -> list[str]:
+    return [k for k in tensors if k.endswith((".lora_down.weight", ".lora_A.weight", ".lora.down.weight"))]
+
+
+def _up_key(down_key: str) -> str:
+    for a, b in ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight"),
+                 (".lora.down.weight", ".lora.up.weight")):
+        if down_key.endswith(a):
+            return down_key[: -len(a)] + b
+    raise ValueError(down_key)
+
+
+def _module_of(down_key: str) -> str:
+    """``lora_unet_x.lora_down.weight`` -> ``lora_unet_x`` (also for ``.lora_A.weight``)."""
+    return down_key.rsplit(".", 2)[0]
+
+
+def _cross_attention_dim(tensors: dict) -> int | None:
+    """Input width of an ``attn2`` key/value projection's down weight = the UNet's cross-attention dim."""
+    for k in _down_keys(tensors):
+        if _component_of(k) == "unet" and re.search(r"attn2[._]to[._][kv][._]", k):
+            return int(tensors[k].shape[1])
+    return None
+
+
+def _text_widths(tensors: dict) -> dict[str, int]:
+    """Hidden width per text encoder, from a q_proj down weight."""
+    widths = {}
+    for k in _down_keys(tensors):
+        comp = _component_of(k)
+        if comp.startswith("text_encoder") and re.search(r"q[._]proj", k) and comp not in widths:
+            widths[comp] = int(tensors[k].shape[1])
+    return widths
+
+
+def guess_family(tensors: dict, metadata: dict[str, str]) -> str:
+    """``sdxl``, ``sd15``, ``sd2`` or ``unknown``: a second text encoder or LDM block names mean
+    SDXL; else the ``ss_base_model_version`` metadata; else the cross-attention width
+    (768 SD1.x, 1024 SD2, 2048 SDXL)."""
+    if any(_component_of(k) == "text_encoder_2" for k in tensors):
+        return "sdxl"
+    if any(k.startswith("lora_unet_") and re.match(r"lora_unet_(input_blocks|middle_block|output_blocks)_", k)
+           for k in tensors):
+        return "sdxl"
+    version = metadata.get("ss_base_model_version", "")
+    if version.startswith("sdxl"):
+        return "sdxl"
+    if version.startswith("sd_v1"):
+        return "sd15"
+    if version.startswith("sd_v2"):
+        return "sd2"
+    dim = _cross_attention_dim(tensors)
+    guessed = {768: "sd15", 1024: "sd2", 2048: "sdxl"}.get(dim)
+    if guessed:
+        return guessed
+    if any(_component_of(k) == "text_encoder" for k in tensors):
+        return "sd15"
+    return "unknown"
+
+
+def inspect_lora(path: str | Path) -> dict:
+    """What a LoRA file holds: format, family, rank, alpha, module counts per component,
+    dtype, size, metadata (``ss_*`` and others) and problems (NaN/Inf, all-zero up weights)."""
+    path = Path(path)
+    tensors, metadata = read_lora_file(path)
+    downs = _down_keys(tensors)
+    counts: dict[str, int] = {}
+    ranks, alphas, problems = set(), set(), []
+    for k in downs:
+        comp = _component_of(k)
+        counts[comp] = counts.get(comp, 0) + 1
+        ranks.add(int(tensors[k].shape[0]))
+        module = _module_of(k)
+        if f"{module}.alpha" in tensors:
+            alphas.add(float(tensors[f"{module}.alpha"].float()))
+        up = tensors.get(_up_key(k))
+        if up is not None and not bool(up.float().abs().sum() > 0):
+            problems.append(f"all-zero up weight: {module} (this module does nothing; untrained?)")
+    for k, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t.float()).all()):
+            problems.append(f"NaN/Inf values in {k} (the LoRA is broken: training diverged, retrain with a lower "
+                            "learning rate or fp32/bf16)")
+    if not alphas:
+        alphas |= _alphas_from_metadata(metadata)
+    dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()})
+    return {
+        "path": str(path),
+        "format": file_format(tensors),
+        "family": guess_family(tensors, metadata),
+        "rank": _single_or_list(ranks),
+        "alpha": _single_or_list(alphas),
+        "modules": counts,
+        "modules_total": sum(counts.values()),
+        "tensors": len(tensors),
+        "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
+        "size_bytes": path.stat().st_size,
+        "metadata": metadata,
+        "problems": problems,
+    }
+
+
+def _alphas_from_metadata(metadata: dict[str, str]) -> set[float]:
+    """diffusers files keep alpha in their peft configs (``lora_adapter_metadata``)."""
+    try:
+        packed = json.loads(metadata.get("lora_adapter_metadata", "{}"))
+    except json.JSONDecodeError:
+        return set()
+    return {float(v) for k, v in packed.items() if k.endswith(".lora_alpha")}
+
+
+def _single_or_list(values: set):
+    if not values:
+        return None
+    return next(iter(values)) if len(values) == 1 else sorted(values)
+
+
+def format_inspection(info: dict) -> str:
+    """A human-readable report of :func:`inspect_lora`'s result."""
+    size_mb = info["size_bytes"] / 1e6
+    lines = [
+        f"LoRA file: {info['path']} ({size_mb:.2f} MB)",
+        f"  format:   {info['format']}",
+        f"  family:   {info['family']}",
+        f"  rank:     {info['rank']}    alpha: {info['alpha']}",
+        f"  dtype:    {info['dtype']}    tensors: {info['tensors']}",
+        "  modules:  " + ", ".join(f"{k} {v}" for k, v in info["modules"].items()) + f" (total {info['modules_total']})",
+    ]
+    meta = {k: v for k, v in info["metadata"].items() if k != "lora_adapter_metadata"}
+    if meta:
+        lines.append("  metadata:")
+        for key in sorted(meta):
+            value = meta[key]
+            lines.append(f"    {key}: {value if len(value) <= 100 else value[:97] + '...'}")
+    if info["problems"]:
+        lines.append(f"  PROBLEMS ({len(info['problems'])}):")
+        lines += [f"    - {p}" for p in info["problems"][:20]]
+        if len(info["problems"]) > 20:
+            lines.append(f"    ... and {len(info['problems']) - 20} more")
+    else:
+        lines.append("  problems: none found (no NaN/Inf, no all-zero up weights)")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- load for inference
+
+def load_lora(pipe, path: str | Path, adapter_name: str = "lora", strength: float = 1.0) -> dict[str, int]:
+    """Load a LoRA file (kohya or diffusers format) into ``pipe`` as ``adapter_name`` at ``strength``.
+
+    Checks first that the file fits the pipeline (an SDXL LoRA on SD1.5 and the like),
+    then loads with diffusers and verifies that every module in the file was applied.
+    Loading again under the same name replaces the earlier adapter. Returns the
+    number of LoRA modules loaded per component.
+    """
+    path = Path(path)
+    tensors, metadata = read_lora_file(path)
+    _check_fits_pipeline(pipe, path, tensors, metadata)
+    expected = _expected_counts(tensors)
+    _delete_adapter_if_present(pipe, adapter_name)
+    try:
+        pipe.load_lora_weights(str(path), adapter_name=adapter_name)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        _delete_adapter_if_present(pipe, adapter_name)
+        raise LoraNbError(f"diffusers could not load {path.name}: {str(exc)[:400]}. The file may come from another "
+                          "base model, or use a LoRA variant (LyCORIS/LoHa/DoRA) this course does not load.") from None
+    loaded = _loaded_counts(pipe, adapter_name)
+    missing = {c: n - loaded.get(c, 0) for c, n in expected.items() if loaded.get(c, 0) != n}
+    if missing:
+        _delete_adapter_if_present(pipe, adapter_name)
+        raise LoraNbError(f"{path.name}: some LoRA modules were not loaded (per component, file vs loaded: "
+                          + ", ".join(f"{c} {expected[c]} vs {loaded.get(c, 0)}" for c in missing)
+                          + "). The file's key names don't match this model: was it made for another base model?")
+    set_lora_strength(pipe, adapter_name, strength)
+    return loaded
+
+
+def set_lora_strength(pipe, adapter_name: str, strength: float) -> None:
+    """Set how strongly a loaded LoRA acts (0 = off, 1 = as trained) on the UNet and text encoder(s)."""
+    pipe.set_adapters([adapter_name], adapter_weights=[float(strength)])
+
+
+def _delete_adapter_if_present(pipe, adapter_name: str) -> None:
+    present = set()
+    for comp in _pipe_components(pipe).values():
+        present |= set(getattr(comp, "peft_config", None) or {})
+    if adapter_name in present:
+        pipe.delete_adapters(adapter_name)
+
+
+def _pipe_components(pipe) -> dict[str, torch.nn.Module]:
+    names = ("unet", "text_encoder", "text_encoder_2")
+    return {n: getattr(pipe, n) for n in names if getattr(pipe, n, None) is not None}
+
+
+def _expected_counts(tensors: dict) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for k in _down_keys(tensors):
+        comp = _component_of(k)
+        counts[comp] = counts.get(comp, 0) + 1
+    return counts
+
+
+def _loaded_counts(pipe, adapter_name: str) -> dict[str, int]:
+    counts = {}
+    for name, comp in _pipe_components(pipe).items():
+        n = sum(1 for m in comp.modules() if adapter_name in getattr(m, "lora_A", {}))
+        if n:
+            counts[name] = n
+    return counts
+
+
+def _check_fits_pipeline(pipe, path: Path, tensors: dict, metadata: dict) -> None:
+    """Raise a clear error when the LoRA was made for another model family or size."""
+    pipe_family = "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd15"
+    file_family = guess_family(tensors, metadata)
+    fmt = file_format(tensors)
+    if fmt == "unknown":
+        raise LoraNbError(f"{path.name} is not a kohya- or diffusers-format LoRA (unexpected key names such as "
+                          f"{next(iter(tensors), '<none>')!r}). LyCORIS/LoHa files are not supported here.")
+    want = pipe.unet.config.cross_attention_dim
+    have = _cross_attention_dim(tensors)
+    mismatch = have is not None and have != want
+    if file_family in ("sd15", "sd2", "sdxl") and (file_family == "sdxl") != (pipe_family == "sdxl"):
+        mismatch = True
+    for comp, width in _text_widths(tensors).items():
+        enc = getattr(pipe, comp, None)
+        if enc is None or enc.config.hidden_size != width:
+            mismatch = True
+    if mismatch:
+        raise LoraNbError(
+            f"{path.name} was made for {file_family} (cross-attention width {have}), but this pipeline is "
+            f"{pipe_family} (width {want}). A LoRA only works on the model family it was trained on: "
+            "pick a LoRA for this base model, or load the matching base model.")

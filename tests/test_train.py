@@ -1,0 +1,132 @@
+"""Training end to end on tiny models: the files it writes load elsewhere and give the same images."""
+
+import json
+
+import pytest
+import torch
+from conftest import make_config
+from safetensors import safe_open
+
+from lora_nb import LoraNbError
+from lora_nb.lora_io import inspect_lora, load_lora
+from lora_nb.models import load_base_model
+from lora_nb.train import train
+
+
+def _images(pipe, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return pipe("sks, red square", num_inference_steps=2, height=64, width=64, guidance_scale=5.0,
+                output_type="np", generator=g).images
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_trained_lora_reloads_in_a_fresh_pipeline_with_identical_images(family, request, tiny_dataset, tmp_path):
+    model_dir = request.getfixturevalue(f"tiny_{family}_dir")
+    cfg = make_config(model_dir, tiny_dataset, tmp_path / "ws", **{
+        "network.rank": 4, "network.alpha": 2.0, "optimizer.learning_rate": 1e-2,
+        "optimizer.text_encoder_lr": 5e-3, "save.precision": "fp32", "save.formats": ["kohya", "diffusers"]})
+    model = load_base_model(model_dir)
+    base_images = _images(load_base_model(model_dir).pipe)
+    result = train(cfg, model=model, progress=False)
+    trained_images = _images(model.pipe)
+    assert abs(trained_images - base_images).max() > 1e-3, "training should change the output"
+
+    kohya = tmp_path / "ws" / "lora" / "lora.safetensors"
+    diffusers_file = tmp_path / "ws" / "lora" / "lora.diffusers.safetensors"
+    assert result.final == kohya
+    for path in (kohya, diffusers_file):
+        fresh = load_base_model(model_dir).pipe
+        counts = load_lora(fresh, path)  # raises when any key is not loaded
+        assert counts["unet"] > 0 and sum(v for k, v in counts.items() if k.startswith("text_encoder")) > 0
+        assert abs(_images(fresh) - trained_images).max() <= 1e-4, path.name
+
+    info = inspect_lora(kohya)
+    assert info["format"] == "kohya" and info["family"] == family
+    assert (info["rank"], info["alpha"]) == (4, 2.0)
+    with safe_open(str(kohya), "pt") as f:
+        keys = list(f.keys())
+        alphas = {float(f.get_tensor(k)) for k in keys if k.endswith(".alpha")}
+        meta = f.metadata()
+    assert alphas == {2.0}
+    te_prefixes = ("lora_te_text_model_encoder_layers_",) if family == "sd15" else \
+        ("lora_te1_text_model_encoder_layers_", "lora_te2_text_model_encoder_layers_")
+    for prefix in te_prefixes:
+        assert any(k.startswith(prefix) for k in keys), prefix
+    if family == "sdxl":
+        assert any(k.startswith("lora_unet_input_blocks_") for k in keys)
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2" or float(meta["ss_network_alpha"]) == 2.0
+    assert meta["ss_num_epochs"] == "2" and json.loads(meta["ss_tag_frequency"])["2_sks"]["sks"] == 4
+
+
+@pytest.mark.slow
+def test_save_every_2_epochs_over_10_leaves_5_files_in_fp16(tiny_sd15_dir, tiny_dataset, tmp_path):
+    cfg = make_config(tiny_sd15_dir, tiny_dataset, tmp_path / "ws", **{
+        "training.epochs": 10, "training.batch_size": 4, "save.every_n_epochs": 2, "save.precision": "fp16",
+        "save.save_state": False})
+    result = train(cfg, progress=False)
+    names = sorted(p.name for p in (tmp_path / "ws" / "lora").iterdir())
+    assert names == ["lora-e0002.safetensors", "lora-e0004.safetensors", "lora-e0006.safetensors",
+                     "lora-e0008.safetensors", "lora.safetensors"]
+    assert result.plan.saves == 5 and result.steps == 10
+    with safe_open(str(result.final), "pt") as f:
+        dtypes = {f.get_tensor(k).dtype for k in f.keys() if not k.endswith(".alpha")}
+    assert dtypes == {torch.float16}
+
+
+@pytest.mark.slow
+def test_metrics_and_events_report_every_step_and_epoch(tiny_sd15_dir, tiny_dataset, tmp_path):
+    events = []
+    cfg = make_config(tiny_sd15_dir, tiny_dataset, tmp_path / "ws", **{"dataset.validation_split": 1})
+    train(cfg, on_event=events.append, progress=False)
+    kinds = [e.kind for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "done"
+    assert kinds.count("step") == 4 and kinds.count("epoch") == 2  # 3 training images × 1 repeat / batch 2
+    lines = [json.loads(l) for l in (tmp_path / "ws" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines if "loss" in l] == [1, 2, 3, 4]
+    epoch_lines = [l for l in lines if "val_loss" in l]
+    assert len(epoch_lines) == 2 and all(l["val_loss"] > 0 for l in epoch_lines)
+
+
+def test_captions_that_reach_the_text_encoder_start_with_the_trigger_word(tiny_sd15_dir, tiny_dataset, tmp_path):
+    from lora_nb import train as train_module
+
+    seen = []
+    original = train_module.encode_prompts
+
+    def spy(model, captions, *args, **kwargs):
+        seen.extend(captions)
+        return original(model, captions, *args, **kwargs)
+
+    train_module.encode_prompts = spy
+    try:
+        cfg = make_config(tiny_sd15_dir, tiny_dataset, tmp_path / "ws", **{
+            "training.epochs": 1, "training.max_steps": 2, "dataset.shuffle_caption": True, "dataset.keep_tokens": 1})
+        train(cfg, progress=False)
+    finally:
+        train_module.encode_prompts = original
+    assert len(seen) == 4
+    assert all(c.split(", ")[0] == "sks" for c in seen), seen
+
+
+def test_caption_extension_mismatch_is_refused_with_the_fix(tiny_dataset, tiny_sd15_dir, tmp_path):
+    cfg = make_config(tiny_sd15_dir, tiny_dataset, tmp_path / "ws", **{"dataset.caption_extension": ".caption"})
+    with pytest.raises(LoraNbError, match=r"dataset.caption_extension='.txt'"):
+        train(cfg, progress=False)
+
+
+def test_non_finite_loss_stops_at_once_and_keeps_the_saved_files(tiny_sd15_dir, tiny_dataset, tmp_path):
+    from lora_nb.train import TrainingStopped
+
+    cfg = make_config(tiny_sd15_dir, tiny_dataset, tmp_path / "ws", **{"training.epochs": 3})
+    model = load_base_model(tiny_sd15_dir)
+
+    def poison(step):
+        if step == 2:  # after epoch 1 was saved: make the UNet output NaN
+            with torch.no_grad():
+                model.pipe.unet.conv_out.bias.fill_(float("nan"))
+
+    with pytest.raises(TrainingStopped, match="step 3: the loss became NaN") as info:
+        train(cfg, model=model, progress=False, _fault=poison)
+    assert "lora-e0001.safetensors" in str(info.value)
+    assert inspect_lora(tmp_path / "ws" / "lora" / "lora-e0001.safetensors")["problems"] == []
