@@ -156,6 +156,8 @@ class Config:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise ConfigError(f"{where} is not valid YAML: {exc}") from None
+        except (ValueError, OverflowError, RecursionError) as exc:  # e.g. a date like 2024-13-45, deep nesting
+            raise ConfigError(f"{where} is not valid YAML: {type(exc).__name__}: {str(exc)[:200]}") from None
         if data is not None and not isinstance(data, dict):
             raise ConfigError(f"{where} must be a mapping of sections (model:, dataset:, …), not {type(data).__name__}.")
         return cls.from_dict(data or {}, where)
@@ -183,8 +185,11 @@ class Config:
             section, name = parts[0], ".".join(parts[1:])
             if section not in data or name not in data[section]:
                 raise ConfigError(f"Unknown setting {key!r}. Known: {', '.join(all_setting_names())}.")
-            if isinstance(value, str):
-                value = yaml.safe_load(value) if value != "" else ""
+            if isinstance(value, str) and value != "":
+                try:
+                    value = yaml.safe_load(value)
+                except (yaml.YAMLError, ValueError, OverflowError, RecursionError):
+                    pass  # not YAML: keep the text; the type check names the setting if text is wrong
             data[section][name] = value
         return Config.from_dict(data, where="overrides")
 
@@ -249,7 +254,13 @@ def _check_type(value, annotation: str, where: str):
                 raise ConfigError(f"{where} must be a number, not {value!r}.") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} must be a number, not {value!r}.")
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an int too large for a float
+            value = math.inf
+        if not math.isfinite(value):
+            raise ConfigError(f"{where} must be a finite number, not {value!r}.")
+        return value
     if base == "str":
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
@@ -299,7 +310,7 @@ def _preset_anime() -> Config:
     c.optimizer.text_encoder_lr = 5e-5
     c.optimizer.optimizer, c.optimizer.lr_scheduler = "AdamW8bit", "cosine"
     c.training.mixed_precision, c.save.precision = "fp16", "fp16"
-    c.training.batch_size = 2
+    c.training.batch_size = 1
     c.dataset.shuffle_caption, c.dataset.keep_tokens = True, 1
     c.save.every_n_epochs, c.sample.every_n_epochs = 2, 2
     c.sample.sampler, c.sample.steps, c.sample.cfg_scale = "Euler a", 28, 7.0
@@ -389,6 +400,17 @@ def check_config(cfg: Config, cuda_available: bool | None = None) -> list[Proble
         p.append(Problem("warning", setting, msg))
 
     n, o, t, d, s, sv = cfg.network, cfg.optimizer, cfg.training, cfg.dataset, cfg.sample, cfg.save
+    # required: an empty path would silently mean "the current folder"
+    if not str(cfg.model.source).strip():
+        err("model.source", "is empty: set it to 'toy', a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5, "
+                            "a diffusers folder or a .safetensors checkpoint.")
+    if not str(d.dir).strip():
+        err("dataset.dir", "is empty: set it to the folder holding your <repeats>_<concept> subfolders of images.")
+    if not str(sv.output_dir).strip():
+        err("save.output_dir", "is empty: set it to the run's workspace folder, e.g. runs/my-lora.")
+    if "," in d.trigger_word:
+        err("dataset.trigger_word", f"{d.trigger_word!r} contains a comma: the trigger must be one tag "
+                                    "(a word or phrase without commas), e.g. sks.")
     if n.rank <= 0:
         err("network.rank", f"must be a positive whole number (got {n.rank}); 8–32 for styles/characters, 64–128 for realistic.")
     if n.alpha <= 0:

@@ -59,15 +59,24 @@ def split_tags(caption: str) -> list[str]:
     return [t.strip() for t in caption.split(",") if t.strip()]
 
 
+def _tag_key(tag: str) -> str:
+    """What counts as the same tag: spacing and case ignored (CLIP lower-cases text anyway)."""
+    return " ".join(tag.split()).casefold()
+
+
 def add_trigger(caption: str, trigger: str) -> str:
-    """Put ``trigger`` first in ``caption`` unless it already starts with it."""
+    """Put ``trigger`` first in ``caption``, exactly once; the other tags keep their order.
+
+    A caption that already starts with the trigger, and has it nowhere else, comes back unchanged.
+    """
+    trigger = " ".join(trigger.split())
     if not trigger:
         return caption
     tags = split_tags(caption)
-    if tags and tags[0] == trigger:
+    key = _tag_key(trigger)
+    if tags and tags[0] == trigger and sum(_tag_key(t) == key for t in tags) == 1:
         return caption
-    tags = [trigger] + [t for t in tags if t != trigger]
-    return ", ".join(tags)
+    return ", ".join([trigger] + [t for t in tags if _tag_key(t) != key])
 
 
 def shuffle_tags(caption: str, keep_tokens: int, rng: random.Random) -> str:

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import re
+import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
 from lora_nb import LoraNbError
+
+# Test hook (used by tests/test_faults.py to kill a process while a file is being replaced): when this
+# environment variable holds a file name, writing that file over an existing version pauses after the
+# new content is complete and before the rename, and says so on stderr.
+PAUSE_ENV = "LORA_NB_TEST_PAUSE_BEFORE_REPLACE"
 
 
 @contextmanager
@@ -25,18 +34,34 @@ def atomic_path(path: str | Path):
         yield Path(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        _test_pause(path)
         os.replace(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:
         _remove_quietly(tmp)
-        if exc.errno == 28:  # ENOSPC
-            raise LoraNbError(
-                f"The disk is full while writing {path}: the previous version of the file is intact. "
-                "Free some space (delete old runs or LoRA files) and run again; training resumes from the last save."
-            ) from None
+        if is_disk_full(exc):
+            raise disk_full_error(path) from None
         raise
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for "no space left on device", whether raised by Python (OSError) or reported by a
+    native writer (safetensors) in its message."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return True
+    return isinstance(exc, Exception) and "No space left on device" in str(exc)
+
+
+def disk_full_error(path: str | Path) -> LoraNbError:
+    return LoraNbError(
+        f"The disk is full while writing {path}: the previous version of the file is intact. "
+        "Free some space (delete old runs or LoRA files) and run again; training resumes from the last save."
+    )
+
+
+def _test_pause(path: Path) -> None:
+    if os.environ.get(PAUSE_ENV) == path.name and path.exists():
+        print(f"lora-nb test hook: paused before replacing {path}", file=sys.stderr, flush=True)
+        time.sleep(float(os.environ.get(PAUSE_ENV + "_SECONDS", "120")))
 
 
 def _remove_quietly(tmp) -> None:
@@ -46,9 +71,29 @@ def _remove_quietly(tmp) -> None:
         pass
 
 
+_TEMP_RE = re.compile(r"^\..+\.[A-Za-z0-9_]{6,}\.tmp$")
+
+
+def remove_stale_temp_files(folder: str | Path) -> list[Path]:
+    """Delete the temporary files (``.<name>.<random>.tmp``) a killed process left in ``folder``.
+
+    Only call this where no other process writes at the same time (the start of a training run).
+    """
+    folder = Path(folder)
+    removed = []
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if p.is_file() and _TEMP_RE.match(p.name):
+                _remove_quietly(p)
+                removed.append(p)
+    return removed
+
+
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
     with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
     return Path(path)
 
 

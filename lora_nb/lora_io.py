@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import tempfile
 from pathlib import Path
@@ -281,14 +280,20 @@ def _rank_and_alpha(comps: dict, alpha: float | None) -> tuple[int, float]:
 
 
 def _ss_metadata(model, comps: dict, rank: int, alpha: float, extra: dict | None) -> dict[str, str]:
+    return ss_metadata(model.family, str(model.source), rank, alpha, any(n != "unet" for n in comps), extra)
+
+
+def ss_metadata(family: str, source: str, rank: int, alpha: float, text_encoder_trained: bool,
+                extra: dict | None = None) -> dict[str, str]:
+    """The ``ss_*`` metadata strings of a kohya LoRA file (AUTOMATIC1111 shows them)."""
     meta = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),
         "ss_network_alpha": _fmt_number(alpha),
-        "ss_base_model_version": BASE_MODEL_VERSIONS.get(model.family, model.family),
+        "ss_base_model_version": BASE_MODEL_VERSIONS.get(family, family),
         "ss_network_args": json.dumps({}),
-        "ss_text_encoder_trained": str(any(n != "unet" for n in comps)),
-        "ss_sd_model_name": Path(str(model.source)).name if Path(str(model.source)).exists() else str(model.source),
+        "ss_text_encoder_trained": str(text_encoder_trained),
+        "ss_sd_model_name": Path(source).name if Path(source).exists() else source,
     }
     for key, value in (extra or {}).items():
         meta[str(key)] = value if isinstance(value, str) else json.dumps(value)
@@ -300,16 +305,13 @@ def _fmt_number(x: float) -> str:
 
 
 def _atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write through :func:`lora_nb.fsutil.atomic_path`: fsync, rename, a named disk-full error."""
     from safetensors.torch import save_file
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from lora_nb.fsutil import atomic_path
+
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def _save_diffusers(path: Path, model, comps: dict, dtype: torch.dtype, meta: dict[str, str]) -> None:
@@ -331,8 +333,15 @@ def _save_diffusers(path: Path, model, comps: dict, dtype: torch.dtype, meta: di
         sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in sd.items()}
         kwargs[f"{name}_lora_layers"] = sd
     kwargs.update(_collate_lora_metadata(comps))
+    from lora_nb.fsutil import disk_full_error, is_disk_full
+
     with tempfile.TemporaryDirectory(prefix=".lora-save-", dir=path.parent) as tmpdir:
-        type(model.pipe).save_lora_weights(tmpdir, weight_name="lora.safetensors", **kwargs)
+        try:
+            type(model.pipe).save_lora_weights(tmpdir, weight_name="lora.safetensors", **kwargs)
+        except Exception as exc:  # noqa: BLE001 - only a full disk is translated
+            if is_disk_full(exc):
+                raise disk_full_error(path) from None
+            raise
         written = Path(tmpdir) / "lora.safetensors"
         with safe_open(str(written), framework="pt") as f:
             file_meta = dict(f.metadata() or {})

@@ -184,6 +184,11 @@ def detect_family_of_checkpoint(path: Path) -> str:
             keys = list(f.keys())
     except Exception as exc:  # noqa: BLE001 - any parse failure means "not a checkpoint"
         raise LoraNbError(f"{path} is not a readable .safetensors checkpoint ({exc}).") from None
+    return _family_from_keys(keys, path)
+
+
+def _family_from_keys(keys, path: Path) -> str:
+    keys = list(keys)
     if any(k.startswith("conditioner.embedders.1") for k in keys):
         return "sdxl"
     if any(k.startswith("cond_stage_model.") for k in keys) or any(k.startswith("model.diffusion_model.") for k in keys):
@@ -248,22 +253,68 @@ def _load_single_file(path: Path, family: str, dtype, allow_pickle: bool) -> Bas
         if not allow_pickle:
             raise LoraNbError(
                 f"{path} is a pickle checkpoint, and unpickling a file can run code hidden in it. "
-                "Prefer a .safetensors version of the model; if you trust this file, pass allow_pickle=True "
-                "(it is then loaded with torch.load(weights_only=True))."
+                "Prefer a .safetensors version of the model; if you trust this file, set model.allow_pickle=true "
+                "(allow_pickle=True in Python; it is then loaded with torch.load(weights_only=True))."
             )
+        import tempfile
+
+        from safetensors.torch import save_file
+
+        tensors = load_pickle_checkpoint(path)
+        fam = family if family != "auto" else _family_from_keys(tensors, path)
+        # diffusers gets the tensors as a .safetensors file: nothing of the pickle reaches its loader
+        with tempfile.TemporaryDirectory(prefix="lora-nb-ckpt-") as tmp:
+            converted = Path(tmp) / (path.stem + ".safetensors")
+            save_file(tensors, str(converted))
+            del tensors
+            return _from_single_file(converted, fam, dtype, shown=path)
     elif suffix != ".safetensors":
         raise LoraNbError(f"{path} is not a model checkpoint (expected .safetensors, or a diffusers folder).")
-    fam = family if family != "auto" else (detect_family_of_checkpoint(path) if suffix == ".safetensors" else "sd15")
+    fam = family if family != "auto" else detect_family_of_checkpoint(path)
+    return _from_single_file(path, fam, dtype, shown=path)
+
+
+def load_pickle_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.ckpt``/``.pt`` checkpoint, unpickled with ``torch.load(weights_only=True)``:
+    only tensors and plain containers are rebuilt, so code hidden in the file never runs."""
+    import pickle
+
+    path = Path(path)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise LoraNbError(
+            f"{path} was refused: it holds Python objects besides tensors, which only a full unpickle could "
+            f"rebuild (and that can run code hidden in the file). Details: {str(exc).splitlines()[0][:200]}. "
+            "Use a .safetensors version of this model."
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - truncated files, not a pickle at all, ...
+        raise LoraNbError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {str(exc)[:200]}).") from None
+    while isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    tensors, seen = {}, set()
+    for k, v in (sd.items() if isinstance(sd, dict) else ()):
+        if isinstance(k, str) and isinstance(v, torch.Tensor):
+            v = v.contiguous()
+            ptr = (v.untyped_storage().data_ptr(), v.storage_offset())
+            tensors[k] = v.clone() if ptr in seen else v  # safetensors refuses tensors that share memory
+            seen.add(ptr)
+    if not tensors:
+        raise LoraNbError(f"{path} holds no tensors: it is not a model checkpoint.")
+    return tensors
+
+
+def _from_single_file(path: Path, fam: str, dtype, shown: Path) -> BaseModel:
     cls = _pipeline_class(fam)
     try:
         pipe = cls.from_single_file(str(path), dtype=dtype)
     except Exception as exc:  # noqa: BLE001 - diffusers raises many types here
         raise LoraNbError(
-            f"Could not load the {fam} checkpoint {path}: {type(exc).__name__}: {str(exc)[:300]}. "
+            f"Could not load the {fam} checkpoint {shown}: {type(exc).__name__}: {str(exc)[:300]}. "
             "Single-file loading needs the base model's configuration; offline, convert the checkpoint to a "
             "diffusers folder on a machine with internet access, or check that the file is complete."
         ) from None
-    return BaseModel(pipe, fam, str(path))
+    return BaseModel(pipe, fam, str(shown))
 
 
 def _load_from_hub(repo_id: str, family: str, dtype) -> BaseModel:

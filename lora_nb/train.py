@@ -13,6 +13,7 @@ GPUs under ``accelerate launch``.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import random
@@ -225,7 +226,28 @@ def train(cfg: Config, on_event: Callable[[Event], None] | None = None, model=No
     attached). With ``resume`` a rerun continues from the last saved state in
     ``<workspace>/state`` when the settings match. ``_fault`` is a test hook
     called before each step.
+
+    Running out of GPU memory anywhere (loading, caching latents, a step) stops
+    with :class:`TrainingStopped` listing the memory savers; a full disk with a
+    :class:`LoraNbError` naming the file. Files saved before either stay intact.
     """
+    from lora_nb.fsutil import is_disk_full
+
+    try:
+        return _train(cfg, on_event, model, resume, progress, _fault)
+    except torch.cuda.OutOfMemoryError:
+        raise TrainingStopped(out_of_memory_advice(cfg)) from None
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise LoraNbError(f"The disk is full ({exc.filename or cfg.save.output_dir}): files saved before are "
+                              "intact. Free some space (delete old runs or LoRA files) and run again; training "
+                              "resumes from the last save.") from None
+        raise
+
+
+def _train(cfg: Config, on_event: Callable[[Event], None] | None = None, model=None, resume: bool = True,
+           progress: bool = True, _fault: Callable[[int], None] | None = None) -> TrainResult:
+    """The body of :func:`train` (which turns out-of-memory and full-disk errors into clear messages)."""
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
@@ -277,11 +299,14 @@ def train(cfg: Config, on_event: Callable[[Event], None] | None = None, model=No
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
     for module in [pipe.unet] + model.text_encoders:
         module.requires_grad_(False)
-        module.to(device, dtype=weight_dtype)
+        module.to(device)
+        if weight_dtype != torch.float32:
+            module.to(dtype=weight_dtype)
     pipe.vae.requires_grad_(False)
-    pipe.vae.to(device, dtype=torch.float32)  # fp32 VAE: the SDXL VAE overflows in fp16
+    pipe.vae.to(device)  # kept in fp32: the SDXL VAE overflows in fp16
 
     train_te = cfg.optimizer.text_encoder_lr > 0
+    torch.manual_seed(cfg.training.seed)  # the LoRA's random init: same seed, same LoRA, in any process
     lora_io.add_lora(model, cfg.network.rank, cfg.network.alpha, unet_targets=cfg.network.unet_targets,
                      train_text_encoder=train_te)
     if precision != "no":
@@ -340,6 +365,11 @@ def train(cfg: Config, on_event: Callable[[Event], None] | None = None, model=No
     ws = Path(cfg.save.output_dir)
     (ws / "lora").mkdir(parents=True, exist_ok=True)
     state_dir = ws / "state"
+    if accelerator.is_main_process:
+        from lora_nb.fsutil import remove_stale_temp_files
+
+        for folder in (ws, ws / "lora", state_dir, ws / "samples"):
+            remove_stale_temp_files(folder)  # left by a killed run (the complete files are untouched)
     fingerprint = config_fingerprint(cfg)
     start_epoch, global_step = 0, 0
     if resume and cfg.save.save_state:
@@ -429,9 +459,14 @@ def train(cfg: Config, on_event: Callable[[Event], None] | None = None, model=No
                         raise_non_finite(global_step + 1, cfg, files)
                     accelerator.backward(loss)
                     grad_norm = None
-                    if accelerator.sync_gradients and cfg.optimizer.max_grad_norm:
-                        grad_norm = accelerator.clip_grad_norm_(unet_params + te_params, cfg.optimizer.max_grad_norm)
-                        if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)):
+                    if accelerator.sync_gradients:
+                        if cfg.optimizer.max_grad_norm:
+                            grad_norm = accelerator.clip_grad_norm_(unet_params + te_params, cfg.optimizer.max_grad_norm)
+                        elif accelerator.scaler is None:
+                            grad_norm = _grad_norm(unet_params + te_params)
+                        # with fp16's GradScaler an inf gradient is routine: the scaler skips the step
+                        if (accelerator.scaler is None and grad_norm is not None
+                                and not torch.isfinite(torch.as_tensor(grad_norm))):
                             raise_non_finite(global_step + 1, cfg, files, what="gradients")
                     lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
                     optimizer.step()
@@ -476,8 +511,6 @@ def train(cfg: Config, on_event: Callable[[Event], None] | None = None, model=No
             accelerator.wait_for_everyone()
             if global_step >= plan.total_steps:
                 break
-    except torch.cuda.OutOfMemoryError:
-        raise TrainingStopped(out_of_memory_advice(cfg)) from None
     finally:
         bar.close()
         if metrics_file:
@@ -486,6 +519,12 @@ def train(cfg: Config, on_event: Callable[[Event], None] | None = None, model=No
     result = TrainResult(files, final, ws, plan, global_step, time.time() - t_start, start_epoch, warnings)
     emit(Event("done", global_step, plan.epochs, {"files": [str(f) for f in files], "seconds": result.seconds}))
     return result
+
+
+def _grad_norm(params) -> torch.Tensor | None:
+    """Total L2 norm of the gradients (no clipping): non-finite when any gradient is."""
+    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return torch.stack(grads).norm() if grads else None
 
 
 def raise_non_finite(step: int, cfg: Config, files: list[Path], what: str = "loss") -> None:
@@ -577,7 +616,7 @@ def save_state(state_dir: Path, fingerprint: str, model, optimizer, lr_scheduler
     """Everything needed to continue after ``epoch``, written atomically (one file)."""
     from peft.utils import get_peft_model_state_dict
 
-    from lora_nb.fsutil import atomic_path
+    from lora_nb.fsutil import write_bytes_atomic
 
     lora = {"unet": get_peft_model_state_dict(model.pipe.unet)}
     if train_te:
@@ -585,8 +624,9 @@ def save_state(state_dir: Path, fingerprint: str, model, optimizer, lr_scheduler
             lora[f"text_encoder_{i}"] = get_peft_model_state_dict(te)
     state = {"fingerprint": fingerprint, "epoch": epoch, "step": step, "lora": lora,
              "optimizer": optimizer.state_dict(), "scheduler": lr_scheduler.state_dict()}
-    with atomic_path(state_dir / "training_state.pt") as tmp:
-        torch.save(state, tmp)
+    buffer = io.BytesIO()  # serialised in memory, written by Python: a full disk is an OSError, not a RuntimeError
+    torch.save(state, buffer)
+    write_bytes_atomic(state_dir / "training_state.pt", buffer.getvalue())
 
 
 def load_state(state_dir: Path, fingerprint: str, model, optimizer, lr_scheduler, train_te: bool):

@@ -1,0 +1,101 @@
+"""What every notebook's setup cell calls: environment report, paths, seeding.
+
+Kept out of the core modules: it prints, and it knows about Colab/Kaggle.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from lora_nb.workspace import Workspace, open_workspace
+
+
+@dataclass
+class NotebookEnv:
+    workspace: Workspace
+    repo: Path
+    device: str
+    platform: str  # "colab", "kaggle" or "local"
+    gpu: str | None
+
+    def path(self, p: str | Path) -> Path:
+        """A path from a parameter: absolute as is; relative paths are taken from the repository root."""
+        p = Path(p).expanduser()
+        return p if p.is_absolute() else (self.repo / p)
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[1]
+
+
+def detect_platform() -> str:
+    if "google.colab" in sys.modules or os.environ.get("COLAB_RELEASE_TAG"):
+        return "colab"
+    if os.environ.get("KAGGLE_KERNEL_RUN_TYPE"):
+        return "kaggle"
+    return "local"
+
+
+def setup_notebook(workspace: str, seed: int = 42, use_drive: bool = False, quiet: bool = False) -> NotebookEnv:
+    """Pick the device, seed, open the workspace and print what this notebook runs on.
+
+    On Colab with ``use_drive`` the workspace lives on Google Drive, so a
+    disconnect loses nothing and training resumes from the last save.
+    """
+    import numpy as np
+    import torch
+
+    plat = detect_platform()
+    if plat == "colab" and use_drive:
+        from google.colab import drive  # type: ignore[import-not-found]
+
+        drive.mount("/content/drive")
+        workspace = str(Path("/content/drive/MyDrive/lora-nb") / workspace)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    device = "cuda" if gpu else "cpu"
+    ws = open_workspace(workspace, base=repo_root())
+    env = NotebookEnv(ws, repo_root(), device, plat, gpu)
+    if not quiet:
+        import diffusers
+        import transformers
+
+        print(f"lora-nb on {plat} · Python {platform.python_version()} · torch {torch.__version__} · "
+              f"diffusers {diffusers.__version__} · transformers {transformers.__version__}")
+        print(f"device: {gpu or f'CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)'}")
+        print(f"workspace: {ws.root}")
+    return env
+
+
+def show(fig_or_image, env: NotebookEnv | None = None, name: str | None = None):
+    """Display a matplotlib figure or PIL image inline, and save it under the workspace's figures/."""
+    from IPython.display import display
+
+    if env is not None and name:
+        from lora_nb.fsutil import atomic_path
+
+        path = env.workspace.figures / f"{name}.png"
+        with atomic_path(path) as tmp:
+            if hasattr(fig_or_image, "savefig"):
+                fig_or_image.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+            else:
+                fig_or_image.save(tmp, format="PNG")
+    display(fig_or_image)
+
+
+def find_dataset(env: NotebookEnv, dataset_dir: str = "") -> Path:
+    """The dataset a notebook works on: ``dataset_dir`` when given, else the workspace's
+    ``dataset/`` when notebooks 01–03 filled it, else the bundled toy concept set."""
+    if dataset_dir:
+        return env.path(dataset_dir)
+    ws_dataset = env.workspace.dataset
+    if ws_dataset.is_dir() and any(p.is_dir() for p in ws_dataset.iterdir()):
+        return ws_dataset
+    return env.repo / "data" / "toy-concept"

@@ -1,0 +1,245 @@
+"""Notebook 04's logic: settings from a preset plus the learner's changes, and
+their consequences before any training (steps, files, file size, LR scale,
+measured time, warnings that teach).
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+from dataclasses import dataclass, field
+
+from lora_nb.config import Config, StepsPlan, check_config, plan_steps, preset
+
+# notebook parameter → config setting; -1 / "" in a parameter means "the preset's value"
+PARAMETER_SETTINGS = {
+    "model_source": "model.source",
+    "resolution": "dataset.resolution",
+    "repeats": "dataset.repeats",
+    "epochs": "training.epochs",
+    "batch_size": "training.batch_size",
+    "learning_rate": "optimizer.learning_rate",
+    "unet_lr": "optimizer.unet_lr",
+    "text_encoder_lr": "optimizer.text_encoder_lr",
+    "lr_scheduler": "optimizer.lr_scheduler",
+    "lr_warmup_steps": "optimizer.lr_warmup_steps",
+    "lr_restarts": "optimizer.lr_restarts",
+    "optimizer": "optimizer.optimizer",
+    "rank": "network.rank",
+    "alpha": "network.alpha",
+    "unet_targets": "network.unet_targets",
+    "mixed_precision": "training.mixed_precision",
+    "save_every_n_epochs": "save.every_n_epochs",
+    "save_precision": "save.precision",
+    "sample_every_n_epochs": "sample.every_n_epochs",
+    "sampler": "sample.sampler",
+    "shuffle_caption": "dataset.shuffle_caption",
+    "keep_tokens": "dataset.keep_tokens",
+    "trigger_word": "dataset.trigger_word",
+}
+USUAL_VIEWS_PER_IMAGE = (40, 400)  # how often each image is seen in a typical run
+
+
+def build_config(preset_name: str, values: dict, dataset_dir: str, output_dir: str) -> Config:
+    """The preset's config with every value that is not "the preset's" (-1 or "") applied."""
+    cfg = preset(preset_name)
+    overrides = {"dataset.dir": dataset_dir, "save.output_dir": output_dir}
+    for name, setting in PARAMETER_SETTINGS.items():
+        if name in values and values[name] not in (-1, -1.0, "", None):
+            overrides[setting] = values[name]
+    return cfg.with_overrides(overrides)
+
+
+def widget_values(cfg: Config) -> dict:
+    """The config's values under the notebook's parameter names (to fill the widgets)."""
+    d = cfg.to_dict()
+    out = {}
+    for name, setting in PARAMETER_SETTINGS.items():
+        section, key = setting.split(".")
+        v = d[section][key]
+        out[name] = -1.0 if v is None else v
+    return out
+
+
+@dataclass
+class SettingsReport:
+    cfg: Config
+    plan: StepsPlan
+    images: int
+    file_bytes: int | None
+    lora_params: dict
+    alpha_scale: float
+    seconds_per_step: float | None = None
+    peak_gpu_bytes: int | None = None
+    warnings: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        p, c = self.plan, self.cfg
+        out = [
+            f"dataset: {self.images} images × repeats → {p.samples_per_epoch} samples per epoch",
+            f"steps per epoch: ceil({p.samples_per_epoch} / batch {c.training.batch_size}) = {p.steps_per_epoch}",
+            f"total steps: {p.steps_per_epoch} × {p.epochs} epochs = {p.total_steps}",
+            f"LoRA files saved: {p.saves} (every {c.save.every_n_epochs or '—'} epochs + the final file)",
+            f"alpha / rank = {c.network.alpha:g} / {c.network.rank} = {self.alpha_scale:g} "
+            f"(the LoRA update is multiplied by this: it acts like a learning-rate factor)",
+        ]
+        if self.file_bytes is not None:
+            out.append(f"LoRA file size: {self.file_bytes / 1e6:.2f} MB each ({c.save.precision}, "
+                       f"{sum(self.lora_params.values()):,} trainable parameters)")
+        if self.seconds_per_step is not None:
+            total = self.seconds_per_step * p.total_steps
+            out.append(f"time: {self.seconds_per_step:.2f} s per step measured here → about {_duration(total)} "
+                       "of training steps (previews and saves add a little)")
+        if self.peak_gpu_bytes:
+            out.append(f"GPU memory: {self.peak_gpu_bytes / 2**30:.2f} GiB peak measured in the warm-up")
+        out += [f"note: {n}" for n in self.notes]
+        out += [f"warning: {w}" for w in self.warnings]
+        out += [f"ERROR: {e}" for e in self.errors]
+        return out
+
+    def to_dict(self) -> dict:
+        return {"steps_per_epoch": self.plan.steps_per_epoch, "total_steps": self.plan.total_steps,
+                "epochs": self.plan.epochs, "files_saved": self.plan.saves, "images": self.images,
+                "file_bytes": self.file_bytes, "alpha_scale": self.alpha_scale,
+                "seconds_per_step": self.seconds_per_step, "peak_gpu_bytes": self.peak_gpu_bytes,
+                "warnings": self.warnings, "errors": self.errors}
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def report_settings(cfg: Config, scan, model=None, cuda_available: bool | None = None) -> SettingsReport:
+    """Everything notebook 04 prints about ``cfg`` (no training: see :func:`measure_step_time`)."""
+    from lora_nb.estimate import estimate_lora_file_size, lora_parameter_count
+    from lora_nb.train import training_metadata
+
+    problems = check_config(cfg, cuda_available=cuda_available)
+    warnings = [f"{p.setting}: {p.message}" for p in problems if p.level == "warning"]
+    errors = [f"{p.setting}: {p.message}" for p in problems if p.level == "error"]
+    repeats = cfg.dataset.repeats
+    folders = [(n, repeats if repeats is not None else r) for n, r in scan.folders]
+    images = sum(n for n, _ in folders)
+    plan = plan_steps(folders, max(cfg.training.batch_size, 1), max(cfg.training.epochs, 1),
+                      max(cfg.save.every_n_epochs, 0), bool(cfg.dataset.reg_dir), cfg.training.max_steps)
+    if images and cfg.training.batch_size > images:
+        errors.append(f"training.batch_size: {cfg.training.batch_size} is larger than the dataset ({images} images).")
+    views = plan.total_steps * cfg.training.batch_size / images if images else 0
+    low, high = USUAL_VIEWS_PER_IMAGE
+    if images and views < low:
+        warnings.append(f"each image is seen only {views:.0f} times ({plan.total_steps} steps): most runs use "
+                        f"{low}–{high}; expect underfitting. Raise repeats or epochs.")
+    elif images and views > high:
+        warnings.append(f"each image is seen {views:.0f} times ({plan.total_steps} steps): most runs use {low}–{high}; "
+                        "expect overfitting. Lower repeats or epochs (or save often and pick an earlier file).")
+    file_bytes, lora_params = None, {}
+    scale = cfg.network.alpha / cfg.network.rank if cfg.network.rank > 0 else float("nan")
+    if model is not None and cfg.network.rank > 0 and not errors:
+        train_te = cfg.optimizer.text_encoder_lr > 0
+        unet_lr = cfg.optimizer.unet_lr if cfg.optimizer.unet_lr is not None else cfg.optimizer.learning_rate
+        meta = training_metadata(cfg, model, plan, scan.tag_frequency, unet_lr)
+        meta.update(ss_epoch=str(plan.epochs), ss_steps=str(plan.total_steps))
+        file_bytes = estimate_lora_file_size(model, cfg.network.rank, cfg.network.alpha, cfg.network.unet_targets,
+                                             train_te, cfg.save.precision, meta)
+        lora_params = lora_parameter_count(model, cfg.network.rank, cfg.network.unet_targets, train_te)
+    return SettingsReport(cfg, plan, images, file_bytes, lora_params, scale, warnings=warnings, errors=errors)
+
+
+def measure_step_time(cfg: Config, steps: int = 4, model=None) -> tuple[float, int | None]:
+    """Train ``steps`` real steps in a scratch folder; return (median seconds per step after the first, peak GPU bytes)."""
+    import time
+
+    import torch
+
+    from lora_nb.models import load_base_model
+    from lora_nb.train import train
+
+    with tempfile.TemporaryDirectory(prefix="lora-nb-warmup-") as tmp:
+        trial = cfg.with_overrides({"training.max_steps": steps, "save.output_dir": tmp, "save.save_state": False,
+                                    "sample.every_n_epochs": 0, "save.every_n_epochs": 0})
+        stamps = []
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        fresh = model if model is not None else load_base_model(cfg.model.source, cfg.model.family)
+        train(trial, on_event=lambda e: stamps.append(time.perf_counter()) if e.kind == "step" else None,
+              model=fresh, resume=False, progress=False)
+        peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return (statistics.median(gaps) if gaps else float("nan")), peak
+
+
+def describe_base_models() -> list[tuple[str, str, str]]:
+    """Base models the course names (C13): (use, model, where to get it)."""
+    return [
+        ("offline course", "toy", "bundled in data/toy-model (CPU, minutes)"),
+        ("realistic", "SD1.5", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+        ("realistic", "ChilloutMix, MajicMIX Realistic, Realistic Vision", "community .safetensors checkpoints"),
+        ("anime", "AnyLoRA, Anything, ReV Animated", "community .safetensors checkpoints"),
+        ("SDXL", "SDXL base 1.0", "stabilityai/stable-diffusion-xl-base-1.0 (1024 px; fp16-fix VAE: madebyollin/sdxl-vae-fp16-fix)"),
+    ]
+
+
+def model_for_estimates(cfg: Config):
+    """(model, loaded, note): the base model when it can be loaded here; otherwise its full-size
+    architecture on the meta device (module shapes only), with a note saying why."""
+    from lora_nb import LoraNbError
+    from lora_nb.archs import build_architecture
+    from lora_nb.models import load_base_model
+
+    try:
+        return load_base_model(cfg.model.source, cfg.model.family, allow_pickle=cfg.model.allow_pickle), True, ""
+    except LoraNbError as exc:
+        family = cfg.model.family if cfg.model.family != "auto" else "sd15"
+        note = (f"{exc} File sizes below use the full-size {family} architecture; "
+                "the time warm-up needs the model itself and is skipped.")
+        return build_architecture(family, "meta"), False, note
+
+
+class SettingsPanel:
+    """Notebook 04's live view: settings in, consequences out, recomputed on every change.
+
+    Choosing another preset refills every field with that preset's values.
+    Models for the estimates are loaded once per source and kept.
+    """
+
+    def __init__(self, preset_name: str, values: dict, scan, dataset_dir: str, output_dir: str):
+        self.preset = preset_name
+        self.scan = scan
+        self.dataset_dir = dataset_dir
+        self.output_dir = output_dir
+        self._models: dict[str, tuple] = {}
+        self.form = None
+        self.last_report: SettingsReport | None = None
+        self.initial = {"preset": preset_name, **widget_values(self.config_for({"preset": preset_name, **values}))}
+
+    def config_for(self, values: dict) -> Config:
+        return build_config(values["preset"], values, self.dataset_dir, self.output_dir)
+
+    def model_for(self, cfg: Config):
+        if cfg.model.source not in self._models:
+            self._models[cfg.model.source] = model_for_estimates(cfg)
+        return self._models[cfg.model.source]
+
+    def refresh(self, values: dict) -> SettingsReport | None:
+        """Print the consequences of ``values`` (refill from the preset first when it changed)."""
+        if values["preset"] != self.preset:
+            self.preset = values["preset"]
+            fresh = widget_values(preset(self.preset))
+            if self.form is not None and self.form.interactive:
+                self.form.set_values(fresh)  # refreshes again with the preset's values
+                return None
+            values = {**values, **fresh}
+        cfg = self.config_for(values)
+        model, _loaded, note = self.model_for(cfg)
+        report = report_settings(cfg, self.scan, model)
+        if note:
+            report.notes.append(note)
+        print("\n".join(report.lines()))
+        self.last_report = report
+        return report

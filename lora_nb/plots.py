@@ -1,0 +1,124 @@
+"""Matplotlib figures of the course: loss curves, LR schedules, tag frequencies.
+
+Functions return figures; showing them (inline, saved) is the caller's job.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _figure(width=7.5, height=3.6):
+    """A figure outside pyplot's global state (nothing to close, works headless)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    return fig, fig.add_subplot()
+
+
+def smooth(values: list[float], weight: float = 0.9) -> list[float]:
+    """Exponential moving average with bias correction (what TensorBoard's slider does)."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight ** i))
+    return out
+
+
+def plot_loss(records: list[dict], title: str = "Training loss", smoothing: float = 0.9):
+    """Raw and smoothed step loss, plus the fixed-noise validation loss per epoch when present."""
+    fig, ax = _figure()
+    steps = [r["step"] for r in records if "loss" in r]
+    losses = [r["loss"] for r in records if "loss" in r]
+    if steps:
+        ax.plot(steps, losses, color="#9ecae1", lw=0.8, label="loss per step (noisy: random timesteps)")
+        ax.plot(steps, smooth(losses, smoothing), color="#08519c", lw=2, label=f"smoothed ({smoothing})")
+    val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
+    if val:
+        ax.plot(*zip(*val), "o-", color="#d94801", lw=2, label="validation loss (fixed noise)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if steps or val:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_lr_schedule(curve: list[list[float]], labels: list[str], title: str):
+    fig, ax = _figure(height=3.0)
+    arr = np.array(curve) if curve else np.zeros((0, len(labels)))
+    for i, label in enumerate(labels):
+        ax.plot(range(1, len(arr) + 1), arr[:, i], lw=2, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("learning rate")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    fig.tight_layout()
+    return fig
+
+
+def plot_bars(counts: dict[str, float], title: str, xlabel: str = "count", top: int = 25, marks: dict | None = None):
+    """Horizontal bars, largest first (tag frequencies, per-image scores …)."""
+    items = sorted(counts.items(), key=lambda kv: -kv[1])[:top]
+    fig, ax = _figure(height=max(2.0, 0.28 * len(items) + 1))
+    names = [k for k, _ in items][::-1]
+    ax.barh(names, [v for _, v in items][::-1], color="#6baed6")
+    for x, label in (marks or {}).items():
+        ax.axvline(x, color="#d94801", ls="--", lw=1)
+        ax.text(x, len(names) - 0.5, f" {label}", color="#d94801", fontsize=8, va="top")
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_lines(x: list, series: dict[str, list[float]], title: str, xlabel: str, ylabel: str,
+               vline: float | None = None, vlabel: str = ""):
+    fig, ax = _figure(height=3.2)
+    for label, ys in series.items():
+        ax.plot(x, ys, "o-", lw=2, ms=4, label=label)
+    if vline is not None:
+        ax.axvline(vline, color="#d94801", ls="--", lw=1)
+        ax.text(vline, ax.get_ylim()[1], f" {vlabel}", color="#d94801", fontsize=8, va="top")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+class LivePlot:
+    """A loss plot that redraws in place while training runs (in Jupyter), at most every ``every`` steps."""
+
+    def __init__(self, every: int = 5, title: str = "Training loss"):
+        self.records: list[dict] = []
+        self.every = every
+        self.title = title
+        self._handle = None
+
+    def __call__(self, event) -> None:
+        if event.kind == "step":
+            self.records.append(event.data)
+            if event.step % self.every == 0:
+                self.redraw()
+        elif event.kind == "epoch":
+            self.records.append(event.data)
+            self.redraw()
+
+    def redraw(self) -> None:
+        from IPython.display import display
+
+        fig = plot_loss(self.records, self.title)
+        if self._handle is None:
+            self._handle = display(fig, display_id=True)
+        else:
+            self._handle.update(fig)
+
+    def figure(self):
+        return plot_loss(self.records, self.title)

@@ -1,0 +1,90 @@
+"""The folder layout of one LoRA project (a workspace).
+
+```
+<root>/
+  source/                 what the user imported (originals are never modified)
+  dataset/<R>_<concept>/  processed images + captions (kohya convention, R = repeats)
+  regularization/         optional class images
+  config.yaml             every training setting (notebook 04 → 05)
+  lora/                   LoRA files: <name>-e0002.safetensors …, <name>.safetensors
+  samples/                preview images per epoch
+  metrics.jsonl           one line per step / epoch
+  state/                  resumable training state
+  reports/                JSON reports of each notebook (dataset_report.json, …)
+  figures/                figures saved by headless runs
+  executed/               executed notebooks of `lora-nb course`
+  diagnosis.json
+```
+Every notebook reads the workspace the previous one wrote, so any notebook can
+be rerun alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    @property
+    def source(self) -> Path:
+        return self.root / "source"
+
+    @property
+    def dataset(self) -> Path:
+        return self.root / "dataset"
+
+    @property
+    def regularization(self) -> Path:
+        return self.root / "regularization"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def lora(self) -> Path:
+        return self.root / "lora"
+
+    @property
+    def samples(self) -> Path:
+        return self.root / "samples"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def state(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def figures(self) -> Path:
+        return self.root / "figures"
+
+    @property
+    def executed(self) -> Path:
+        return self.root / "executed"
+
+    @property
+    def diagnosis(self) -> Path:
+        return self.root / "diagnosis.json"
+
+    def concept_dir(self, repeats: int, concept: str) -> Path:
+        return self.dataset / f"{repeats}_{concept}"
+
+
+def open_workspace(path: str | Path, base: str | Path | None = None) -> Workspace:
+    """The workspace at ``path`` (relative paths are taken from ``base``), created if needed."""
+    p = Path(path).expanduser()
+    if not p.is_absolute() and base is not None:
+        p = Path(base) / p
+    p.mkdir(parents=True, exist_ok=True)
+    return Workspace(p.resolve())
