@@ -9,7 +9,6 @@ count with ``dataset.repeats`` (or 1).
 from __future__ import annotations
 
 import collections
-import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from lora_nb import LoraNbError
+from lora_nb.captions import add_trigger, read_caption, split_tags
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_EXTENSIONS = (".txt", ".caption", ".cap", ".tags")
@@ -41,52 +41,6 @@ class DatasetScan:
     warnings: list[str] = field(default_factory=list)
 
 
-def read_caption(path: Path) -> str:
-    """Read a caption file: UTF-8 (with or without BOM), falling back to Latin-1; one line."""
-    data = path.read_bytes()
-    for enc in ("utf-8-sig", "utf-16") if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ("utf-8-sig",):
-        try:
-            text = data.decode(enc)
-            break
-        except UnicodeDecodeError:
-            continue
-    else:
-        text = data.decode("latin-1")
-    return " ".join(text.replace("\x00", "").split())
-
-
-def split_tags(caption: str) -> list[str]:
-    return [t.strip() for t in caption.split(",") if t.strip()]
-
-
-def _tag_key(tag: str) -> str:
-    """What counts as the same tag: spacing and case ignored (CLIP lower-cases text anyway)."""
-    return " ".join(tag.split()).casefold()
-
-
-def add_trigger(caption: str, trigger: str) -> str:
-    """Put ``trigger`` first in ``caption``, exactly once; the other tags keep their order.
-
-    A caption that already starts with the trigger, and has it nowhere else, comes back unchanged.
-    """
-    trigger = " ".join(trigger.split())
-    if not trigger:
-        return caption
-    tags = split_tags(caption)
-    key = _tag_key(trigger)
-    if tags and tags[0] == trigger and sum(_tag_key(t) == key for t in tags) == 1:
-        return caption
-    return ", ".join([trigger] + [t for t in tags if _tag_key(t) != key])
-
-
-def shuffle_tags(caption: str, keep_tokens: int, rng: random.Random) -> str:
-    """kohya's shuffle: the first ``keep_tokens`` comma-separated tags stay, the rest are shuffled."""
-    tags = split_tags(caption)
-    head, tail = tags[:keep_tokens], tags[keep_tokens:]
-    rng.shuffle(tail)
-    return ", ".join(head + tail)
-
-
 def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
                   and not p.name.startswith("."))
@@ -107,10 +61,13 @@ def scan_dataset(root: str | Path, caption_extension: str = ".txt", repeats: int
         raise LoraNbError(f"{what}={str(root)!r} is not a folder. Point it at the folder holding your "
                           "<repeats>_<concept> subfolders (notebook 03 writes it into the workspace).")
     groups: list[tuple[Path, int, str]] = []
+    unprefixed: list[str] = []  # subfolders with images but no <repeats>_ prefix: kohya ignores them
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         m = FOLDER_RE.match(sub.name)
         if m:
             groups.append((sub, int(m.group(1)), m.group(2)))
+        elif list_images(sub):
+            unprefixed.append(sub.name)
     if list_images(root):
         groups.append((root, 1, root.name))
     items: list[Item] = []
@@ -139,7 +96,7 @@ def scan_dataset(root: str | Path, caption_extension: str = ".txt", repeats: int
                         other_ext[ext] += 1
             if not caption and not is_reg:
                 caption = trigger_word or concept.replace("_", " ")
-            if not is_reg:
+            if trigger_word and not is_reg:
                 caption = add_trigger(caption, trigger_word)
             freq.update(split_tags(caption))
             items.append(Item(img, caption, r, folder.name, is_reg))
@@ -152,11 +109,35 @@ def scan_dataset(root: str | Path, caption_extension: str = ".txt", repeats: int
             f"the trainer would ignore every caption (the classic 'LoRA does nothing' bug). "
             f"Set dataset.caption_extension={ext!r}, or rename the files."
         )
+    if not items:
+        _raise_for_no_images(root, what, groups, unprefixed, caption_extension)
+    elif unprefixed:
+        warnings.append(f"Subfolder(s) {', '.join(repr(u) for u in unprefixed)} of {root} hold images but have no "
+                        "<repeats>_ prefix: they are not trained on. Rename them (e.g. '10_name') to include them.")
     if missing and not is_reg:
         shown = ", ".join(missing[:5]) + (" …" if len(missing) > 5 else "")
         warnings.append(f"{len(missing)} image(s) in {root} have no {caption_extension} caption ({shown}); "
                         f"they train with the caption {(trigger_word or 'the folder concept name')!r} only.")
     return DatasetScan(items, folders, tag_frequency, warnings)
+
+
+def _raise_for_no_images(root: Path, what: str, groups, unprefixed: list[str], caption_extension: str) -> None:
+    """No usable image: say why when it is one of the classic causes (else the caller's check reports it)."""
+    if unprefixed:
+        name = unprefixed[0]
+        raise LoraNbError(
+            f"{what}={str(root)!r}: the images are in subfolder(s) {', '.join(repr(u) for u in unprefixed)} whose "
+            f"names lack the repeats prefix, so the trainer skips them. Rename e.g. {name!r} to '10_{name}' "
+            "(<repeats>_<concept>).")
+    known = IMAGE_EXTENSIONS + CAPTION_EXTENSIONS + (caption_extension,)
+    others = sorted(p for folder in [root] + [g[0] for g in groups] for p in folder.iterdir()
+                    if p.is_file() and not p.name.startswith(".") and p.suffix.lower() not in known)
+    if others:
+        kinds = sorted({p.suffix.lower() or "(no extension)" for p in others})
+        raise LoraNbError(
+            f"{what}={str(root)!r} holds no image the trainer reads ({', '.join(IMAGE_EXTENSIONS)}), only "
+            f"{len(others)} file(s) of other types ({', '.join(kinds)}; e.g. {others[0].name!r}). Convert them with "
+            "notebook 01's import (lora_nb.images.import_images), which reads most formats.")
 
 
 def load_training_image(path: Path, size: tuple[int, int], flip: bool = False):

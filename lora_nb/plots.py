@@ -122,3 +122,22 @@ class LivePlot:
 
     def figure(self):
         return plot_loss(self.records, self.title)
+
+
+class TrainingMonitor(LivePlot):
+    """What notebook 05 shows while training: the live loss plot, each epoch's sample previews, saved files."""
+
+    def __call__(self, event) -> None:
+        super().__call__(event)
+        if event.kind == "sample":
+            from IPython.display import display
+            from PIL import Image
+
+            from lora_nb.sampling import make_grid
+
+            images = [Image.open(p).convert("RGB") for p in event.data["paths"]]
+            display(make_grid(images, 1, len(images), row_labels=[f"epoch {event.epoch}"]))
+        elif event.kind == "save":
+            print(f"saved {event.data['path']}")
+        elif event.kind == "warning":
+            print(f"warning: {event.data['message']}")

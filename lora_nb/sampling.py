@@ -257,3 +257,29 @@ def make_grid(images: list, rows: int, cols: int, row_labels: list[str] | None =
     for c, s in enumerate(col_labels or []):
         draw.text((left + c * cell_w + (cell_w - text_size(s)[0]) // 2, 4), s, fill="black", font=font)
     return grid
+
+
+def sample_grid_from_folder(samples_dir: str | Path, scale: int = 1):
+    """The epoch × prompt grid of the previews written during training (``e0002-p01.png`` …).
+
+    Returns ``(grid image, epochs, prompt indices)``; ``None`` when there are no previews.
+    """
+    from PIL import Image
+
+    found = {}
+    for p in sorted(Path(samples_dir).glob("e*-p*.png")):
+        m = re.fullmatch(r"e(\d+)-p(\d+)\.png", p.name)
+        if m:
+            found[(int(m.group(1)), int(m.group(2)))] = p
+    if not found:
+        return None
+    epochs = sorted({e for e, _ in found})
+    prompts = sorted({i for _, i in found})
+    images = []
+    for e in epochs:
+        for i in prompts:
+            img = Image.open(found[(e, i)]).convert("RGB") if (e, i) in found else Image.new("RGB", (64, 64))
+            images.append(img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img)
+    grid = make_grid(images, len(epochs), len(prompts), row_labels=[f"epoch {e}" for e in epochs],
+                     col_labels=[f"prompt {i + 1}" for i in prompts])
+    return grid, epochs, prompts

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from lora_nb import LoraNbError
 from lora_nb.config import (Config, StepsPlan, check_against_dataset, check_against_model, check_config,
                             parse_resolution, plan_steps, raise_for_errors)
-from lora_nb.dataset import Item, load_training_image, scan_dataset, shuffle_tags
+from lora_nb.captions import shuffle_caption
+from lora_nb.dataset import Item, load_training_image, scan_dataset
 
 
 class TrainingStopped(LoraNbError):
@@ -430,7 +431,7 @@ def _train(cfg: Config, on_event: Callable[[Event], None] | None = None, model=N
                 for s in batch_samples:
                     c = s.item.caption
                     if cfg.dataset.shuffle_caption and not s.item.is_reg:
-                        c = shuffle_tags(c, cfg.dataset.keep_tokens, cap_rng)
+                        c = shuffle_caption(c, cfg.dataset.keep_tokens, cap_rng)
                     if cfg.dataset.caption_dropout and cap_rng.random() < cfg.dataset.caption_dropout:
                         c = ""
                     captions.append(c)

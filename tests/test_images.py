@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import stat
 import struct
 import zipfile
@@ -153,8 +154,12 @@ def test_import_normalises_pixels(imported):
     assert tuple(pal[0, 0]) == (255, 255, 255) and tuple(pal[45, 45]) == (0, 255, 0)
     assert by_name["good.jpg"].converted is False  # plain JPEG: byte copy
     assert Path(by_name["good.jpg"].path).read_bytes()[:2] == b"\xff\xd8"
-    for name in ("cmyk.jpg", "exif rotated.jpg", "gray16.png", "alpha.png"):
+    for name in ("gray16.png", "alpha.png", "rgb16.tif", "palette.gif"):
         assert by_name[name].converted and by_name[name].path.endswith(".png")
+    for name in ("cmyk.jpg", "exif rotated.jpg"):  # photos stay JPEG, now plain RGB and upright
+        assert by_name[name].converted and by_name[name].path.endswith(".jpg")
+        with Image.open(by_name[name].path) as img:
+            assert img.mode == "RGB" and img.getexif().get(0x0112, 1) == 1
     assert Path(by_name["photo with spaces é ü 写真.png"].path).name == "photo with spaces é ü 写真.png"
 
 
@@ -260,9 +265,24 @@ def test_folder_symlinks_are_not_followed(tmp_path):
     src.mkdir()
     (src / "real.png").write_bytes(_png_bytes((1, 2, 3)))
     (src / "link.png").symlink_to(outside)
+    (src / "linked dir").symlink_to(tmp_path, target_is_directory=True)
+    os.mkfifo(src / "pipe.png")
     report = im.import_images(src, tmp_path / "dest", progress=False)
     assert [i.original for i in report.imported] == ["real.png"]
     assert "symbolic link" in report.skipped_names()["link.png"]
+    assert "not a regular file" in report.skipped_names()["pipe.png"]
+
+
+def test_zip_of_the_awkward_folder_gives_the_same_result(awkward_folder, tmp_path):
+    z = tmp_path / "awkward.zip"
+    with zipfile.ZipFile(z, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for p in sorted(awkward_folder.rglob("*")):
+            if p.is_file():
+                zf.write(p, "my photos/" + p.relative_to(awkward_folder).as_posix())
+    report = im.import_images(z, tmp_path / "dest", progress=False)
+    strip = len("my photos/")
+    assert {i.original[strip:] for i in report.imported} == set(GOOD)
+    assert {n[strip:] for n in report.skipped_names()} == set(BAD)
 
 
 # --------------------------------------------------------------------------- audit

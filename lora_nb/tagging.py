@@ -1,0 +1,316 @@
+"""Taggers (C8-C9): BLIP sentences and WD-style booru tags with a confidence threshold.
+
+* :func:`load_blip` -- BLIP image captioning with transformers
+  (``Salesforce/blip-image-captioning-base`` / ``-large`` or a local folder):
+  natural-language captions such as "a woman with black hair".
+* :func:`load_wd_tagger` -- a WD v3 / WD14-style ONNX tagger (``model.onnx`` +
+  ``selected_tags.csv``) run with onnxruntime: comma-separated tags with a
+  confidence each; ``general_threshold`` applies to general tags (category 0)
+  and ``character_threshold`` to character tags (category 4); ratings are
+  category 9.
+
+Both load from a Hugging Face hub id when online, or from a local folder.
+When the hub cannot be reached the error says so (:class:`LoraNbError`)
+instead of a long traceback. Nothing is downloaded or loaded on import.
+
+Caption editing (trigger word, removing fixed features, shuffle, frequency,
+caption files) lives in :mod:`lora_nb.captions`; its main functions are
+re-exported here for convenience.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
+from PIL import Image
+
+from lora_nb import LoraNbError
+from lora_nb.captions import (  # noqa: F401 - re-exported
+    add_tags, add_trigger, check_caption_extension, dedupe_tags, edit_caption, edit_captions, join_tags,
+    precision_recall, read_caption, remove_tags, replace_tags, shuffle_caption, split_tags, tag_frequency,
+    tags_above, threshold_sweep, write_captions,
+)
+
+__all__ = [
+    "BlipCaptioner", "TagScores", "WdTagger", "caption_images", "clean_blip_caption", "load_blip", "load_wd_tagger",
+    "prepare_wd_image", "read_selected_tags",
+    # re-exported from lora_nb.captions
+    "add_tags", "add_trigger", "check_caption_extension", "dedupe_tags", "edit_caption", "edit_captions",
+    "join_tags", "precision_recall", "read_caption", "remove_tags", "replace_tags", "shuffle_caption",
+    "split_tags", "tag_frequency", "tags_above", "threshold_sweep", "write_captions",
+]
+
+BLIP_BASE = "Salesforce/blip-image-captioning-base"
+BLIP_LARGE = "Salesforce/blip-image-captioning-large"
+WD_VIT_V3 = "SmilingWolf/wd-vit-tagger-v3"
+WD_EVA02_LARGE_V3 = "SmilingWolf/wd-eva02-large-tagger-v3"
+RECOMMENDED_THRESHOLD = 0.6   # the course's recommendation (C9); WD's own demo uses 0.35
+CHARACTER_THRESHOLD = 0.85
+CATEGORY_GENERAL, CATEGORY_CHARACTER, CATEGORY_RATING = 0, 4, 9
+# Tags whose underscores are part of the face (kept as is), as the WD demo does.
+KAOMOJIS = {"0_0", "(o)_(o)", "+_+", "+_-", "._.", "<o>_<o>", "<|>_<|>", "=_=", ">_<", "3_3", "6_9", ">_o",
+            "@_@", "^_^", "o_o", "u_u", "x_x", "|_|", "||_||"}
+
+
+def _is_hub_id(source: str) -> bool:
+    parts = source.split("/")
+    return (len(parts) == 2 and all(re.fullmatch(r"[\w.\-]+", p) for p in parts)
+            and not source.startswith((".", "~")) and not Path(source).exists())
+
+
+def _hub_error(source: str, exc: BaseException, what: str) -> LoraNbError:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+    return LoraNbError(
+        f"Could not load the {what} {source!r} from the Hugging Face hub ({type(exc).__name__}). "
+        + ("Hub access is switched off (HF_HUB_OFFLINE=1). " if offline else "This machine may be offline. ")
+        + f"Download it on a machine with internet access and pass the local folder instead of {source!r}, "
+        "or use the toy tagger for the offline course."
+    )
+
+
+def _resolve_source(source: str | Path, what: str) -> tuple[str, bool]:
+    """``(path or hub id, is_local)``; a clear error for a path that does not exist."""
+    src = str(source)
+    path = Path(src).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise LoraNbError(f"{what} source {src} is a file: pass the folder that holds the model files.")
+        return str(path), True
+    if _is_hub_id(src):
+        return src, False
+    raise LoraNbError(f"{what} source {src!r} is neither an existing folder nor a hub id like 'org/name'.")
+
+
+# --------------------------------------------------------------------------- BLIP
+
+_BLIP_JUNK = re.compile(r"^(there is |arafed |araffe |arafe |araffed |arafy )+", re.IGNORECASE)
+
+
+def clean_blip_caption(text: str) -> str:
+    """Tidy a BLIP caption: strip spaces and the well-known junk openers ("arafed", "araffe" ...)."""
+    text = " ".join(text.split())
+    return _BLIP_JUNK.sub("", text).strip()
+
+
+@dataclass
+class BlipCaptioner:
+    """A loaded BLIP captioning model. Call :meth:`caption` with PIL images."""
+
+    model: object
+    processor: object
+    source: str
+    device: str = "cpu"
+
+    def caption(self, images: Image.Image | list[Image.Image], prompt: str | None = None, max_new_tokens: int = 40,
+                num_beams: int = 3, batch_size: int = 4, progress: bool = False) -> list[str]:
+        """Captions for ``images`` (one string each). ``prompt`` starts every caption (e.g. ``"a photo of"``)."""
+        import torch
+        from tqdm.auto import tqdm
+
+        images = [images] if isinstance(images, Image.Image) else list(images)
+        out: list[str] = []
+        starts = range(0, len(images), batch_size)
+        for i in tqdm(starts, desc="BLIP", unit="batch", disable=not progress):
+            batch = [im.convert("RGB") for im in images[i:i + batch_size]]
+            kwargs = {"images": batch, "return_tensors": "pt"}
+            if prompt:
+                kwargs["text"] = [prompt] * len(batch)
+            inputs = self.processor(**kwargs).to(self.device)
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)  # fp16/bf16 models
+            with torch.inference_mode():
+                ids = self.model.generate(**inputs, max_new_tokens=max_new_tokens, num_beams=num_beams)
+            out += [clean_blip_caption(t) for t in self.processor.batch_decode(ids, skip_special_tokens=True)]
+        return out
+
+
+def load_blip(source: str | Path = BLIP_BASE, device: str = "cpu", dtype=None) -> BlipCaptioner:
+    """Load BLIP (``BlipForConditionalGeneration`` + ``BlipProcessor``) from a hub id or a local folder."""
+    from transformers import BlipForConditionalGeneration, BlipProcessor
+
+    src, local = _resolve_source(source, "BLIP")
+    try:
+        processor = BlipProcessor.from_pretrained(src, local_files_only=local)
+        kwargs = {"dtype": dtype} if dtype is not None else {}
+        model = BlipForConditionalGeneration.from_pretrained(src, local_files_only=local, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - hub and file errors come in many types
+        if not local:
+            raise _hub_error(src, exc, "BLIP model") from None
+        raise LoraNbError(
+            f"Could not load BLIP from {src} ({type(exc).__name__}: {str(exc)[:200]}). The folder needs "
+            "config.json, the weights and the processor files (save both with save_pretrained)."
+        ) from None
+    model.eval().to(device)
+    return BlipCaptioner(model, processor, src, device)
+
+
+# --------------------------------------------------------------------------- WD / booru tagger
+
+@dataclass
+class TagScores:
+    """One image's tagger output: ``{tag: confidence}`` per category."""
+
+    general: dict[str, float] = field(default_factory=dict)
+    character: dict[str, float] = field(default_factory=dict)
+    rating: dict[str, float] = field(default_factory=dict)
+
+    def tags(self, general_threshold: float = RECOMMENDED_THRESHOLD,
+             character_threshold: float = CHARACTER_THRESHOLD) -> list[str]:
+        """Character tags then general tags above their thresholds, each group most confident first."""
+        return tags_above(self.character, character_threshold) + tags_above(self.general, general_threshold)
+
+    def caption(self, general_threshold: float = RECOMMENDED_THRESHOLD,
+                character_threshold: float = CHARACTER_THRESHOLD) -> str:
+        return join_tags(self.tags(general_threshold, character_threshold))
+
+    @property
+    def top_rating(self) -> str | None:
+        return max(self.rating, key=self.rating.get) if self.rating else None
+
+
+def read_selected_tags(path: str | Path) -> tuple[list[str], list[int]]:
+    """Tag names and categories from a WD ``selected_tags.csv`` (columns tag_id,name,category,count).
+
+    Underscores become spaces (``black_hair`` -> ``black hair``) except in kaomoji tags.
+    """
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise LoraNbError(f"Could not read the tag list {path}: {exc}.") from None
+    if not rows or not {"name", "category"} <= set(rows[0]):
+        raise LoraNbError(f"{path} is not a WD tag list: it needs the columns tag_id,name,category,count.")
+    names, cats = [], []
+    for i, row in enumerate(rows, start=2):
+        try:
+            cats.append(int(row["category"]))
+        except (TypeError, ValueError):
+            raise LoraNbError(f"{path}, line {i}: category {row.get('category')!r} is not a number.") from None
+        name = row["name"] or ""
+        names.append(name if name in KAOMOJIS else name.replace("_", " "))
+    return names, cats
+
+
+def prepare_wd_image(img: Image.Image, size: int) -> np.ndarray:
+    """WD v3 preprocessing: flatten alpha on white, pad to a white square, resize, BGR, float32 0-255, NHWC."""
+    if img.mode in ("RGBA", "LA", "P", "PA"):
+        rgba = img.convert("RGBA")
+        base = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(base, rgba)
+    img = img.convert("RGB")
+    side = max(img.size)
+    square = Image.new("RGB", (side, side), (255, 255, 255))
+    square.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
+    if side != size:
+        square = square.resize((size, size), Image.Resampling.BICUBIC)
+    arr = np.asarray(square, dtype=np.float32)[:, :, ::-1]  # RGB -> BGR
+    return np.ascontiguousarray(arr)[None]
+
+
+@dataclass
+class WdTagger:
+    """A loaded WD-style ONNX tagger. :meth:`predict` gives confidences, :meth:`tag` the tags above thresholds."""
+
+    session: object
+    names: list[str]
+    categories: list[int]
+    input_name: str
+    input_size: int
+    source: str
+
+    def predict(self, images: Image.Image | list[Image.Image], batch_size: int = 8,
+                progress: bool = False) -> list[TagScores]:
+        """Confidences for every tag of every image."""
+        from tqdm.auto import tqdm
+
+        images = [images] if isinstance(images, Image.Image) else list(images)
+        out: list[TagScores] = []
+        cats = np.asarray(self.categories)
+        for i in tqdm(range(0, len(images), batch_size), desc="tagging", unit="batch", disable=not progress):
+            batch = np.concatenate([prepare_wd_image(im, self.input_size) for im in images[i:i + batch_size]])
+            probs = self.session.run(None, {self.input_name: batch})[0]
+            if probs.shape[-1] != len(self.names):
+                raise LoraNbError(
+                    f"The tagger {self.source} outputs {probs.shape[-1]} scores but selected_tags.csv lists "
+                    f"{len(self.names)} tags: the model and the tag list do not belong together."
+                )
+            for row in probs:
+                scores = TagScores()
+                for target, cat in ((scores.general, CATEGORY_GENERAL), (scores.character, CATEGORY_CHARACTER),
+                                    (scores.rating, CATEGORY_RATING)):
+                    for j in np.flatnonzero(cats == cat):
+                        target[self.names[j]] = float(row[j])
+                out.append(scores)
+        return out
+
+    def tag(self, img: Image.Image, general_threshold: float = RECOMMENDED_THRESHOLD,
+            character_threshold: float = CHARACTER_THRESHOLD) -> list[str]:
+        """Tags of one image above the thresholds: characters first, then general tags."""
+        return self.predict(img)[0].tags(general_threshold, character_threshold)
+
+
+def _fetch_wd_files(src: str, local: bool, model_file: str, tags_file: str) -> tuple[Path, Path]:
+    if local:
+        model, tags = Path(src) / model_file, Path(src) / tags_file
+        for p in (model, tags):
+            if not p.is_file():
+                raise LoraNbError(f"The tagger folder {src} has no {p.name}: it needs {model_file} and {tags_file}.")
+        return model, tags
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(src, model_file)), Path(hf_hub_download(src, tags_file))
+    except Exception as exc:  # noqa: BLE001 - hub errors come in many types
+        raise _hub_error(src, exc, "tagger") from None
+
+
+def load_wd_tagger(source: str | Path = WD_VIT_V3, model_file: str = "model.onnx",
+                   tags_file: str = "selected_tags.csv", providers: list[str] | None = None) -> WdTagger:
+    """Load a WD v3 / WD14-style ONNX tagger from a hub id or a folder with ``model.onnx`` + ``selected_tags.csv``."""
+    import onnxruntime as ort
+
+    src, local = _resolve_source(source, "tagger")
+    model_path, tags_path = _fetch_wd_files(src, local, model_file, tags_file)
+    names, cats = read_selected_tags(tags_path)
+    available = ort.get_available_providers()
+    providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    try:
+        session = ort.InferenceSession(str(model_path), providers=providers)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise LoraNbError(f"{model_path} is not a usable ONNX model ({type(exc).__name__}: {str(exc)[:200]}).") from None
+    inp = session.get_inputs()[0]
+    shape = list(inp.shape)
+    if len(shape) != 4 or shape[-1] != 3 or not isinstance(shape[1], int):
+        raise LoraNbError(f"{model_path}: expected an image input of shape [batch, H, W, 3] (NHWC), got {shape}.")
+    return WdTagger(session, names, cats, inp.name, int(shape[1]), src)
+
+
+# --------------------------------------------------------------------------- whole datasets
+
+def caption_images(paths: Iterable[str | Path], tagger, general_threshold: float = RECOMMENDED_THRESHOLD,
+                   character_threshold: float = CHARACTER_THRESHOLD, load: Callable | None = None,
+                   progress: bool = True) -> dict[str, str]:
+    """``{image path: caption}`` for every image, with a :class:`WdTagger`, a :class:`BlipCaptioner`
+    or any callable ``image -> caption string | {tag: confidence}`` (e.g. the toy oracle)."""
+    from tqdm.auto import tqdm
+
+    from lora_nb.images import load_image
+
+    load = load or load_image
+    out = {}
+    for p in tqdm(list(paths), desc="captioning", unit="img", disable=not progress):
+        img = load(p)
+        if isinstance(tagger, WdTagger):
+            out[str(p)] = tagger.predict(img)[0].caption(general_threshold, character_threshold)
+        elif isinstance(tagger, BlipCaptioner):
+            out[str(p)] = tagger.caption(img)[0]
+        else:
+            res = tagger(img)
+            out[str(p)] = join_tags(tags_above(res, general_threshold)) if isinstance(res, Mapping) else str(res)
+    return out
