@@ -29,6 +29,18 @@ class NotebookEnv:
         return p if p.is_absolute() else (self.repo / p)
 
 
+def use_text_progress_bars() -> None:
+    """Make ``tqdm.auto`` (used by lora_nb, diffusers, transformers) print text bars instead of widgets.
+
+    Takes effect for modules imported afterwards: call it before importing them.
+    """
+    import tqdm.auto
+    import tqdm.std
+
+    tqdm.auto.tqdm = tqdm.std.tqdm
+    tqdm.auto.trange = tqdm.std.trange
+
+
 def repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
 
@@ -41,12 +53,17 @@ def detect_platform() -> str:
     return "local"
 
 
-def setup_notebook(workspace: str, seed: int = 42, use_drive: bool = False, quiet: bool = False) -> NotebookEnv:
+def setup_notebook(workspace: str, seed: int = 42, use_drive: bool = False, interactive: bool = True,
+                   quiet: bool = False) -> NotebookEnv:
     """Pick the device, seed, open the workspace and print what this notebook runs on.
 
     On Colab with ``use_drive`` the workspace lives on Google Drive, so a
-    disconnect loses nothing and training resumes from the last save.
+    disconnect loses nothing and training resumes from the last save. A headless
+    run (``interactive=False``) uses text progress bars, so executed notebooks
+    carry no widget state.
     """
+    if not interactive:
+        use_text_progress_bars()
     import numpy as np
     import torch
 
@@ -87,6 +104,16 @@ def show(fig_or_image, env: NotebookEnv | None = None, name: str | None = None):
                 fig_or_image.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
             else:
                 fig_or_image.save(tmp, format="PNG")
+    if hasattr(fig_or_image, "savefig"):
+        # A Figure made without pyplot has no inline formatter in Jupyter (it would show as text): send PNG bytes.
+        import io
+
+        from IPython.display import Image as PngImage
+
+        buf = io.BytesIO()
+        fig_or_image.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+        display(PngImage(data=buf.getvalue()))
+        return
     display(fig_or_image)
 
 
