@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -89,25 +89,28 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
                      return_tensors="pt").input_ids
 
 
-def encode_prompts(model, captions: list[str], clip_skip: int = 1, device=None):
+def encode_prompts(model, captions: list[str], clip_skip: int = 1, device=None, text_encoders: list | None = None):
     """Caption embeddings as the pipelines compute them: (prompt_embeds, pooled or None).
 
     SD1.x: the text encoder's last hidden state (``clip_skip`` > 1: an earlier
     layer, through the final layer norm). SDXL: the penultimate hidden states
     of both encoders, concatenated, and the second encoder's pooled output.
+    ``text_encoders`` replaces the model's own (the distributed wrappers while training).
     """
     device = device or model.pipe.unet.device
+    encoders = text_encoders or model.text_encoders
     if model.family == "sd15":
-        te = model.pipe.text_encoder
+        te = encoders[0]
         ids = tokenize(model.pipe.tokenizer, captions).to(device)
         out = te(ids, output_hidden_states=clip_skip > 1)
         if clip_skip > 1:
             hidden = out.hidden_states[-clip_skip]
-            final_norm = te.text_model.final_layer_norm if hasattr(te, "text_model") else te.final_layer_norm
+            inner = model.text_encoders[0]
+            final_norm = inner.text_model.final_layer_norm if hasattr(inner, "text_model") else inner.final_layer_norm
             return final_norm(hidden), None
         return out[0], None
     embeds, pooled = [], None
-    for tok, te in zip(model.tokenizers, model.text_encoders):
+    for tok, te in zip(model.tokenizers, encoders):
         ids = tokenize(tok, captions).to(device)
         out = te(ids, output_hidden_states=True)
         embeds.append(out.hidden_states[-(clip_skip + 1)])
@@ -285,7 +288,8 @@ def _train(cfg: Config, on_event: Callable[[Event], None] | None = None, model=N
     # ---- accelerator and model
     precision = effective_precision(cfg.training.mixed_precision)
     reset_accelerate_state()
-    accelerator = Accelerator(mixed_precision=precision)
+    # cpu=True without a GPU: several processes then train data-parallel over gloo (MULTI_CPU)
+    accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
     device = accelerator.device
     if model is None:
         model = load_base_model(cfg.model.source, cfg.model.family, allow_pickle=cfg.model.allow_pickle)
@@ -347,7 +351,7 @@ def _train(cfg: Config, on_event: Callable[[Event], None] | None = None, model=N
             p = None if model.family == "sd15" else torch.stack([text_cache[c][1] for c in captions])
             return e, p
         with torch.set_grad_enabled(train_te):
-            return encode_prompts(model, captions, cfg.network.clip_skip, device)
+            return encode_prompts(model, captions, cfg.network.clip_skip, device, text_encoders_train)
 
     # ---- optimizer and schedule
     unet_lr = cfg.optimizer.unet_lr if cfg.optimizer.unet_lr is not None else cfg.optimizer.learning_rate
@@ -361,6 +365,7 @@ def _train(cfg: Config, on_event: Callable[[Event], None] | None = None, model=N
                                    plan.total_steps, cfg.optimizer.lr_restarts, cfg.optimizer.lr_power)
     prepared = accelerator.prepare(pipe.unet, *(model.text_encoders if train_te else []), optimizer)
     unet_train, optimizer = prepared[0], prepared[-1]
+    text_encoders_train = list(prepared[1:-1]) or None
 
     # ---- workspace and resume
     ws = Path(cfg.save.output_dir)
@@ -402,6 +407,9 @@ def _train(cfg: Config, on_event: Callable[[Event], None] | None = None, model=N
     bar = tqdm(total=plan.total_steps, initial=global_step, desc="Training", disable=not (progress and is_main))
     world, rank = accelerator.num_processes, accelerator.process_index
     metrics_file = open(metrics_path, "a", encoding="utf-8") if is_main else None
+    # LORA_NB_BATCH_LOG=<folder>: each process lists the images of its batches (to check data-parallel runs)
+    log_dir = os.environ.get("LORA_NB_BATCH_LOG")
+    batch_log = open(Path(log_dir) / f"batches-rank{rank}.jsonl", "a", encoding="utf-8") if log_dir else None
     try:
         for epoch in range(start_epoch + 1, total_epochs + 1):
             unet_train.train()
@@ -423,6 +431,9 @@ def _train(cfg: Config, on_event: Callable[[Event], None] | None = None, model=N
                     _fault(global_step)
                 mine = batch[rank::world] or batch[:1]
                 batch_samples = [src[i] for src, i in mine]
+                if batch_log:
+                    batch_log.write(json.dumps({"step": global_step + 1, "rank": rank,
+                                                "images": [s.item.image.name for s in batch_samples]}) + "\n")
                 variants = [0] * len(mine)
                 if cfg.dataset.flip_aug:
                     variants = torch.randint(0, 2, (len(mine),), generator=gen).tolist()
@@ -514,8 +525,9 @@ def _train(cfg: Config, on_event: Callable[[Event], None] | None = None, model=N
                 break
     finally:
         bar.close()
-        if metrics_file:
-            metrics_file.close()
+        for f in (metrics_file, batch_log):
+            if f:
+                f.close()
     final = next((f for f in reversed(files) if f.name == f"{cfg.save.output_name}.safetensors"), None)
     result = TrainResult(files, final, ws, plan, global_step, time.time() - t_start, start_epoch, warnings)
     emit(Event("done", global_step, plan.epochs, {"files": [str(f) for f in files], "seconds": result.seconds}))
