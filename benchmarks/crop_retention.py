@@ -5,6 +5,8 @@ Two sets where the subject's box is known exactly:
 * generated pictures: one textured subject (ellipse, rectangle, polygon or
   star) placed off-centre on a cluttered gradient background, in the canvas
   shapes and target sizes the course uses (512/768 px, SDXL 1024-class, toy 64/96 px);
+* toy-world pictures (lora_nb.toy) of a zorb off-centre on 96x64 / 64x96 /
+  64x64 canvases cropped to another of those shapes;
 * the scikit-image astronaut (a real photo, offline) placed off-centre on
   wider or taller canvases, with her face box marked by hand.
 
@@ -25,14 +27,13 @@ from PIL import Image, ImageDraw, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lora_nb.crop import box_inside, crop_image  # noqa: E402
+from lora_nb.crop import ASTRONAUT_FACE, astronaut_crop_set, crop_retention, toy_crop_set  # noqa: E402, F401
 
 # (canvas w, h) -> target (w, h): the target's aspect differs from the canvas, so something is cut
 LAYOUTS = [
     ((768, 512), (512, 512)), ((512, 768), (512, 512)), ((512, 512), (512, 768)), ((512, 512), (768, 512)),
     ((1216, 832), (1024, 1024)), ((768, 768), (832, 1216)), ((96, 64), (64, 64)), ((64, 64), (64, 96)),
 ]
-ASTRONAUT_FACE = (168, 70, 285, 172)  # the face (hairline to chin, ear to ear) in skimage's 512x512 astronaut
 
 
 def _background(rng: np.random.Generator, w: int, h: int) -> Image.Image:
@@ -117,52 +118,25 @@ def generated_set(n: int, seed: int = 0):
 
 
 def astronaut_set(n: int = 24, seed: int = 0):
-    """The astronaut photo pasted off-centre on wider/taller canvases (blurred copies of another photo)."""
-    from skimage import data
-
-    rng = np.random.default_rng(seed)
-    astro = Image.fromarray(data.astronaut())
-    backdrop = Image.fromarray(data.coffee()).convert("RGB")
-    out = []
-    layouts = [((1024, 512), (512, 512)), ((512, 1024), (512, 512)), ((512, 512), (768, 512)),
-               ((900, 600), (512, 768)), ((1216, 832), (1024, 1024))]
-    for i in range(n):
-        canvas, target = layouts[i % len(layouts)]
-        w, h = canvas
-        scale = min(w, h) / 512 * rng.uniform(0.75, 1.0)
-        a = astro.resize((round(512 * scale), round(512 * scale)), Image.Resampling.LANCZOS)
-        bg = backdrop.resize(canvas).filter(ImageFilter.GaussianBlur(8))
-        x = int(rng.integers(0, w - a.width + 1))
-        y = int(rng.integers(0, h - a.height + 1))
-        if w - a.width > 0:  # push to a side: off-centre
-            x = int(rng.choice([rng.integers(0, max(1, (w - a.width) // 4) + 1),
-                                rng.integers(3 * (w - a.width) // 4, w - a.width + 1)]))
-        bg.paste(a, (x, y))
-        face = tuple(round(v * scale) + off for v, off in zip(ASTRONAUT_FACE, (x, y, x, y)))
-        out.append((bg, face, target, f"astronaut {w}x{h}->{target[0]}x{target[1]}"))
-    return out
+    """The astronaut photo pasted off-centre on wider/taller canvases (see lora_nb.crop.astronaut_crop_set)."""
+    return astronaut_crop_set(n, seed)
 
 
 def retention(samples, mode: str) -> tuple[float, list[str]]:
-    """Share of samples whose truth box lies inside the crop window of ``mode``; and the labels of misses."""
-    kept, misses = 0, []
-    for img, truth, target, label in samples:
-        res = crop_image(img, target, mode)
-        if box_inside(truth, res.box):
-            kept += 1
-        else:
-            misses.append(f"{label} truth={truth} window={res.box} found={res.subject} via {res.method or mode}")
-    return kept / len(samples), misses
+    """Share of samples whose truth box lies inside the crop window of ``mode`` (lora_nb.crop.crop_retention)."""
+    return crop_retention(samples, mode)
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=200, help="generated pictures")
     parser.add_argument("--astronauts", type=int, default=24, help="astronaut pictures")
+    parser.add_argument("--toy", type=int, default=120, help="toy-world pictures (zorb off-centre)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--show-misses", action="store_true")
     args = parser.parse_args(argv)
     sets = {"generated off-centre shapes": generated_set(args.n, args.seed),
+            "toy world, zorb off-centre": toy_crop_set(args.toy, args.seed),
             "astronaut face (real photo)": astronaut_set(args.astronauts, args.seed)}
     results = {}
     print(f"{'set':32s} {'n':>4s} {'center':>8s} {'focus':>8s} {'s/img (focus)':>14s}")

@@ -4,10 +4,15 @@
   middle of the image, then resizes it.
 * ``focus`` first finds the subject (:func:`find_subject`: faces with OpenCV's
   Haar cascades -- frontal, profile, cat -- and otherwise a spectral-residual
-  saliency map) and slides the same window so the subject stays inside it.
+  saliency map, grown to the whole object when the background is plain) and
+  slides the same window so the subject stays inside it.
 * ``none`` keeps the whole picture: it is resized into the aspect-ratio bucket
   nearest its own shape (kohya-style buckets of about constant area), as the
   training dataloader does.
+
+:func:`crop_retention` measures how often a mode keeps a known subject box
+(:func:`toy_crop_set`, :func:`astronaut_crop_set`; used by notebook 02 and
+``benchmarks/crop_retention.py``).
 
 Boxes are ``(left, top, right, bottom)`` in pixels of the original image,
 right/bottom exclusive, like PIL's ``Image.crop``.
@@ -37,6 +42,10 @@ TARGET_SIZES: dict[str, tuple[int, int]] = {
     "896x1152": (896, 1152), "1152x896": (1152, 896),
     "64x64": (64, 64), "64x96": (64, 96), "96x64": (96, 64),
 }
+
+# Pictures with a shorter side under this are not searched for faces: the detectors' smallest face (20 px)
+# would be a third of the picture, and on thumbnails they mostly fire on anything with two dark spots.
+MIN_FACE_IMAGE_SIDE = 96
 
 FACE_CASCADES = (
     ("frontal", "haarcascade_frontalface_default.xml"),
@@ -196,9 +205,11 @@ def locate_subject(img: Image.Image, use_faces: bool = True, use_saliency: bool 
 
     For faces the box is the faces grown to the whole head and the core the
     faces themselves; for saliency the box surrounds all strong regions and
-    the core is the strongest one. A crop keeps the core when the box does not fit.
+    the core is the strongest one -- or, on a plain or softly varying
+    background, the box and core are the whole object (:func:`object_box`).
+    A crop keeps the core when the box does not fit.
     """
-    if use_faces:
+    if use_faces and min(img.size) >= MIN_FACE_IMAGE_SIDE:
         faces, name = find_faces(img)
         if faces:
             biggest = max((b[2] - b[0]) * (b[3] - b[1]) for b in faces)
@@ -208,8 +219,65 @@ def locate_subject(img: Image.Image, use_faces: bool = True, use_saliency: bool 
         regions = salient_regions(img)
         if regions:
             box = union_box([b for b, m in regions if m >= min_share * regions[0][1]])
+            grown = object_box(img, regions[0][0])
+            if grown is not None:  # the object standing out from a plain background: trust it over scattered regions
+                return grown, "saliency", grown
             return box, "saliency", regions[0][0]
     return (0, 0, img.width, img.height), "none", None
+
+
+def object_box(img: Image.Image, seed_box: Box, max_side: int = 256, max_share: float = 0.5) -> Box | None:
+    """The whole object around ``seed_box`` when it stands out from a fairly plain background; else ``None``.
+
+    Saliency lights up edges and details (eyes, corners) more than the flat
+    inside of an object, so its box can miss part of the object. On a plain or
+    softly varying background (product shots, studio photos, the toy world) the
+    object is the set of pixels far in colour from the border's colour: the
+    connected parts of that mask touching ``seed_box`` give the full object (when
+    none touches it, saliency was drawn to background texture: the largest part is taken).
+    Returns ``None`` when the background is too busy for this (the mask would be
+    more than ``max_share`` of the picture, or touches nothing).
+    """
+    import cv2
+
+    scale = min(1.0, max_side / max(img.size))
+    small = img.convert("RGB")
+    if scale < 1.0:
+        small = small.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
+                             Image.Resampling.BILINEAR)
+    arr = np.asarray(small, np.float32)
+    h, w, _ = arr.shape
+    # the background as a plane per channel fitted to the border pixels (a gradient counts as background)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    edge = np.zeros((h, w), bool)
+    edge[:2], edge[-2:], edge[:, :2], edge[:, -2:] = True, True, True, True
+    design = np.stack([np.ones(h * w, np.float32), xx.ravel() / w - 0.5, yy.ravel() / h - 0.5], 1)
+    coef, *_ = np.linalg.lstsq(design[edge.ravel()], arr[edge], rcond=None)
+    dist = np.linalg.norm(arr - (design @ coef).reshape(h, w, 3), axis=2)
+    threshold = max(60.0, 1.5 * float(np.percentile(dist[edge], 95)))
+    mask = (dist > threshold).astype(np.uint8)
+    if mask.mean() > max_share:
+        return None
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    x0, y0, x1, y1 = (math.floor(seed_box[0] * scale), math.floor(seed_box[1] * scale),
+                      math.ceil(seed_box[2] * scale), math.ceil(seed_box[3] * scale))
+    touching = set(np.unique(labels[y0:y1, x0:x1]).tolist()) - {0}
+    if not touching and n > 1:  # saliency picked background texture: take the largest object instead
+        touching = {int(np.argmax(stats[1:, cv2.CC_STAT_AREA])) + 1}
+    boxes = []
+    for i in touching:
+        bx, by = stats[i, cv2.CC_STAT_LEFT], stats[i, cv2.CC_STAT_TOP]
+        bw, bh = stats[i, cv2.CC_STAT_WIDTH], stats[i, cv2.CC_STAT_HEIGHT]
+        if stats[i, cv2.CC_STAT_AREA] < 0.002 * h * w:
+            continue
+        boxes.append((max(0, math.floor(bx / scale)), max(0, math.floor(by / scale)),
+                      min(img.width, math.ceil((bx + bw) / scale)), min(img.height, math.ceil((by + bh) / scale))))
+    if not boxes:
+        return None
+    box = union_box(boxes)
+    if (box[2] - box[0]) * (box[3] - box[1]) > max_share * img.width * img.height:
+        return None
+    return box
 
 
 def find_subject(img: Image.Image, use_faces: bool = True, use_saliency: bool = True) -> tuple[Box, str]:
@@ -504,3 +572,101 @@ def before_after_grid(pairs: list[tuple[Image.Image, CropResult]], cell: int = 2
             draw.text((2 * pad + cell, y), f"{how} -> {res.image.width}x{res.image.height}"[:48],
                       fill=(230, 230, 230))
     return grid
+
+
+# --------------------------------------------------------------------------- measuring crops (C7)
+
+CropSample = tuple[Image.Image, Box, tuple[int, int], str]  # (image, truth box of the subject, target size, label)
+
+# (canvas, target) pairs in the toy world's sizes: the target's shape differs from the canvas, so a crop cuts
+TOY_CROP_LAYOUTS = [((96, 64), (64, 64)), ((64, 96), (64, 64)), ((64, 64), (64, 96)), ((64, 64), (96, 64)),
+                    ((96, 64), (64, 96)), ((64, 96), (96, 64))]
+ASTRONAUT_FACE = (168, 70, 285, 172)  # the face (hairline to chin, ear to ear) in skimage's 512x512 astronaut
+ASTRONAUT_LAYOUTS = [((1024, 512), (512, 512)), ((512, 1024), (512, 512)), ((512, 512), (768, 512)),
+                     ((900, 600), (512, 768)), ((1216, 832), (1024, 1024))]
+
+
+def toy_crop_set(n: int = 60, seed: int = 0, off_centre: float = 0.15,
+                 layouts=TOY_CROP_LAYOUTS) -> list[CropSample]:
+    """``n`` toy-world pictures of a zorb off-centre on a canvas whose shape differs from the target.
+
+    The truth box is the zorb's drawn box (known exactly). "Off-centre": the
+    zorb's centre is at least ``off_centre`` of the canvas away from the middle
+    along the side the crop cuts. Backgrounds are plain, gradient or striped.
+    """
+    from lora_nb.toy import world
+
+    out: list[CropSample] = []
+    index = 0
+    while len(out) < n:
+        canvas, target = layouts[len(out) % len(layouts)]
+        scene = world.sample_scene(seed, index, canvas, zorb=True, background_style=None)
+        index += 1
+        obj = scene.objects[0]
+        cw, _ = window_size(canvas, target)
+        centre, span = (obj.cx, canvas[0]) if cw < canvas[0] else (obj.cy, canvas[1])
+        if abs(centre - span / 2) < off_centre * span:
+            continue
+        x0, y0, x1, y1 = obj.bbox
+        truth = (max(0, x0), max(0, y0), min(canvas[0], x1), min(canvas[1], y1))
+        image = Image.fromarray(world.render_scene(scene))
+        out.append((image, truth, target, f"toy {canvas[0]}x{canvas[1]}->{target[0]}x{target[1]}"))
+    return out
+
+
+def astronaut_crop_set(n: int = 10, seed: int = 0, layouts=ASTRONAUT_LAYOUTS) -> list[CropSample]:
+    """The astronaut photo (scikit-image, offline) pasted off-centre on wider or taller canvases.
+
+    The backdrop is a blurred copy of another sample photo; the truth box is
+    her face, marked by hand (:data:`ASTRONAUT_FACE`) and moved with the paste.
+    """
+    from PIL import ImageFilter
+    from skimage import data
+
+    rng = np.random.default_rng(seed)
+    astro = Image.fromarray(data.astronaut())
+    backdrop = Image.fromarray(data.coffee()).convert("RGB")
+    out: list[CropSample] = []
+    for i in range(n):
+        canvas, target = layouts[i % len(layouts)]
+        w, h = canvas
+        scale = min(w, h) / 512 * rng.uniform(0.75, 1.0)
+        a = astro.resize((round(512 * scale), round(512 * scale)), Image.Resampling.LANCZOS)
+        bg = backdrop.resize(canvas).filter(ImageFilter.GaussianBlur(8))
+        x = int(rng.integers(0, w - a.width + 1))
+        y = int(rng.integers(0, h - a.height + 1))
+        if w - a.width > 0:  # push to a side: off-centre
+            x = int(rng.choice([rng.integers(0, max(1, (w - a.width) // 4) + 1),
+                                rng.integers(3 * (w - a.width) // 4, w - a.width + 1)]))
+        bg.paste(a, (x, y))
+        face = tuple(round(v * scale) + off for v, off in zip(ASTRONAUT_FACE, (x, y, x, y)))
+        out.append((bg, face, target, f"astronaut {w}x{h}->{target[0]}x{target[1]}"))
+    return out
+
+
+def crop_retention(samples: list[CropSample], mode: str) -> tuple[float, list[str]]:
+    """Share of ``samples`` whose truth box lies wholly inside the crop window of ``mode``, and the misses."""
+    if not samples:
+        raise LoraNbError("crop_retention got no samples: build some with toy_crop_set() or astronaut_crop_set().")
+    kept, misses = 0, []
+    for img, truth, target, label in samples:
+        res = crop_image(img, target, mode)
+        if box_inside(truth, res.box):
+            kept += 1
+        else:
+            misses.append(f"{label} truth={truth} window={res.box} found={res.subject} via {res.method or mode}")
+    return kept / len(samples), misses
+
+
+def retention_table(sets: dict[str, list[CropSample]], modes=("center", "focus")) -> list[dict]:
+    """One row per set: ``{"set", "n", <mode>: share kept, ...}``, plus an ``"all"`` row weighted by size."""
+    rows = []
+    for name, samples in sets.items():
+        row = {"set": name, "n": len(samples)}
+        for mode in modes:
+            row[mode] = round(crop_retention(samples, mode)[0], 4)
+        rows.append(row)
+    total = sum(r["n"] for r in rows)
+    rows.append({"set": "all", "n": total, **{m: round(sum(r[m] * r["n"] for r in rows) / max(1, total), 4)
+                                            for m in modes}})
+    return rows

@@ -48,6 +48,7 @@ MAX_ZIP_FILES = 10_000
 MAX_ZIP_TOTAL_BYTES = 4 * 1024 * 1024 * 1024
 MAX_ZIP_RATIO = 200
 MIN_SIDE = 64
+CAPTION_FILE_EXTENSIONS = (".txt", ".caption")
 # Formats that can be copied byte for byte when nothing needs converting.
 _COPYABLE_FORMATS = {"JPEG": (".jpg", ".jpeg"), "PNG": (".png",), "WEBP": (".webp",)}
 
@@ -87,6 +88,13 @@ class ImportReport:
     def paths(self) -> list[Path]:
         """Paths of the imported images in the workspace."""
         return [Path(i.path) for i in self.imported]
+
+    def skipped_by_reason(self) -> dict[str, list[str]]:
+        """``{reason: [names]}``: the skipped files grouped, for a short summary."""
+        out: dict[str, list[str]] = {}
+        for s in self.skipped:
+            out.setdefault(s.reason, []).append(s.name)
+        return out
 
     def skipped_names(self) -> dict[str, str]:
         """``{name: reason}`` for every skipped file."""
@@ -306,10 +314,15 @@ def _iter_folder(folder: Path):
     """Yield ``(relative name, bytes or None, skip reason or None)`` for each file in a folder."""
     for root, dirs, files in os.walk(folder, followlinks=False):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        image_stems = {os.path.splitext(f)[0] for f in files if f.lower().endswith(IMAGE_EXTENSIONS)}
         for f in sorted(files):
             p = Path(root) / f
             rel = p.relative_to(folder).as_posix()
             if f.startswith("."):
+                continue
+            stem, ext = os.path.splitext(f)
+            if ext.lower() in CAPTION_FILE_EXTENSIONS and stem in image_stems:
+                yield rel, None, "not an image: the caption file of an image (notebook 03 writes the captions)"
                 continue
             if p.is_symlink():
                 yield rel, None, "symbolic link (not followed, for safety): copy the real file into the folder"
@@ -554,17 +567,18 @@ class AuditReport:
 def laplacian_variance(img: Image.Image, size: int = 512) -> float:
     """Sharpness: variance of the Laplacian of the grayscale image, resized so its long side is ``size``.
 
-    Resizing first makes the number comparable between images of different
-    resolutions. Around 100 or less usually means a blurry or very flat picture.
+    Shrinking large images first makes the number comparable between images of
+    different resolutions; smaller images are measured as they are (enlarging
+    them would add blur of its own). Around 100 or less usually means a blurry
+    or very flat picture.
     """
     import cv2
 
     gray = np.asarray(img.convert("L"))
     h, w = gray.shape
     scale = size / max(h, w)
-    if scale != 1:
-        gray = cv2.resize(gray, (max(1, round(w * scale)), max(1, round(h * scale))),
-                          interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
+    if scale < 1:  # only shrink: enlarging would blur the picture by itself (small size is its own warning)
+        gray = cv2.resize(gray, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
     return float(cv2.Laplacian(gray, cv2.CV_64F).var())
 
 
@@ -760,3 +774,72 @@ def copy_images(paths, dest_dir: str | Path) -> list[Path]:
         shutil.copyfile(p, target)
         out.append(target)
     return out
+
+
+def write_awkward_examples(folder: str | Path) -> dict[str, str]:
+    """Write a few awkward files into ``folder`` (a demo of what :func:`import_images` copes with).
+
+    Returns ``{file name: what is awkward about it}``: CMYK, 16-bit, transparency,
+    EXIF rotation, a palette GIF, a 20x20 icon, a truncated JPEG, a text file
+    and an exact duplicate. Small and fast (a fraction of a second).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[0:160, 0:240]
+    photo = np.stack([xx * 255 // 239, yy * 255 // 159, 255 - xx * 255 // 239], -1).astype(np.uint8)
+    photo[40:120, 80:160] = (230, 60, 40)
+    base = Image.fromarray(photo)
+    base.save(folder / "ok.jpg", quality=92)
+    base.convert("CMYK").save(folder / "cmyk.jpg", quality=92)
+    Image.fromarray((np.asarray(base.convert("L"), np.uint16) * 257)).save(folder / "gray 16-bit.png")
+    rgba = np.zeros((120, 120, 4), np.uint8)
+    rgba[30:90, 30:90] = (40, 90, 220, 255)
+    Image.fromarray(rgba, "RGBA").save(folder / "transparent.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees": phones store photos sideways and set this tag
+    base.save(folder / "phone photo (EXIF rotated).jpg", exif=exif.tobytes(), quality=92)
+    base.convert("P", palette=Image.Palette.ADAPTIVE, colors=16).save(folder / "palette.gif")
+    Image.new("RGB", (20, 20), (10, 200, 30)).save(folder / "icon 20x20.png")
+    buf = io.BytesIO()
+    base.save(buf, "JPEG", quality=95)
+    (folder / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (folder / "notes.txt").write_text("remember: more angles\n", encoding="utf-8")
+    (folder / "ok_copy.jpg").write_bytes((folder / "ok.jpg").read_bytes())
+    return {
+        "ok.jpg": "a plain JPEG (copied byte for byte)",
+        "cmyk.jpg": "CMYK colours (print format)",
+        "gray 16-bit.png": "16 bits per pixel, grayscale",
+        "transparent.png": "transparent background",
+        "phone photo (EXIF rotated).jpg": "stored sideways, with an EXIF rotation tag",
+        "palette.gif": "a palette (GIF) image",
+        "icon 20x20.png": "far too small",
+        "truncated.jpg": "a download that stopped half way",
+        "notes.txt": "not an image",
+        "ok_copy.jpg": "the same picture twice",
+    }
+
+
+def contact_sheet(images, cols: int = 10, cell: int = 96, labels: list[str] | None = None,
+                  background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Thumbnails of ``images`` (PIL images or paths) in a grid, each scaled to fit ``cell`` px (small ones enlarged
+    with sharp pixels), with an optional label under each. Returns a PIL image to display."""
+    from PIL import ImageDraw
+
+    imgs = [im if isinstance(im, Image.Image) else load_image(im) for im in images]
+    if not imgs:
+        raise LoraNbError("contact_sheet got no images.")
+    cols = max(1, min(cols, len(imgs)))
+    rows = -(-len(imgs) // cols)
+    text_h = 12 if labels else 0
+    sheet = Image.new("RGB", (cols * (cell + 4) + 4, rows * (cell + text_h + 4) + 4), background)
+    draw = ImageDraw.Draw(sheet)
+    for i, im in enumerate(imgs):
+        r, c = divmod(i, cols)
+        scale = cell / max(im.size)
+        resample = Image.Resampling.NEAREST if scale >= 2 else Image.Resampling.LANCZOS
+        th = im.convert("RGB").resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), resample)
+        x, y = 4 + c * (cell + 4), 4 + r * (cell + text_h + 4)
+        sheet.paste(th, (x + (cell - th.width) // 2, y + (cell - th.height) // 2))
+        if labels:
+            draw.text((x, y + cell + 1), str(labels[i])[: max(4, cell // 6)], fill=(60, 60, 60))
+    return sheet

@@ -101,18 +101,17 @@ def show(fig_or_image, env: NotebookEnv | None = None, name: str | None = None):
         path = env.workspace.figures / f"{name}.png"
         with atomic_path(path) as tmp:
             if hasattr(fig_or_image, "savefig"):
-                fig_or_image.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+                from lora_nb.plots import png_bytes
+
+                tmp.write_bytes(png_bytes(fig_or_image))
             else:
                 fig_or_image.save(tmp, format="PNG")
     if hasattr(fig_or_image, "savefig"):
-        # A Figure made without pyplot has no inline formatter in Jupyter (it would show as text): send PNG bytes.
-        import io
-
         from IPython.display import Image as PngImage
 
-        buf = io.BytesIO()
-        fig_or_image.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-        display(PngImage(data=buf.getvalue()))
+        from lora_nb.plots import png_bytes
+
+        display(PngImage(data=png_bytes(fig_or_image)))
         return
     display(fig_or_image)
 

@@ -16,6 +16,15 @@ def _figure(width=7.5, height=3.6):
     return fig, fig.add_subplot()
 
 
+def png_bytes(fig, dpi: int = 100) -> bytes:
+    """The figure as PNG bytes (a Figure made without pyplot has no inline formatter in Jupyter)."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    return buf.getvalue()
+
+
 def smooth(values: list[float], weight: float = 0.9) -> list[float]:
     """Exponential moving average with bias correction (what TensorBoard's slider does)."""
     out, avg = [], 0.0
@@ -112,13 +121,13 @@ class LivePlot:
             self.redraw()
 
     def redraw(self) -> None:
-        from IPython.display import display
+        from IPython.display import Image, display
 
-        fig = plot_loss(self.records, self.title)
+        png = Image(data=png_bytes(plot_loss(self.records, self.title)))
         if self._handle is None:
-            self._handle = display(fig, display_id=True)
+            self._handle = display(png, display_id=True)
         else:
-            self._handle.update(fig)
+            self._handle.update(png)
 
     def figure(self):
         return plot_loss(self.records, self.title)
@@ -141,3 +150,69 @@ class TrainingMonitor(LivePlot):
             print(f"saved {event.data['path']}")
         elif event.kind == "warning":
             print(f"warning: {event.data['message']}")
+
+
+def text_table(rows: list[dict], columns: list[str] | None = None, floatfmt: str = ".3g", max_width: int = 48) -> str:
+    """A plain-text table of ``rows`` (dicts), for notebooks without pandas: one header line, one line per row."""
+    if not rows:
+        return "(no rows)"
+    columns = columns or list(rows[0])
+
+    def cell(v) -> str:
+        if isinstance(v, float):
+            s = format(v, floatfmt)
+        elif isinstance(v, (list, tuple)):
+            s = "; ".join(str(x) for x in v)
+        else:
+            s = "" if v is None else str(v)
+        return s if len(s) <= max_width else s[: max_width - 1] + "…"
+
+    body = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(b[i]) for b in body)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(b, widths)) for b in body]
+    return "\n".join(lines)
+
+
+def plot_precision_recall(sweeps: dict[str, list[dict]], mark: float | None = 0.6, title: str = ""):
+    """Precision (solid) and recall (dashed) against the threshold, one colour per tagger; ``mark`` as a line."""
+    fig, ax = _figure(height=3.4)
+    colours = ["#08519c", "#d94801", "#238b45", "#6a51a3"]
+    for i, (name, rows) in enumerate(sweeps.items()):
+        th = [r["threshold"] for r in rows]
+        c = colours[i % len(colours)]
+        ax.plot(th, [r["precision"] for r in rows], "-", color=c, lw=2, label=f"{name}: precision")
+        ax.plot(th, [r["recall"] for r in rows], "--", color=c, lw=2, label=f"{name}: recall")
+    if mark is not None:
+        ax.axvline(mark, color="#444444", ls=":", lw=1.5)
+        ax.text(mark, 0.02, f" {mark:g} (recommended)", fontsize=8, color="#444444")
+    ax.set_xlabel("threshold (keep tags with confidence ≥ threshold)")
+    ax.set_ylabel("share")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title or "Tagging threshold: precision vs recall")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="lower left", bbox_to_anchor=(0.0, 0.1))
+    fig.tight_layout()
+    return fig
+
+
+def plot_grouped_bars(groups: list[str], series: dict[str, list[float]], title: str, ylabel: str,
+                      percent: bool = True):
+    """Vertical bars, one group per entry of ``groups`` and one bar per series (e.g. center vs focus per set)."""
+    fig, ax = _figure(height=3.2)
+    n = max(1, len(series))
+    width = 0.8 / n
+    x = np.arange(len(groups))
+    for i, (label, ys) in enumerate(series.items()):
+        bars = ax.bar(x + (i - (n - 1) / 2) * width, ys, width, label=label)
+        for b, y in zip(bars, ys):
+            ax.text(b.get_x() + b.get_width() / 2, y, f"{y:.0%}" if percent else f"{y:.3g}", ha="center",
+                    va="bottom", fontsize=8)
+    ax.set_xticks(x, groups, fontsize=8)
+    ax.set_ylabel(ylabel)
+    if percent:
+        ax.set_ylim(0, 1.12)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -39,7 +39,7 @@ from lora_nb.captions import (  # noqa: F401 - re-exported
 
 __all__ = [
     "BlipCaptioner", "TagScores", "WdTagger", "caption_images", "clean_blip_caption", "load_blip", "load_wd_tagger",
-    "prepare_wd_image", "read_selected_tags",
+    "hub_unreachable_reason", "prepare_wd_image", "read_selected_tags", "row_at", "toy_tagger_predictions", "toy_tagging_set",
     # re-exported from lora_nb.captions
     "add_tags", "add_trigger", "check_caption_extension", "dedupe_tags", "edit_caption", "edit_captions",
     "join_tags", "precision_recall", "read_caption", "remove_tags", "replace_tags", "shuffle_caption",
@@ -314,3 +314,61 @@ def caption_images(paths: Iterable[str | Path], tagger, general_threshold: float
             res = tagger(img)
             out[str(p)] = join_tags(tags_above(res, general_threshold)) if isinstance(res, Mapping) else str(res)
     return out
+
+
+# --------------------------------------------------------------------------- measuring on the toy world (C9)
+
+def toy_tagging_set(n: int = 60, seed: int = 0, zorb_share: float = 0.5,
+                    second_object_p: float = 0.3) -> tuple[list[Image.Image], list[list[str]]]:
+    """``n`` toy-world pictures with their true tags (no trigger word): the ground truth for a threshold sweep.
+
+    Sizes cycle through the toy sizes; about ``zorb_share`` of the pictures hold a
+    zorb; backgrounds are plain, gradient or striped; some pictures get a second object.
+    """
+    from lora_nb.toy import world
+
+    images, truths = [], []
+    for i in range(n):
+        size = world.SIZES[i % len(world.SIZES)]
+        zorb = int((i + 1) * zorb_share) > int(i * zorb_share)  # spread evenly
+        scene = world.sample_scene(seed, i, size, zorb=zorb, background_style=None,
+                                   second_object_p=second_object_p)
+        images.append(Image.fromarray(world.render_scene(scene)))
+        truths.append(world.tags_of_scene(scene, with_trigger=False))
+    return images, truths
+
+
+def toy_tagger_predictions(images: list[Image.Image], seed: int = 0, noise: float = 0.12) -> dict[str, list[dict]]:
+    """``{"oracle": [...], "noisy": [...]}``: each toy tagger's ``{tag: confidence}`` for every image."""
+    from lora_nb.toy import oracle
+
+    return {"oracle": [oracle.tag_image_oracle(im) for im in images],
+            "noisy": [oracle.tag_image_noisy(im, seed=seed, noise=noise) for im in images]}
+
+
+def row_at(sweep: list[dict], threshold: float) -> dict:
+    """The row of a :func:`threshold_sweep` result nearest ``threshold``."""
+    if not sweep:
+        raise LoraNbError("row_at got an empty sweep.")
+    return min(sweep, key=lambda r: abs(r["threshold"] - threshold))
+
+
+def hub_unreachable_reason(source: str | Path, timeout: float = 3.0, host: str = "huggingface.co") -> str | None:
+    """Why a model at ``source`` cannot be fetched right now, or ``None`` when it can (a local folder, or the hub answers).
+
+    Checked in a few seconds before any download is tried: the hub libraries retry
+    for minutes on an offline machine. ``HF_HUB_OFFLINE=1`` counts as unreachable.
+    """
+    import socket
+
+    if Path(str(source)).expanduser().exists():
+        return None
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1":
+        return (f"{source}: hub access is switched off (HF_HUB_OFFLINE=1). Download the model on a machine with "
+                "internet access and pass its local folder.")
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return None
+    except OSError as exc:
+        return (f"{source}: the Hugging Face hub ({host}) cannot be reached from this machine ({exc.strerror or exc}). "
+                "Run this on Colab/Kaggle or a machine with internet access, or pass a local folder with the model.")
