@@ -155,7 +155,10 @@ class Config:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{where} is not valid YAML: {exc}") from None
+            mark = getattr(exc, "problem_mark", None)
+            at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+            what = " ".join(str(getattr(exc, "problem", None) or exc).split())  # one line
+            raise ConfigError(f"{where} is not valid YAML{at}: {what}. Check the indentation, colons and quotes there.") from None
         except (ValueError, OverflowError, RecursionError) as exc:  # e.g. a date like 2024-13-45, deep nesting
             raise ConfigError(f"{where} is not valid YAML: {type(exc).__name__}: {str(exc)[:200]}") from None
         if data is not None and not isinstance(data, dict):
@@ -408,6 +411,8 @@ def check_config(cfg: Config, cuda_available: bool | None = None) -> list[Proble
         err("dataset.dir", "is empty: set it to the folder holding your <repeats>_<concept> subfolders of images.")
     if not str(sv.output_dir).strip():
         err("save.output_dir", "is empty: set it to the run's workspace folder, e.g. runs/my-lora.")
+    if d.trigger_word and not d.trigger_word.strip():
+        err("dataset.trigger_word", "is only spaces: set a word such as sks, or leave it empty (no trigger).")
     if "," in d.trigger_word:
         err("dataset.trigger_word", f"{d.trigger_word!r} contains a comma: the trigger must be one tag "
                                     "(a word or phrase without commas), e.g. sks.")
@@ -522,6 +527,8 @@ def raise_for_errors(problems: list[Problem]) -> list[Problem]:
     """Raise one ConfigError listing every error; return the warnings."""
     errors = [p for p in problems if p.level == "error"]
     if errors:
+        if len(errors) == 1:  # one problem, one line (the command line prints it as is)
+            raise ConfigError(f"Please fix this setting: {errors[0].setting}: {errors[0].message}")
         raise ConfigError("Please fix these settings:\n" + "\n".join(f"  - {e.setting}: {e.message}" for e in errors))
     return [p for p in problems if p.level == "warning"]
 

@@ -41,6 +41,18 @@ class DatasetScan:
     warnings: list[str] = field(default_factory=list)
 
 
+def resolve_data_path(path: str | Path) -> Path:
+    """A dataset path as given; a relative one that does not exist here is looked up in the repository
+    (so presets' ``data/toy-concept`` works from any folder, notebooks/ included)."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    from lora_nb.models import repo_data_dir
+
+    candidate = repo_data_dir().parent / p
+    return candidate if candidate.exists() else p
+
+
 def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
                   and not p.name.startswith("."))
@@ -55,7 +67,7 @@ def scan_dataset(root: str | Path, caption_extension: str = ".txt", repeats: int
     ``caption_extension`` but captions with another extension exist, that is
     the classic "LoRA does nothing" mistake: it raises a clear error.
     """
-    root = Path(root)
+    root = resolve_data_path(root)
     what = "dataset.reg_dir" if is_reg else "dataset.dir"
     if not root.is_dir():
         raise LoraNbError(f"{what}={str(root)!r} is not a folder. Point it at the folder holding your "

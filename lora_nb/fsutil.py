@@ -75,16 +75,21 @@ _TEMP_RE = re.compile(r"^\..+\.[A-Za-z0-9_]{6,}\.tmp$")
 
 
 def remove_stale_temp_files(folder: str | Path) -> list[Path]:
-    """Delete the temporary files (``.<name>.<random>.tmp``) a killed process left in ``folder``.
+    """Delete the temporary files (``.<name>.<random>.tmp``, ``.lora-save-*/``) a killed process left in ``folder``.
 
     Only call this where no other process writes at the same time (the start of a training run).
     """
+    import shutil
+
     folder = Path(folder)
     removed = []
     if folder.is_dir():
         for p in folder.iterdir():
             if p.is_file() and _TEMP_RE.match(p.name):
                 _remove_quietly(p)
+                removed.append(p)
+            elif p.is_dir() and not p.is_symlink() and p.name.startswith(".lora-save-"):  # lora_io's temp folders
+                shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)
     return removed
 

@@ -3,6 +3,7 @@
 ```
 <root>/
   source/                 what the user imported (originals are never modified)
+  processed/              cropped images (notebook 02)
   dataset/<R>_<concept>/  processed images + captions (kohya convention, R = repeats)
   regularization/         optional class images
   config.yaml             every training setting (notebook 04 → 05)
@@ -32,6 +33,10 @@ class Workspace:
     @property
     def source(self) -> Path:
         return self.root / "source"
+
+    @property
+    def processed(self) -> Path:
+        return self.root / "processed"
 
     @property
     def dataset(self) -> Path:
