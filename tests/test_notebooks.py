@@ -46,6 +46,10 @@ def test_help_notebook_lists_every_parameter_with_its_help(path):
                          text=True, check=True).stdout
     params = papermill.inspect_notebook(str(path))
     assert list(params)[:5] == COMMON
+    nb = nbformat.read(path, as_version=4)
+    source = next(c.source for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    declared = [line.split(":")[0] for line in source.splitlines() if line.strip() and not line.startswith("#")]
+    assert list(params) == declared  # papermill skips lines it cannot parse (e.g. a second "=" in the help)
     for name, info in params.items():
         assert name in out and info["help"], f"{path.name}: parameter {name} has no help text"
         assert info["help"] in out.replace("\n", " ").replace("  ", " ") or info["help"][:30] in out

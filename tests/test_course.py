@@ -1,0 +1,62 @@
+"""`lora-nb course`: notebooks run in order into one workspace; notebook 05 resumes after an interruption."""
+
+import nbformat
+import pytest
+import torch
+from conftest import make_config
+from safetensors.torch import load_file
+
+from lora_nb.course import list_notebooks, run_course
+
+
+def test_course_lists_the_six_notebooks_in_order():
+    names = [p.name for p in list_notebooks()]
+    assert names == sorted(names) and names[0].startswith("01_") and len(names) == 6
+
+
+@pytest.mark.slow
+def test_course_passes_parameters_to_the_notebooks_that_declare_them(tmp_path):
+    lines = []
+    summary = run_course(tmp_path / "ws", params={"preset": "realistic", "repeats": 10, "epochs": 10,
+                                                  "measure_time": False, "no_such_parameter": 1},
+                         only=["04"], log=lines.append)
+    assert summary.ok, summary.describe()
+    executed = tmp_path / "ws" / "executed" / "04_parameters.ipynb"
+    assert executed.exists()
+    nb = nbformat.read(executed, as_version=4)
+    text = "\n".join("".join(o.get("text", "")) for c in nb.cells for o in c.get("outputs", []))
+    assert "total steps: 200 × 10 epochs = 2000" in text
+    assert any("04_parameters" in l for l in lines)
+    assert any("no_such_parameter" in l for l in lines)  # told, not silently dropped
+    assert "ok " in summary.describe()
+
+
+@pytest.mark.slow
+def test_interrupted_training_resumes_in_notebook_05_to_the_same_final_lora(tiny_sd15_dir, tiny_dataset, tmp_path):
+    from lora_nb.train import train
+
+    overrides = {"training.epochs": 3, "save.every_n_epochs": 1, "training.batch_size": 2}
+    interrupted = tmp_path / "interrupted"
+    cfg = make_config(tiny_sd15_dir, tiny_dataset, interrupted, **overrides)
+    interrupted.mkdir()
+    cfg.write_yaml(interrupted / "config.yaml")
+
+    def stop_after_first_epoch(step):
+        if step == 2:  # 4 images / batch 2 = 2 steps per epoch: epoch 1 is saved
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, progress=False, _fault=stop_after_first_epoch)
+    assert (interrupted / "lora" / "lora-e0001.safetensors").exists()
+    assert not (interrupted / "lora" / "lora.safetensors").exists()
+
+    run_course(interrupted, only=["05"], params={"strengths": "0, 1"}, log=lambda *_: None)
+    nb = nbformat.read(interrupted / "executed" / "05_training.ipynb", as_version=4)
+    assert "continued after epoch 1" in "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+
+    straight = tmp_path / "straight"
+    train(make_config(tiny_sd15_dir, tiny_dataset, straight, **overrides), progress=False)
+    a = load_file(interrupted / "lora" / "lora.safetensors")
+    b = load_file(straight / "lora" / "lora.safetensors")
+    assert a.keys() == b.keys()
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-6
