@@ -1,0 +1,393 @@
+"""Over- and underfitting, diagnosed by measurement (concepts C26–C28).
+
+For a trained workspace this gathers two kinds of evidence per saved epoch:
+
+- **loss**: the smoothed training loss and the fixed-noise validation loss
+  (same held-out images, noise and timesteps every time), their gap, the epoch
+  with the best validation loss;
+- **images**, generated at fixed seeds with each saved LoRA file:
+  *fidelity* (the subject appears with the trigger word), *generalisation*
+  (it follows prompts that put it in other colours/backgrounds), *memorization*
+  (generations copy a training image, appearance and placement), *leakage*
+  (the subject appears without the trigger word).
+
+On the toy world the image measures come from the toy judge, which knows the
+truth. On real models they are approximations from generic image similarity
+(small blurred-image correlation), and are labelled as such.
+
+A verdict per epoch (underfit / good / overfit) follows from thresholds that
+are arguments, with the numbers behind it, the recommended file, and the
+remedies that apply, each mapped to the setting it changes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lora_nb import LoraNbError
+
+
+@dataclass
+class Thresholds:
+    """Where the verdicts change. Shares are 0–1."""
+
+    fidelity_min: float = 0.5  # below: the subject is missing too often → underfit
+    memorization_max: float = 0.93  # mean nearest-training-image similarity above this → copying → overfit
+    generalisation_drop: float = 0.25  # prompt adherence falling this far below the base model → overfit
+    leakage_max: float = 0.25  # subject appearing without the trigger word this often → overfit
+    val_rise: float = 0.10  # validation loss this much (relative) above its best → overfit sign
+
+
+REMEDIES = {
+    "underfit": [
+        ("raise the learning rate", "optimizer.unet_lr", "×2"),
+        ("train more epochs", "training.epochs", "+50%"),
+        ("raise repeats", "dataset.repeats", "+50%"),
+        ("higher rank, or lower alpha relative to it", "network.rank", "×2"),
+        ("weaker regularization (lower prior loss weight, fewer class images)", "dataset.prior_loss_weight", "÷2"),
+        ("more, better data (clear, varied images of the subject)", "dataset.dir", "add images"),
+    ],
+    "overfit": [
+        ("use an earlier saved epoch", "save.every_n_epochs", "pick the recommended file"),
+        ("lower the learning rate", "optimizer.unet_lr", "÷2"),
+        ("fewer epochs", "training.epochs", "−30%"),
+        ("lower repeats", "dataset.repeats", "−30%"),
+        ("lower rank (or alpha)", "network.rank", "÷2"),
+        ("add regularization images of the class", "dataset.reg_dir", "10–20 class images"),
+        ("more varied data", "dataset.dir", "add images"),
+    ],
+    "good": [],
+}
+
+
+# --------------------------------------------------------------------------- loss evidence
+
+def read_metrics(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def loss_evidence(records: list[dict]) -> dict:
+    """Per-epoch training and validation loss, the best validation epoch, the trend of the training loss."""
+    epochs = {r["epoch"]: r for r in records if "train_loss" in r}
+    per_epoch = {e: {"train_loss": r.get("train_loss"), "val_loss": r.get("val_loss")} for e, r in sorted(epochs.items())}
+    vals = {e: v["val_loss"] for e, v in per_epoch.items() if v["val_loss"] is not None}
+    best = min(vals, key=vals.get) if vals else None
+    losses = [r["loss"] for r in records if "loss" in r]
+    slope = None
+    if len(losses) >= 4:
+        x = np.arange(len(losses))
+        slope = float(np.polyfit(x, losses, 1)[0] * len(losses))  # change over the whole run
+    for e, v in per_epoch.items():
+        if v["val_loss"] is not None and v["train_loss"] is not None:
+            v["gap"] = v["val_loss"] - v["train_loss"]
+    return {"epochs": per_epoch, "best_val_epoch": best, "best_val_loss": vals.get(best) if best else None,
+            "train_trend": slope}
+
+
+# --------------------------------------------------------------------------- image evidence
+
+def epoch_of_file(path: Path, final_epoch: int) -> int:
+    m = re.search(r"-e(\d+)\.safetensors$", path.name)
+    return int(m.group(1)) if m else final_epoch
+
+
+def lora_files(lora_dir: Path, output_name: str) -> list[Path]:
+    """The kohya files of one run, in epoch order (the final file last)."""
+    files = sorted(lora_dir.glob(f"{output_name}-e*.safetensors"))
+    final = lora_dir / f"{output_name}.safetensors"
+    return files + ([final] if final.exists() else [])
+
+
+def toy_image_evidence(pipe, training_images: list[np.ndarray], seeds: list[int], steps: int = 20,
+                       strength: float = 1.0, prompts: int = 12) -> dict:
+    """Fidelity, generalisation, memorization, leakage of what ``pipe`` draws now (toy judge).
+
+    ``prompts`` of the 24 colour × background concept prompts are used (spread evenly),
+    each with and without the trigger word, at every seed.
+    """
+    from lora_nb.toy import judge, quality
+
+    from lora_nb.toy.world import COLOURS
+
+    def spread(items: list[str]) -> list[str]:  # a checkerboard over colour × background: every colour appears
+        picked = [p for i, p in enumerate(items) if (i + i // len(COLOURS)) % 2 == 0]
+        return (picked + [p for p in items if p not in picked])[:prompts]
+
+    with_trigger = spread(quality.concept_prompts(True))
+    without = spread(quality.concept_prompts(False))
+    kwargs = {"cross_attention_kwargs": {"scale": strength}} if strength != 1.0 else {}
+    on = quality.measure_generations(pipe, with_trigger, seeds, steps=steps, keep_images=True, **kwargs)
+    off = quality.measure_generations(pipe, without, seeds, steps=steps, **kwargs)
+    mem = [judge.memorization_score(r["image"], training_images)["score"] for r in on["records"] if r["got"]["zorb"]]
+    adherence = np.mean([v for v in (on["colour"], on["background"]) if v is not None])
+    return {
+        "fidelity": on["zorb"],
+        "generalisation": float(adherence),
+        "colour": on["colour"], "background": on["background"],
+        "memorization": float(np.mean(mem)) if mem else 0.0,
+        "memorization_max": float(np.max(mem)) if mem else 0.0,
+        "leakage": off["zorb"],
+        "n_images": on["n"] + off["n"],
+        "approximate": False,
+        "examples": [r["image"] for r in on["records"][: min(6, len(on["records"]))]],
+    }
+
+
+def generic_image_evidence(pipe, training_images: list[np.ndarray], prompts: list[str], trigger: str,
+                           seeds: list[int], size: tuple[int, int], steps: int = 20) -> dict:
+    """Approximate measures for real models: similarity of generations to the training images.
+
+    fidelity ≈ how much closer generations *with* the trigger are to the training
+    set than generations without it; memorization = mean nearest-image similarity;
+    leakage ≈ similarity of trigger-free generations to the training set.
+    Generalisation is not measured (None): look at the sample grid.
+    """
+    from lora_nb.toy import judge, quality
+
+    bare = [re.sub(rf"\b{re.escape(trigger)}\b,?\s*", "", p).strip() or "a photo" for p in prompts] if trigger else prompts
+    on = [img for _, _, img in quality.generate(pipe, prompts, seeds, steps=steps, size=size)]
+    off = [img for _, _, img in quality.generate(pipe, bare, seeds, steps=steps, size=size)]
+    sim_on = [judge.memorization_score(i, training_images)["score"] for i in on]
+    sim_off = [judge.memorization_score(i, training_images)["score"] for i in off]
+    return {
+        "fidelity": float(np.clip((np.mean(sim_on) - np.mean(sim_off)) * 4 + 0.5, 0, 1)),
+        "generalisation": None,
+        "memorization": float(np.mean(sim_on)),
+        "memorization_max": float(np.max(sim_on)),
+        "leakage": float(np.clip(np.mean(sim_off), 0, 1)) if trigger else None,
+        "n_images": len(on) + len(off),
+        "approximate": True,
+        "examples": on[:6],
+    }
+
+
+# --------------------------------------------------------------------------- verdicts
+
+def verdict(images: dict, base: dict | None, val: dict | None, t: Thresholds = Thresholds()) -> tuple[str, list[str]]:
+    """underfit / good / overfit for one epoch, with the reasons (numbers included)."""
+    over, under = [], []
+    if images["fidelity"] < t.fidelity_min:
+        under.append(f"the subject appears in {images['fidelity']:.0%} of trigger-word images (< {t.fidelity_min:.0%})")
+    if images["memorization"] > t.memorization_max:
+        over.append(f"generations copy training images (similarity {images['memorization']:.2f} > {t.memorization_max})")
+    if images.get("generalisation") is not None and base and base.get("generalisation") is not None:
+        drop = base["generalisation"] - images["generalisation"]
+        if drop > t.generalisation_drop:
+            over.append(f"prompt adherence fell from {base['generalisation']:.0%} to {images['generalisation']:.0%}")
+    if images.get("leakage") is not None and images["leakage"] > t.leakage_max:
+        over.append(f"the subject leaks into {images['leakage']:.0%} of images without the trigger word")
+    if val and val.get("rise") is not None and val["rise"] > t.val_rise:
+        over.append(f"validation loss {val['rise']:.0%} above its best (epoch {val['best_epoch']})")
+    if over and (not under or len(over) >= len(under)):
+        return "overfit", over + under
+    if under:
+        return "underfit", under + over
+    return "good", [f"subject in {images['fidelity']:.0%} of trigger images, leakage "
+                    f"{(images.get('leakage') or 0):.0%}, memorization {images['memorization']:.2f}"]
+
+
+def recommend(epochs: list[dict]) -> dict | None:
+    """The epoch to use: the best-scoring 'good' one; otherwise the least underfit before any overfit."""
+    if not epochs:
+        return None
+    good = [e for e in epochs if e["verdict"] == "good"]
+    pool = good or [e for e in epochs if e["verdict"] == "underfit"] or epochs
+    score = lambda e: e["images"]["fidelity"] - (e["images"].get("leakage") or 0) - max(0, e["images"]["memorization"] - 0.8)
+    return max(pool, key=score)
+
+
+def overall_verdict(epochs: list[dict], chosen: dict | None) -> str:
+    """The run's verdict: 'good' when a good epoch exists; else what the final epoch shows."""
+    if chosen is not None and chosen["verdict"] == "good":
+        return "good"
+    return epochs[-1]["verdict"] if epochs else "unknown"
+
+
+# --------------------------------------------------------------------------- the whole run
+
+def load_training_images(cfg, limit: int = 64) -> list[np.ndarray]:
+    from lora_nb.config import parse_resolution
+    from lora_nb.dataset import load_training_image, scan_dataset
+
+    size = parse_resolution(cfg.dataset.resolution)
+    items = scan_dataset(cfg.dataset.dir, cfg.dataset.caption_extension, cfg.dataset.repeats,
+                         cfg.dataset.trigger_word).items[:limit]
+    return [((load_training_image(i.image, size)[0].transpose(1, 2, 0) + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+            for i in items]
+
+
+def is_toy(cfg) -> bool:
+    from lora_nb.models import toy_model_dir
+
+    src = str(cfg.model.source)
+    return src == "toy" or (Path(src) / "toy_build.json").exists() or \
+        (Path(src).exists() and Path(src).resolve() == toy_model_dir().resolve())
+
+
+def diagnose_run(workspace: str | Path, seeds: list[int] | None = None, steps: int = 20,
+                 thresholds: Thresholds = Thresholds(), write: bool = True, progress: bool = True,
+                 only_final: bool = False) -> dict:
+    """Measure every saved epoch of the run in ``workspace`` (or its final file only) and
+    return (and write) ``diagnosis.json``."""
+    from tqdm.auto import tqdm
+
+    from lora_nb.config import Config, parse_resolution
+    from lora_nb.fsutil import write_text_atomic
+    from lora_nb.lora_io import load_lora
+    from lora_nb.models import load_base_model
+
+    ws = Path(workspace)
+    cfg_path = ws / "train_config.yaml" if (ws / "train_config.yaml").exists() else ws / "config.yaml"
+    if not cfg_path.exists():
+        raise LoraNbError(f"{ws} holds no trained run (no train_config.yaml): run notebook 05 or `lora-nb train` first.")
+    cfg = Config.load(cfg_path)
+    files = lora_files(ws / "lora", cfg.save.output_name)
+    if not files:
+        raise LoraNbError(f"No LoRA files in {ws / 'lora'}: training has not saved anything yet.")
+    if only_final:
+        files = files[-1:]
+    seeds = list(seeds or [0, 1])
+    records = read_metrics(ws / "metrics.jsonl")
+    losses = loss_evidence(records)
+    final_epoch = max(losses["epochs"]) if losses["epochs"] else cfg.training.epochs
+    toy = is_toy(cfg)
+    training = load_training_images(cfg)
+    model = load_base_model(cfg.model.source, cfg.model.family)
+    model.pipe.set_progress_bar_config(disable=True)
+    size = parse_resolution(cfg.dataset.resolution)
+
+    def measure(pipe):
+        if toy:
+            return toy_image_evidence(pipe, training, seeds, steps)
+        prompts = [re.split(r"\s--", p)[0] for p in cfg.sample.prompts] or [cfg.dataset.trigger_word or "a photo"]
+        return generic_image_evidence(pipe, training, prompts, cfg.dataset.trigger_word, seeds, size, steps)
+
+    base = measure(model.pipe)
+    epochs = []
+    for path in tqdm(files, desc="Measuring saved epochs", disable=not progress):
+        epoch = epoch_of_file(path, final_epoch)
+        load_lora(model.pipe, path, adapter_name="diagnose")
+        images = measure(model.pipe)
+        val = None
+        vloss = losses["epochs"].get(epoch, {}).get("val_loss")
+        if vloss is not None and losses["best_val_loss"]:
+            val = {"val_loss": vloss, "best_epoch": losses["best_val_epoch"],
+                   "rise": (vloss - losses["best_val_loss"]) / losses["best_val_loss"]}
+        label, reasons = verdict(images, base, val, thresholds)
+        epochs.append({"epoch": epoch, "file": str(path), "verdict": label, "reasons": reasons,
+                       "images": {k: v for k, v in images.items() if k != "examples"}, "validation": val,
+                       "examples": images["examples"]})
+    chosen = recommend(epochs)
+    run_verdict = overall_verdict(epochs, chosen)
+    result = {
+        "workspace": str(ws), "toy_judge": toy, "approximate": not toy, "seeds": seeds,
+        "thresholds": asdict(thresholds), "loss": losses,
+        "base": {k: v for k, v in base.items() if k != "examples"},
+        "epochs": [{k: v for k, v in e.items() if k != "examples"} for e in epochs],
+        "verdict": run_verdict,
+        "recommended": {"epoch": chosen["epoch"], "file": chosen["file"]} if chosen else None,
+        "remedies": [{"remedy": r, "setting": s, "change": c} for r, s, c in REMEDIES.get(run_verdict, [])],
+    }
+    if write:
+        write_text_atomic(ws / "diagnosis.json", json.dumps(result, indent=2))
+    result["_examples"] = {e["epoch"]: e["examples"] for e in epochs}
+    return result
+
+
+def diagnose_workspace(workspace: str | Path, **kwargs) -> dict:
+    """``lora-nb diagnose``: :func:`diagnose_run` without the in-memory example images."""
+    result = diagnose_run(workspace, **kwargs)
+    result.pop("_examples", None)
+    return result
+
+
+def format_diagnosis(result: dict) -> str:
+    lines = [f"Diagnosis of {result['workspace']}" + (" (approximate measures: no judge for this model)"
+                                                      if result["approximate"] else " (toy judge)")]
+    b = result["base"]
+    lines.append(f"  base model:  fidelity {b['fidelity']:.0%}  leakage {_pct(b.get('leakage'))}  "
+                 f"adherence {_pct(b.get('generalisation'))}")
+    for e in result["epochs"]:
+        im = e["images"]
+        val = e["validation"]["val_loss"] if e.get("validation") else None
+        lines.append(f"  epoch {e['epoch']:>3}: {e['verdict']:<8} fidelity {im['fidelity']:.0%}  "
+                     f"adherence {_pct(im.get('generalisation'))}  memorization {im['memorization']:.2f}  "
+                     f"leakage {_pct(im.get('leakage'))}" + (f"  val loss {val:.4f}" if val is not None else ""))
+        for r in e["reasons"]:
+            lines.append(f"             - {r}")
+    lines.append(f"Verdict: {result['verdict']}")
+    if result["recommended"]:
+        lines.append(f"Use: epoch {result['recommended']['epoch']} → {result['recommended']['file']}")
+    for r in result["remedies"]:
+        lines.append(f"  remedy: {r['remedy']}  ({r['setting']}: {r['change']})")
+    return "\n".join(lines)
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{v:.0%}"
+
+
+def fine_tune_comparison(model, lora_file: str | Path, train_seconds: float | None) -> list[dict]:
+    """C29 with this run's numbers: LoRA vs a full (DreamBooth-style) fine-tune vs a textual-inversion embedding.
+
+    Sizes: the LoRA file as written; a full fine-tune saves the UNet and text
+    encoder(s) (fp16); an embedding is one token vector per text encoder (fp16).
+    """
+    unet = sum(p.numel() for p in model.pipe.unet.parameters())
+    te = sum(p.numel() for enc in model.text_encoders for p in enc.parameters())
+    hidden = sum(enc.config.hidden_size for enc in model.text_encoders)
+    lora_bytes = Path(lora_file).stat().st_size
+    return [
+        {"method": "LoRA (this run)", "file_bytes": lora_bytes, "trains": "low-rank updates of attention/MLP layers",
+         "train_seconds": train_seconds},
+        {"method": "DreamBooth checkpoint", "file_bytes": (unet + te) * 2, "trains": "every weight of UNet + text encoder",
+         "train_seconds": None},
+        {"method": "Textual inversion", "file_bytes": hidden * 2, "trains": "one new token embedding",
+         "train_seconds": None},
+    ]
+
+
+def validation_loss_of_file(model, lora_file: str | Path | None, image_paths: list[Path], captions: list[str],
+                            resolution: tuple[int, int], seed: int = 1234) -> float:
+    """The fixed-noise validation loss of ``model`` with ``lora_file`` loaded (None: the base model).
+
+    Same images, noise and timesteps every call: computing it twice gives the same number.
+    """
+    import torch
+
+    from lora_nb.dataset import Item
+    from lora_nb.lora_io import load_lora
+    from lora_nb.train import encode_prompts, fixed_noise_loss, latents_of, prepare_samples
+
+    from diffusers import DDPMScheduler
+
+    if lora_file is not None:
+        load_lora(model.pipe, lora_file, adapter_name="validation")
+    items = [Item(Path(p), c, 1, "validation") for p, c in zip(image_paths, captions)]
+    device = model.pipe.unet.device
+    samples = prepare_samples(items, resolution, model, False, True, seed, device)
+    latents = latents_of(model, samples, [0] * len(samples), device, None)
+    with torch.no_grad():
+        embeds, pooled = encode_prompts(model, captions, 1, device)
+    time_ids = torch.stack([s.time_ids[0] for s in samples]).to(device)
+    prediction = model.pipe.scheduler.config.get("prediction_type", "epsilon")
+    scheduler = DDPMScheduler.from_config(model.pipe.scheduler.config)
+    try:
+        return fixed_noise_loss(model, latents, embeds, pooled, time_ids, scheduler, prediction, seed=seed)
+    finally:
+        if lora_file is not None:
+            model.pipe.delete_adapters(["validation"])
