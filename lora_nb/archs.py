@@ -7,8 +7,6 @@ GPU (random weights: timing and memory do not depend on the weights' values).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, cross_attention_dim=768, attention_head_dim=8,
@@ -31,30 +29,15 @@ CLIP_G = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hi
               num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
 
 
-@dataclass
-class Architecture:
-    """A stand-in for a loaded model (``.pipe.unet``, ``.text_encoders``, ``.family``)."""
-
-    pipe: object
-    family: str
-    source: str
-
-    @property
-    def text_encoders(self) -> list:
-        encs = [self.pipe.text_encoder]
-        if self.family == "sdxl":
-            encs.append(self.pipe.text_encoder_2)
-        return encs
-
-
 class _Parts:
     def __init__(self, **parts):
         self.__dict__.update(parts)
 
 
 def build_architecture(family: str, device: str | torch.device = "meta", dtype: torch.dtype = torch.float32,
-                       with_vae: bool = False) -> Architecture:
-    """SD1.5 (``sd15``) or SDXL (``sdxl``) UNet and text encoder(s) with random weights on ``device``.
+                       with_vae: bool = False):
+    """SD1.5 (``sd15``) or SDXL (``sdxl``) UNet and text encoder(s) with random weights on ``device``,
+    as a :class:`lora_nb.models.BaseModel` (no tokenizers or scheduler: not a full pipeline).
 
     ``meta`` allocates nothing (for module shapes and file sizes).
     """
@@ -66,7 +49,9 @@ def build_architecture(family: str, device: str | torch.device = "meta", dtype: 
         parts = _build_parts(family, device, with_vae)
     finally:
         torch.set_default_dtype(previous)
-    return Architecture(_Parts(**parts), family, f"{family} architecture (random weights)")
+    from lora_nb.models import BaseModel
+
+    return BaseModel(_Parts(**parts), family, f"{family} architecture (random weights)")
 
 
 def _build_parts(family: str, device, with_vae: bool) -> dict:

@@ -104,8 +104,6 @@ def find_faces(img: Image.Image, cascades=FACE_CASCADES, min_face: float = 0.06,
     searched in the mirrored image (the cascade only knows one side). Returns
     the face boxes in original pixels and the name of the cascade that found them.
     """
-    import cv2
-
     # No histogram equalisation: on flat or noisy backgrounds it makes the cascades see faces everywhere.
     gray, scale = _to_gray(img, max_side)
     min_px = max(20, int(min_face * min(gray.shape)))

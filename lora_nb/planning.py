@@ -42,12 +42,21 @@ USUAL_VIEWS_PER_IMAGE = (40, 400)  # how often each image is seen in a typical r
 
 def build_config(preset_name: str, values: dict, dataset_dir: str, output_dir: str) -> Config:
     """The preset's config with every value that is not "the preset's" (-1 or "") applied."""
-    cfg = preset(preset_name)
+    data = preset(preset_name).to_dict()
     overrides = {"dataset.dir": dataset_dir, "save.output_dir": output_dir}
     for name, setting in PARAMETER_SETTINGS.items():
         if name in values and values[name] not in (-1, -1.0, "", None):
             overrides[setting] = values[name]
-    return cfg.with_overrides(overrides)
+    # Text for a text setting is set as is: Config.with_overrides reads text as YAML (right for
+    # `--set key=value`, wrong here: the widgets' mixed_precision "no" would become False).
+    rest = {}
+    for setting, value in overrides.items():
+        section, key = setting.split(".")
+        if isinstance(value, str) and isinstance(data[section][key], str):
+            data[section][key] = value
+        else:
+            rest[setting] = value
+    return Config.from_dict(data, where="settings").with_overrides(rest)
 
 
 def widget_values(cfg: Config) -> dict:

@@ -23,7 +23,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from lora_nb import LoraNbError, cli
-from lora_nb.config import Config, ConfigError
+from lora_nb.config import Config
 from lora_nb.dataset import scan_dataset
 from lora_nb.models import load_base_model
 

@@ -2,7 +2,6 @@
 
 import nbformat
 import pytest
-import torch
 from conftest import make_config
 from safetensors.torch import load_file
 

@@ -1,7 +1,5 @@
 """Diagnosis: the verdict rules, the loss evidence, a deterministic validation loss."""
 
-import json
-
 import pytest
 from conftest import make_config
 

@@ -20,13 +20,6 @@ from lora_nb.models import load_base_model
 RANK, ALPHA = 4, 2.0  # alpha != rank: a file that loses alpha gives different images
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two busy cores: one torch thread is ~15x faster than two fighting threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _load(folder):

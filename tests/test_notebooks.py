@@ -8,7 +8,6 @@ from pathlib import Path
 import nbformat
 import papermill
 import pytest
-from conftest import make_config
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
