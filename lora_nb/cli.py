@@ -88,9 +88,12 @@ def _parse_param(pair: list[str]) -> tuple[str, object]:
 
     name, value = pair
     try:
-        return name, yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
     except yaml.YAMLError:
         return name, value
+    if isinstance(parsed, bool) and value.lower() not in ("true", "false"):
+        return name, value  # "no" / "yes" / "on" stay text (e.g. -p mixed_precision no)
+    return name, parsed
 
 
 def build_parser() -> argparse.ArgumentParser:

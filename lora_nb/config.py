@@ -188,7 +188,8 @@ class Config:
             section, name = parts[0], ".".join(parts[1:])
             if section not in data or name not in data[section]:
                 raise ConfigError(f"Unknown setting {key!r}. Known: {', '.join(all_setting_names())}.")
-            if isinstance(value, str) and value != "":
+            text_setting = _field_type(section, name).replace(" ", "") in ("str", "str|None")
+            if isinstance(value, str) and value != "" and not text_setting:  # "no" stays text for text settings
                 try:
                     value = yaml.safe_load(value)
                 except (yaml.YAMLError, ValueError, OverflowError, RecursionError):
@@ -223,6 +224,11 @@ def all_setting_names() -> list[str]:
 
 _SECTIONS = {"model": ModelConfig, "dataset": DatasetConfig, "network": NetworkConfig, "optimizer": OptimizerConfig,
              "training": TrainingConfig, "sample": SampleConfig, "save": SaveConfig}
+
+
+def _field_type(section: str, name: str) -> str:
+    f = next(f for f in dataclasses.fields(_SECTIONS[section]) if f.name == name)
+    return f.type if isinstance(f.type, str) else str(f.type)
 
 
 def _section_of(name: str) -> str:
@@ -265,7 +271,9 @@ def _check_type(value, annotation: str, where: str):
             raise ConfigError(f"{where} must be a finite number, not {value!r}.")
         return value
     if base == "str":
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, bool):  # YAML 1.1 reads an unquoted no / yes as a boolean
+            return "no" if value is False else "yes"
+        if isinstance(value, (int, float)):
             return str(value)
         if not isinstance(value, str):
             raise ConfigError(f"{where} must be text, not {value!r}.")

@@ -127,3 +127,8 @@ def test_every_setting_has_a_one_line_help_text():
     missing = [n for n in all_setting_names() if not helps.get(n)]
     assert not missing
     assert "alpha / rank" in helps["network.alpha"]
+
+
+def test_text_settings_keep_yaml_lookalike_words_as_text():
+    cfg = preset("toy").with_overrides(["training.mixed_precision=no", "dataset.trigger_word=yes", "network.rank=16"])
+    assert (cfg.training.mixed_precision, cfg.dataset.trigger_word, cfg.network.rank) == ("no", "yes", 16)
