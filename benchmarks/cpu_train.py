@@ -1,0 +1,295 @@
+"""CPU training benchmark: steps/s and peak memory of `lora-nb train`.
+
+Jobs:
+  reference  the tiny SD1.5 pipeline (UNet (32, 64), VAE (32, 64) → 32×32 latents), 20 images at 64×64,
+             batch 2, rank 4, UNet-only attention LoRA, 100 steps, fp32 — the job the diffusers example
+             `train_text_to_image_lora.py` is compared on (pass its path with --diffusers-script to run it
+             side by side: it needs `datasets` and `torchvision` installed in the environment you point to
+             with --diffusers-python).
+  toy        the `toy` preset on the bundled concept set (what notebook 05 trains).
+  --table    how the step time grows with image count, resolution and rank (tiny SD1.5, in process).
+
+Every job runs as its own process; peak memory is that process's maximum resident set size.
+Side by side with the diffusers example (its script and an environment where it runs are not part of this
+repository: a separate venv with diffusers 0.42.1, torchvision, datasets, and tensorboard for the example's
+default logging, whose per-step wall times give its training-phase steps/s):
+  python benchmarks/cpu_train.py --jobs reference --repeat 3 --threads 1 \
+      --diffusers-script /path/to/train_text_to_image_lora.py --diffusers-python /path/to/venv/bin/python
+Runs alternate (ours, theirs, then theirs, ours, ...) so drift in the machine's load hits both alike; the table
+shows medians and the ratio line the per-pair ratios (ours/theirs end-to-end throughput and peak memory).
+
+Usage: python benchmarks/cpu_train.py [--jobs reference toy] [--table] [--threads N] [--repeat N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_dataset(folder: Path, n: int = 20, size: int = 64) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    sub = folder / "1_sks"
+    sub.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        a = np.full((size, size, 3), rng.integers(0, 255, 3), np.uint8)
+        x, y = rng.integers(0, size // 2, 2)
+        a[y:y + size // 3, x:x + size // 3] = rng.integers(0, 255, 3)
+        Image.fromarray(a).save(sub / f"{i:03d}.png")
+        (sub / f"{i:03d}.txt").write_text("sks, a square", encoding="utf-8")
+    return folder
+
+
+def run_process(cmd: list[str], env: dict, log: Path | None = None) -> tuple[float, float, str]:
+    """Wall seconds and peak RSS (MB) of one child process (its own peak, read with wait4)."""
+    log = log or Path(tempfile.mkstemp(prefix="bench-", suffix=".log")[1])
+    t = time.perf_counter()
+    with open(log, "w", encoding="utf-8") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+        # RUSAGE_CHILDREN is the maximum over every child so far: the second job would inherit the first's peak
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    text = log.read_text(encoding="utf-8", errors="replace")
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{text[-3000:]}")
+    return wall, usage.ru_maxrss / 1024, text
+
+
+def training_steps_per_second(metrics: Path) -> float:
+    times = [json.loads(l)["time"] for l in metrics.read_text().splitlines() if '"loss"' in l]
+    return (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else float("nan")
+
+
+def tensorboard_steps_per_second(folder: Path) -> float:
+    """Training steps/s of the diffusers example from its TensorBoard events (one event per step, wall time).
+
+    Reads the TFRecord framing and the first two protobuf fields of each Event (wall_time: double, step:
+    varint) directly, so this environment needs no tensorboard.
+    """
+    import struct
+
+    times: dict[int, float] = {}
+    for path in sorted(folder.rglob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        i = 0
+        while i + 12 <= len(data):
+            (n,) = struct.unpack_from("<Q", data, i)
+            rec = data[i + 12:i + 12 + n]
+            i += 12 + n + 4
+            if len(rec) < 10 or rec[0] != 0x09 or rec[9] != 0x10:
+                continue  # not an event with a step (the file-version header)
+            (wall,) = struct.unpack_from("<d", rec, 1)
+            step, shift, j = 0, 0, 10
+            while True:
+                b = rec[j]
+                step |= (b & 0x7F) << shift
+                shift, j = shift + 7, j + 1
+                if not b & 0x80:
+                    break
+            times.setdefault(step, wall)
+    if len(times) < 2:
+        return float("nan")
+    steps = sorted(times)
+    return (len(steps) - 1) / (times[steps[-1]] - times[steps[0]])
+
+
+def reference_config(model: Path, data: Path, out: Path, steps: int):
+    from lora_nb.config import preset
+
+    return preset("toy").with_overrides({
+        "model.source": str(model), "dataset.dir": str(data), "dataset.repeats": 1, "dataset.trigger_word": "",
+        "training.batch_size": 2, "training.max_steps": steps, "training.epochs": 1000,
+        "training.min_snr_gamma": 0.0, "network.rank": 4, "network.alpha": 4, "network.unet_targets": "attention",
+        "optimizer.optimizer": "AdamW", "optimizer.learning_rate": 1e-4, "optimizer.text_encoder_lr": 0.0,
+        "optimizer.lr_scheduler": "constant", "optimizer.lr_warmup_steps": 0, "sample.every_n_epochs": 0,
+        "save.every_n_epochs": 0, "save.output_dir": str(out), "save.save_state": False})
+
+
+def job_reference(tmp: Path, env: dict, steps: int, args) -> list[dict]:
+    """Ours (and, with --diffusers-script, the diffusers example) on the reference job, --repeat times each."""
+    from lora_nb.models import build_tiny_sd15
+
+    model = build_tiny_sd15(tmp / "tiny-sd15")
+    data = make_dataset(tmp / "data")
+    hf_data = diffusers_dataset(tmp, data) if args.diffusers_script else None
+    rows = []
+    for i in range(args.repeat):
+        runs = [lambda i=i: run_ours_reference(tmp, model, data, env, steps, args, i)]
+        if args.diffusers_script:
+            runs.append(lambda i=i: job_diffusers_example(tmp, model, hf_data, env, steps, args, i))
+        for run in (runs if i % 2 == 0 else runs[::-1]):  # alternate which goes first
+            row = run()
+            rows.append(row)
+            print(f"  run {row['run']}: {row['job']:<34} {row['wall_s']:7.1f} s  {row['peak_rss_mb']:6.0f} MB",
+                  flush=True)
+    return rows
+
+
+def run_ours_reference(tmp: Path, model: Path, data: Path, env: dict, steps: int, args, i: int) -> dict:
+    out = tmp / f"ref-run-{i}"
+    cfg = reference_config(model, data, out, steps)
+    cfg.write_yaml(tmp / f"ref-{i}.yaml")
+    wall, rss, _ = run_process([args.ours_python or sys.executable, "-m", "lora_nb.cli", "train",
+                                str(tmp / f"ref-{i}.yaml")], env, tmp / f"ref-{i}.log")
+    return {"job": "lora-nb train", "run": i, "wall_s": wall, "peak_rss_mb": rss,
+            "train_steps_per_s": training_steps_per_second(out / "metrics.jsonl"),
+            "end_to_end_steps_per_s": steps / wall}
+
+
+def diffusers_dataset(tmp: Path, data: Path) -> Path:
+    """The same images and captions as an imagefolder with metadata.jsonl (the example's data layout)."""
+    import shutil
+
+    folder = tmp / "hf-data"
+    folder.mkdir(exist_ok=True)
+    with open(folder / "metadata.jsonl", "w", encoding="utf-8") as f:
+        for img in sorted((data / "1_sks").glob("*.png")):
+            shutil.copy2(img, folder / img.name)
+            caption = img.with_suffix(".txt").read_text(encoding="utf-8").strip()
+            f.write(json.dumps({"file_name": img.name, "text": caption}) + "\n")
+    return folder
+
+
+def job_diffusers_example(tmp: Path, model: Path, folder: Path, env: dict, steps: int, args, i: int) -> dict:
+    """The diffusers example on the same job: its defaults otherwise (TensorBoard logging, no validation)."""
+    out = tmp / f"hf-run-{i}"
+    # a fresh datasets cache per run: every run pays for building its Arrow cache, as a first run does
+    cmd = [args.diffusers_python or sys.executable, args.diffusers_script,
+           f"--pretrained_model_name_or_path={model}", f"--train_data_dir={folder}", f"--cache_dir={tmp / f'hf-cache-{i}'}",
+           "--resolution=64", "--train_batch_size=2", f"--max_train_steps={steps}", "--rank=4", "--learning_rate=1e-4",
+           "--lr_scheduler=constant", "--lr_warmup_steps=0", "--seed=42", f"--output_dir={out}",
+           "--dataloader_num_workers=0", "--checkpointing_steps=1000000", "--mixed_precision=no"]
+    wall, rss, text = run_process(cmd, dict(env, HF_DATASETS_OFFLINE="1"), tmp / f"hf-{i}.log")
+    if not (out / "pytorch_lora_weights.safetensors").is_file():
+        raise SystemExit(f"the diffusers example wrote no LoRA file:\n{text[-3000:]}")
+    return {"job": "diffusers train_text_to_image_lora.py", "run": i, "wall_s": wall, "peak_rss_mb": rss,
+            "train_steps_per_s": tensorboard_steps_per_second(out / "logs"), "end_to_end_steps_per_s": steps / wall}
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """One row per job: medians over its runs."""
+    out = []
+    for job in dict.fromkeys(r["job"] for r in rows):
+        mine = [r for r in rows if r["job"] == job]
+        med = {k: statistics.median(r[k] for r in mine)
+               for k in ("wall_s", "train_steps_per_s", "end_to_end_steps_per_s", "peak_rss_mb")}
+        out.append(dict(med, job=job + (f" (median of {len(mine)})" if len(mine) > 1 else ""), runs=len(mine)))
+    return out
+
+
+def pair_ratios(rows: list[dict]) -> str | None:
+    """Ours/theirs per repeat: end-to-end throughput (their wall / our wall) and peak memory (our RSS / theirs)."""
+    ours = {r["run"]: r for r in rows if r["job"] == "lora-nb train"}
+    theirs = {r["run"]: r for r in rows if r["job"].startswith("diffusers")}
+    pairs = sorted(set(ours) & set(theirs))
+    if not pairs:
+        return None
+    speed = [theirs[i]["wall_s"] / ours[i]["wall_s"] for i in pairs]
+    train = [ours[i]["train_steps_per_s"] / theirs[i]["train_steps_per_s"] for i in pairs]
+    mem = [ours[i]["peak_rss_mb"] / theirs[i]["peak_rss_mb"] for i in pairs]
+    fmt = lambda xs: ", ".join(f"{x:.2f}" for x in xs)
+    return (f"ours/theirs per pair — end-to-end throughput: {fmt(speed)} (median {statistics.median(speed):.2f}×); "
+            f"training-phase steps/s: {fmt(train)} (median {statistics.median(train):.2f}×); "
+            f"peak RSS: {fmt(mem)} (median {statistics.median(mem):.2f}×)\n"
+            f"goal (issue 7): throughput ≥ 2.00× and peak RSS ≤ 1.00× — "
+            f"{'met' if statistics.median(speed) >= 2 and statistics.median(mem) <= 1 else 'NOT met'} on the medians")
+
+
+def job_toy(tmp: Path, env: dict, args) -> list[dict]:
+    from lora_nb.config import preset
+    from lora_nb.models import toy_model_dir
+
+    if not (toy_model_dir() / "model_index.json").exists():
+        return [{"job": "toy preset (no toy model shipped)", "wall_s": float("nan"), "peak_rss_mb": float("nan"),
+                 "train_steps_per_s": float("nan"), "end_to_end_steps_per_s": float("nan")}]
+    cfg = preset("toy").with_overrides({"save.output_dir": str(tmp / "toy-run"), "sample.every_n_epochs": 0,
+                                        "dataset.dir": str(ROOT / "data" / "toy-concept")})
+    cfg.write_yaml(tmp / "toy.yaml")
+    wall, rss, _ = run_process([sys.executable, "-m", "lora_nb.cli", "train", str(tmp / "toy.yaml")], env,
+                              tmp / "toy.log")
+    steps = sum(1 for l in (tmp / "toy-run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l)
+    return [{"job": f"toy preset ({steps} steps)", "wall_s": wall, "peak_rss_mb": rss,
+             "train_steps_per_s": training_steps_per_second(tmp / "toy-run" / "metrics.jsonl"),
+             "end_to_end_steps_per_s": steps / wall}]
+
+
+def scaling_table(tmp: Path, steps: int = 8) -> list[dict]:
+    """Median step time on the tiny SD1.5 while one factor changes (in process)."""
+    from lora_nb.models import build_tiny_sd15, load_base_model
+    from lora_nb.train import train
+
+    model_dir = build_tiny_sd15(tmp / "tiny-table")
+    rows = []
+    for label, n, size, rank in [("baseline", 20, 64, 4), ("images ×4", 80, 64, 4), ("resolution 128", 20, 128, 4),
+                                 ("rank 16", 20, 64, 16), ("rank 64", 20, 64, 64)]:
+        data = make_dataset(tmp / f"data-{n}-{size}", n, size)
+        cfg = reference_config(model_dir, data, tmp / f"run-{label}", steps).with_overrides(
+            {"network.rank": rank, "network.alpha": rank, "dataset.resolution": f"{size}x{size}"})
+        stamps = []
+        t = time.perf_counter()
+        train(cfg, model=load_base_model(model_dir), on_event=lambda e: stamps.append(time.perf_counter())
+              if e.kind == "step" else None, progress=False, resume=False)
+        gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+        rows.append({"case": label, "images": n, "resolution": size, "rank": rank,
+                     "step_ms": 1000 * statistics.median(gaps), "total_s": time.perf_counter() - t})
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--jobs", nargs="*", default=["reference", "toy"], choices=["reference", "toy"])
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--table", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch threads in each job (default: torch's)")
+    p.add_argument("--diffusers-script", help="path to diffusers' examples/text_to_image/train_text_to_image_lora.py")
+    p.add_argument("--diffusers-python", help="python of an environment where that script runs")
+    p.add_argument("--ours-python", help="python that runs `lora_nb.cli train` (default: this one); e.g. the "
+                   "example's environment with this checkout on PYTHONPATH, to rule out a torch-build difference")
+    p.add_argument("--repeat", type=int, default=1, help="runs of each reference job (medians are shown)")
+    args = p.parse_args()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
+    if args.ours_python:
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [x for x in [env.get("PYTHONPATH")] if x])
+    if args.threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
+    import torch
+
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, threads per job: {args.threads or torch.get_num_threads()}"
+          f", {args.repeat} run(s) of each reference job", flush=True)
+    with tempfile.TemporaryDirectory(prefix="lora-nb-bench-") as tmp:
+        tmp = Path(tmp)
+        rows = []
+        if "reference" in args.jobs:
+            rows += job_reference(tmp, env, args.steps, args)
+        if "toy" in args.jobs:
+            rows += job_toy(tmp, env, args)
+        print(f"\n{'job':<52} {'wall s':>8} {'train steps/s':>14} {'end-to-end steps/s':>19} {'peak RSS MB':>12}")
+        for r in summarize(rows):
+            print(f"{r['job']:<52} {r['wall_s']:>8.1f} {r['train_steps_per_s']:>14.2f} "
+                  f"{r['end_to_end_steps_per_s']:>19.2f} {r['peak_rss_mb']:>12.0f}")
+        ratio = pair_ratios(rows)
+        if ratio:
+            print(ratio)
+        if args.table:
+            torch.set_num_threads(args.threads or torch.get_num_threads())
+            print(f"\n{'case':<16} {'images':>7} {'px':>5} {'rank':>5} {'ms/step':>8}")
+            for r in scaling_table(tmp):
+                print(f"{r['case']:<16} {r['images']:>7} {r['resolution']:>5} {r['rank']:>5} {r['step_ms']:>8.0f}")
+
+
+if __name__ == "__main__":
+    main()
