@@ -24,9 +24,9 @@ class Experiment:
 
 def small_dataset(src: str | Path, dest: str | Path, n: int, repeats: int) -> Path:
     """Copy the first ``n`` images (with captions) of a kohya dataset into ``dest/<repeats>_<concept>/``."""
-    from lora_nb.dataset import list_images
+    from lora_nb.dataset import list_images, resolve_data_path
 
-    src = Path(src)
+    src = resolve_data_path(src)
     folders = [p for p in sorted(src.iterdir()) if p.is_dir() and "_" in p.name] or [src]
     concept = folders[0].name.split("_", 1)[-1]
     out = Path(dest) / f"{repeats}_{concept}"
@@ -61,7 +61,7 @@ def fit_experiments(base: Config, scratch: str | Path, quick: bool = False) -> l
                                         "save.every_n_epochs": 0, "training.max_steps": steps // 4})),
         Experiment("overfit", "3 images, 4× the steps, 3× the learning rate",
                    base.with_overrides({**common, "save.output_dir": str(scratch / "overfit"),
-                                        "dataset.dir": str(few), "dataset.repeats": 1,
+                                        "dataset.dir": str(few), "dataset.repeats": 1, "dataset.reg_dir": "",
                                         "training.batch_size": 3,
                                         "training.max_steps": (steps or base_steps(base)) * 4,
                                         "training.epochs": 10_000,
@@ -110,9 +110,11 @@ def folk_experiments(base: Config, scratch: str | Path, reg_dir: str | None) -> 
         ],
     }
     if reg_dir:
+        weight = base.dataset.prior_loss_weight if base.dataset.reg_dir else 1.0
         claims["regularization"] = [
-            exp("no-reg", "no regularization images"),
-            exp("with-reg", "with regularization images (prior loss weight 1)", **{"dataset.reg_dir": str(reg_dir)}),
+            exp("no-reg", "no regularization images", **{"dataset.reg_dir": ""}),
+            exp("with-reg", f"with regularization images (prior loss weight {weight:g})",
+                **{"dataset.reg_dir": str(reg_dir), "dataset.prior_loss_weight": weight}),
         ]
     return claims
 

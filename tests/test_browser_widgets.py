@@ -57,7 +57,8 @@ def _expected_total_line(preset_name: str, repeats: int | None = None) -> str:
     cfg = preset(preset_name)
     reps = repeats if repeats is not None else cfg.dataset.repeats
     folders = [(n, reps if reps is not None else r) for n, r in scan_dataset(DATASET).folders]
-    plan = plan_steps(folders, cfg.training.batch_size, cfg.training.epochs, cfg.save.every_n_epochs)
+    plan = plan_steps(folders, cfg.training.batch_size, cfg.training.epochs, cfg.save.every_n_epochs,
+                      with_regularization=bool(cfg.dataset.reg_dir))
     return f"total steps: {plan.steps_per_epoch} × {plan.epochs} epochs = {plan.total_steps}"
 
 

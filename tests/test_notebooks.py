@@ -128,3 +128,30 @@ def test_file_size_estimate_matches_full_size_sd15_files_written_for_ranks_32_64
         path = save_lora(tmp_path / f"r{rank}.safetensors", arch, precision="fp16", metadata={"ss_epoch": "10"})
         assert abs(path.stat().st_size - est) / est < 0.01, (rank, path.stat().st_size, est)
         path.unlink()
+
+
+@pytest.mark.slow
+def test_notebook_06_diagnoses_the_run_and_prints_the_measured_experiments(tmp_path):
+    from lora_nb.config import preset
+    from lora_nb.models import toy_model_dir
+    from lora_nb.train import train
+
+    if not (toy_model_dir() / "model_index.json").exists():
+        pytest.fail("the toy model is missing from data/toy-model")
+    ws = tmp_path / "ws"
+    train(preset("toy").with_overrides({"save.output_dir": str(ws), "training.max_steps": 120,
+                                        "save.every_n_epochs": 2, "sample.every_n_epochs": 0}), progress=False)
+    nb = run_notebook("06_diagnosis.ipynb", tmp_path, workspace=str(ws), quick=True, seeds=1, sample_steps=12)
+    text = printed(nb)
+    diagnosis = json.loads((ws / "diagnosis.json").read_text())
+    assert f"Verdict for this run: {diagnosis['verdict'].upper()}" in text
+    assert set(diagnosis["experiments"]) == {"this run", "underfit", "overfit"}
+    assert diagnosis["experiments"]["underfit"]["verdict"] == "underfit"
+    assert diagnosis["experiments"]["overfit"]["verdict"] == "overfit"
+    chosen = next(e for e in diagnosis["epochs"] if e["epoch"] == diagnosis["recommended"]["epoch"])
+    assert chosen["verdict"] != "overfit"  # the default run is not overfit at the epoch it recommends
+    for claim in ("alpha", "regularization"):
+        assert f"[{claim}]" in text and diagnosis["folk_claims"][claim] in text  # printed as measured
+    for fig in ("06_loss", "06_measures", "06_strength_grid"):
+        assert (ws / "figures" / f"{fig}.png").exists(), fig
+    assert "DreamBooth checkpoint" in text
