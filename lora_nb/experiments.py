@@ -105,8 +105,8 @@ def folk_experiments(base: Config, scratch: str | Path, reg_dir: str | None) -> 
             exp("repeats-low", "half the repeats, twice the epochs (same steps)",
                 **{"dataset.repeats": max(1, (base.dataset.repeats or 10) // 2),
                    "training.epochs": base.training.epochs * 2, "training.max_steps": total}),
-            exp("steps-half", "half the epochs (half the steps)",
-                **{"training.epochs": max(1, base.training.epochs // 2)}),
+            exp("steps-half", "half the steps",
+                **{"training.epochs": max(1, base.training.epochs // 2), "training.max_steps": max(1, total // 2)}),
         ],
     }
     if reg_dir:

@@ -60,6 +60,7 @@ def make_config(model_dir, dataset_dir, workspace, **overrides):
     cfg.dataset.dir = str(dataset_dir)
     cfg.dataset.trigger_word = "sks"
     cfg.dataset.repeats = 1
+    cfg.dataset.reg_dir = ""  # the toy preset's regularization circles are for the toy model
     cfg.training.batch_size = 2
     cfg.training.epochs = 2
     cfg.optimizer.optimizer = "AdamW"
