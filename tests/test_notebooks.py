@@ -155,3 +155,17 @@ def test_notebook_06_diagnoses_the_run_and_prints_the_measured_experiments(tmp_p
     for fig in ("06_loss", "06_measures", "06_strength_grid"):
         assert (ws / "figures" / f"{fig}.png").exists(), fig
     assert "DreamBooth checkpoint" in text
+
+
+def test_file_size_estimate_matches_the_file_written_for_the_toy_model(tmp_path):
+    """Notebook 04's estimate for the shipped toy model equals the size of the LoRA file really written."""
+    from lora_nb.estimate import estimate_lora_file_size
+    from lora_nb.lora_io import add_lora, save_lora
+    from lora_nb.models import load_base_model
+
+    model = load_base_model("toy")
+    meta = {"ss_epoch": "24", "ss_tag_frequency": '{"10_zorb": {"zorb": 20}}'}
+    est = estimate_lora_file_size(model, 8, 8.0, "kohya", True, "fp32", meta)
+    add_lora(model, 8, 8.0, "kohya", train_text_encoder=True)
+    path = save_lora(tmp_path / "toy.safetensors", model, precision="fp32", metadata=meta)
+    assert abs(path.stat().st_size - est) / est < 0.01, (path.stat().st_size, est)
