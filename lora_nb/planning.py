@@ -87,7 +87,8 @@ class SettingsReport:
     def lines(self) -> list[str]:
         p, c = self.plan, self.cfg
         out = [
-            f"dataset: {self.images} images × repeats → {p.samples_per_epoch} samples per epoch",
+            f"dataset: {self.images} images × repeats → {p.samples_per_epoch} samples per epoch"
+            + (" (each paired with a regularization image)" if c.dataset.reg_dir else ""),
             f"steps per epoch: ceil({p.samples_per_epoch} / batch {c.training.batch_size}) = {p.steps_per_epoch}",
             f"total steps: {p.steps_per_epoch} × {p.epochs} epochs = {p.total_steps}",
             f"LoRA files saved: {p.saves} (every {c.save.every_n_epochs or '—'} epochs + the final file)",
@@ -139,7 +140,8 @@ def report_settings(cfg: Config, scan, model=None, cuda_available: bool | None =
                       max(cfg.save.every_n_epochs, 0), bool(cfg.dataset.reg_dir), cfg.training.max_steps)
     if images and cfg.training.batch_size > images:
         errors.append(f"training.batch_size: {cfg.training.batch_size} is larger than the dataset ({images} images).")
-    views = plan.total_steps * cfg.training.batch_size / images if images else 0
+    pairing = 2 if cfg.dataset.reg_dir else 1  # with regularization, half of each batch is class images
+    views = plan.total_steps * cfg.training.batch_size / pairing / images if images else 0
     low, high = USUAL_VIEWS_PER_IMAGE
     if images and views < low:
         warnings.append(f"each image is seen only {views:.0f} times ({plan.total_steps} steps): most runs use "
