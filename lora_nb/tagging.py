@@ -372,3 +372,31 @@ def hub_unreachable_reason(source: str | Path, timeout: float = 3.0, host: str =
     except OSError as exc:
         return (f"{source}: the Hugging Face hub ({host}) cannot be reached from this machine ({exc.strerror or exc}). "
                 "Run this on Colab/Kaggle or a machine with internet access, or pass a local folder with the model.")
+
+
+def toy_sentence(caption: str, trigger: str = "") -> str:
+    """Rewrite toy-world tags as the sentence style the toy model was mostly trained on (like a BLIP caption).
+
+    "zorb, black background, red circle" → "a red zorb circle on a black background". Tags it does not
+    recognise are kept, comma-separated, after the sentence; a caption with no object or background tag is
+    returned unchanged.
+    """
+    from lora_nb.captions import split_tags
+    from lora_nb.toy.world import BACKGROUND_STYLES, BACKGROUNDS, COLOURS, SHAPES
+
+    tags = split_tags(caption)
+    objects, background, rest = [], None, []
+    for tag in tags:
+        words = tag.split()
+        if len(words) == 2 and words[0] in COLOURS and words[1] in SHAPES:
+            objects.append(words)
+        elif words and words[0] in BACKGROUNDS and words[-1] == "background" and (
+                len(words) == 2 or (len(words) == 3 and words[1] in BACKGROUND_STYLES)):
+            background = tag
+        elif tag != trigger:
+            rest.append(tag)
+    if not objects or background is None:
+        return caption
+    phrases = [f"a {c} {trigger + ' ' if trigger and i == 0 else ''}{s}" for i, (c, s) in enumerate(objects)]
+    sentence = f"{' and '.join(phrases)} on a {background}"
+    return ", ".join([sentence] + rest)

@@ -48,7 +48,9 @@ def course(tmp_path_factory):
     outs = {
         "01": run_notebook("01_dataset", root, workspace=str(ws)),
         "02": run_notebook("02_cropping", root, workspace=str(ws), quick=True),
-        "03": run_notebook("03_tagging", root, workspace=str(ws), measure_n=30, try_real_taggers=False),
+        # tag-style captions: the trigger-first and keep-tokens lessons are about tags (the default writes sentences)
+        "03": run_notebook("03_tagging", root, workspace=str(ws), measure_n=30, try_real_taggers=False,
+                           caption_style="tags"),
     }
     return {"ws": ws, "outs": outs, "bundled_before": before, "bundled_after": _digests(bundled)}
 
@@ -121,7 +123,9 @@ def test_03_alone_falls_back_to_the_bundled_set(tmp_path):
     assert "using the bundled" in _outputs_text(out)
     captions = [p.read_text(encoding="utf-8") for p in sorted((ws / "dataset" / "3_sks").glob("*.txt"))]
     assert len(captions) == 20
-    assert all(c.startswith("sks, ") and c.endswith("toy picture") for c in captions), captions[:3]
+    # default caption_style "sentence": the edited tags as a toy sentence, the trigger as the subject's name
+    assert all(c.startswith("a ") and " sks circle on a " in c and c.endswith("toy picture") for c in captions), \
+        captions[:3]
 
 
 def test_captions_written_by_03_are_the_ones_the_trainer_reads(course, tiny_sd15_dir, tmp_path):
@@ -150,3 +154,12 @@ def test_captions_written_by_03_are_the_ones_the_trainer_reads(course, tiny_sd15
     assert seen, "no caption reached the text encoder"
     assert set(seen) <= written, set(seen) - written
     assert all(c.split(", ")[0] == "zorb" for c in seen), seen
+
+
+def test_toy_tags_become_the_sentences_the_toy_model_learned():
+    from lora_nb.tagging import toy_sentence
+
+    assert toy_sentence("zorb, black background, red circle", "zorb") == "a red zorb circle on a black background"
+    assert toy_sentence("zorb, red circle, gray gradient background, blue square", "zorb") == \
+        "a red zorb circle and a blue square on a gray gradient background"
+    assert toy_sentence("sks, 1girl, smile", "sks") == "sks, 1girl, smile"  # not a toy caption: unchanged
