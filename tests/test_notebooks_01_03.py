@@ -124,8 +124,10 @@ def test_03_alone_falls_back_to_the_bundled_set(tmp_path):
     captions = [p.read_text(encoding="utf-8") for p in sorted((ws / "dataset" / "3_sks").glob("*.txt"))]
     assert len(captions) == 20
     # default caption_style "sentence": the edited tags as a toy sentence, the trigger as the subject's name
-    assert all(c.startswith("a ") and " sks circle on a " in c and c.endswith("toy picture") for c in captions), \
-        captions[:3]
+    # (a caption the noisy tagger left without an object or background tag stays in tag form, trigger first)
+    bad = [c for c in captions if not ((c.startswith("a ") and " sks " in c) or c.startswith("sks, "))
+           or not c.endswith("toy picture")]
+    assert not bad, bad
 
 
 def test_captions_written_by_03_are_the_ones_the_trainer_reads(course, tiny_sd15_dir, tmp_path):
