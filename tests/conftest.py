@@ -69,3 +69,19 @@ def make_config(model_dir, dataset_dir, workspace, **overrides):
     cfg.save.output_dir = str(workspace)
     cfg.save.every_n_epochs = 1
     return cfg.with_overrides(overrides) if overrides else cfg
+
+
+@pytest.fixture
+def captions_seen(monkeypatch):
+    """The caption strings that reach the text encoder during training (a spy on ``encode_prompts``)."""
+    from lora_nb import train as train_module
+
+    seen: list[str] = []
+    original = train_module.encode_prompts
+
+    def spy(model, captions, *args, **kwargs):
+        seen.extend(captions)
+        return original(model, captions, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "encode_prompts", spy)
+    return seen

@@ -130,29 +130,18 @@ def test_03_alone_falls_back_to_the_bundled_set(tmp_path):
     assert not bad, bad
 
 
-def test_captions_written_by_03_are_the_ones_the_trainer_reads(course, tiny_sd15_dir, tmp_path):
+def test_captions_written_by_03_are_the_ones_the_trainer_reads(course, tiny_sd15_dir, tmp_path, captions_seen):
     from conftest import make_config
 
-    from lora_nb import train as train_module
     from lora_nb.train import train
 
     ws = course["ws"]
     written = {p.read_text(encoding="utf-8") for p in (ws / "dataset" / "10_zorb").glob("*.txt")}
-    seen: list[str] = []
-    original = train_module.encode_prompts
-
-    def spy(model, captions, *args, **kwargs):
-        seen.extend(captions)
-        return original(model, captions, *args, **kwargs)
-
-    train_module.encode_prompts = spy
-    try:
-        # no trigger word in the settings: whatever comes first must come from 03's caption files
-        cfg = make_config(tiny_sd15_dir, ws / "dataset", tmp_path / "train", **{
-            "dataset.trigger_word": "", "training.epochs": 1, "training.max_steps": 2, "dataset.shuffle_caption": False})
-        train(cfg, progress=False)
-    finally:
-        train_module.encode_prompts = original
+    # no trigger word in the settings: whatever comes first must come from 03's caption files
+    cfg = make_config(tiny_sd15_dir, ws / "dataset", tmp_path / "train", **{
+        "dataset.trigger_word": "", "training.epochs": 1, "training.max_steps": 2, "dataset.shuffle_caption": False})
+    train(cfg, progress=False)
+    seen = captions_seen
     assert seen, "no caption reached the text encoder"
     assert set(seen) <= written, set(seen) - written
     assert all(c.split(", ")[0] == "zorb" for c in seen), seen

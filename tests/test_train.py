@@ -88,23 +88,12 @@ def test_metrics_and_events_report_every_step_and_epoch(tiny_sd15_dir, tiny_data
     assert len(epoch_lines) == 2 and all(l["val_loss"] > 0 for l in epoch_lines)
 
 
-def test_captions_that_reach_the_text_encoder_start_with_the_trigger_word(tiny_sd15_dir, tiny_dataset, tmp_path):
-    from lora_nb import train as train_module
-
-    seen = []
-    original = train_module.encode_prompts
-
-    def spy(model, captions, *args, **kwargs):
-        seen.extend(captions)
-        return original(model, captions, *args, **kwargs)
-
-    train_module.encode_prompts = spy
-    try:
-        cfg = make_config(tiny_sd15_dir, tiny_dataset, tmp_path / "ws", **{
-            "training.epochs": 1, "training.max_steps": 2, "dataset.shuffle_caption": True, "dataset.keep_tokens": 1})
-        train(cfg, progress=False)
-    finally:
-        train_module.encode_prompts = original
+def test_captions_that_reach_the_text_encoder_start_with_the_trigger_word(tiny_sd15_dir, tiny_dataset, tmp_path,
+                                                                         captions_seen):
+    cfg = make_config(tiny_sd15_dir, tiny_dataset, tmp_path / "ws", **{
+        "training.epochs": 1, "training.max_steps": 2, "dataset.shuffle_caption": True, "dataset.keep_tokens": 1})
+    train(cfg, progress=False)
+    seen = captions_seen
     assert len(seen) == 4
     assert all(c.split(", ")[0] == "sks" for c in seen), seen
 
