@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lora_nb.crop import ASTRONAUT_FACE, astronaut_crop_set, crop_retention, toy_crop_set  # noqa: E402, F401
+from lora_nb.crop import astronaut_crop_set, crop_retention, toy_crop_set  # noqa: E402
 
 # (canvas w, h) -> target (w, h): the target's aspect differs from the canvas, so something is cut
 LAYOUTS = [
