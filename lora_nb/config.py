@@ -63,6 +63,8 @@ class DatasetConfig:
     enable_buckets: bool = False  # no crop: aspect-ratio buckets instead of one size
     bucket_step: int = 64  # bucket side step in pixels (64 real models, 8 toy)
     cache_latents: bool = True  # encode each image with the VAE once, not every step
+    cache_latents_to_disk: bool = False  # keep those latents on disk: later runs on the same images skip the VAE
+    cache_dir: str = ""  # where the disk cache lives; empty = <save.output_dir>/cache
     cache_text_embeddings: str = "auto"  # auto / yes / no; auto = when the text encoder is frozen and captions fixed
     validation_split: int = 0  # images held out of training for the fixed-noise validation loss
 
@@ -484,6 +486,9 @@ def check_config(cfg: Config, cuda_available: bool | None = None) -> list[Proble
         err("dataset.caption_extension", f"must start with a dot, e.g. '.txt' (got {d.caption_extension!r}).")
     if d.cache_text_embeddings not in ("auto", "yes", "no"):
         err("dataset.cache_text_embeddings", "must be auto, yes or no.")
+    if d.cache_latents_to_disk and not d.cache_latents:
+        warn("dataset.cache_latents_to_disk", "has no effect while dataset.cache_latents=false (the VAE then runs "
+             "every step). Turn cache_latents on to use the disk cache.")
     if d.bucket_step < 8 or d.bucket_step % 8:
         err("dataset.bucket_step", "must be a multiple of 8 (64 for real models, 8 for the toy model).")
     try:

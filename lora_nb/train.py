@@ -151,29 +151,52 @@ class Sample:
 
 
 def prepare_samples(items: list[Item], size: tuple[int, int], model, flip_aug: bool, cache: bool,
-                    seed: int, device, desc: str = "Caching latents") -> list[Sample]:
-    """Load each image once; with ``cache`` encode it with the VAE once (and its flip when flip_aug)."""
+                    seed: int, device, desc: str = "Caching latents", disk_cache: Path | None = None) -> list[Sample]:
+    """Load each image once; with ``cache`` encode it with the VAE once (and its flip when flip_aug).
+
+    ``disk_cache`` (a folder) keeps the VAE's output between runs (:mod:`lora_nb.latent_cache`):
+    images already there are not even opened. The latent noise is drawn here from ``seed`` either
+    way, so a run from the disk cache trains exactly like one that encodes in memory.
+    """
     from tqdm.auto import tqdm
+
+    from lora_nb import latent_cache
 
     vae = model.pipe.vae
     gen = torch.Generator().manual_seed(seed)
+    flips = (False, True) if flip_aug else (False,)
+    vae_key = latent_cache.vae_fingerprint(vae) if cache and disk_cache and items else ""
     out = []
     for item in tqdm(items, desc=desc if cache else "Loading images", leave=False, disable=len(items) < 8):
-        variants = [False, True] if flip_aug else [False]
-        pix, lat, tids = [], [], []
-        for flip in variants:
-            arr, orig_hw, crop_tl = load_training_image(item.image, size, flip)
-            tids.append(sdxl_time_ids(orig_hw, crop_tl, (size[1], size[0])))
-            if cache:
-                with torch.no_grad():
-                    x = torch.from_numpy(arr)[None].to(device, vae.dtype)
-                    dist = vae.encode(x).latent_dist
-                    noise = torch.randn(dist.mean.shape, generator=gen).to(device, dist.mean.dtype)
-                    lat.append((dist.mean + dist.std * noise)[0].float().cpu())
+        key = latent_cache.cache_key(item.image, size, flips, vae_key) if vae_key else ""
+        stored = latent_cache.read_entry(disk_cache, key, len(flips)) if key else None
+        pix, lat, tids, encoded = [], [], [], []
+        for v, flip in enumerate(flips):
+            if stored:
+                mean, std, tid = stored[v]["mean"].to(device), stored[v]["std"].to(device), stored[v]["time_ids"]
             else:
-                pix.append(arr)
+                arr, orig_hw, crop_tl = load_training_image(item.image, size, flip)
+                tid = sdxl_time_ids(orig_hw, crop_tl, (size[1], size[0]))
+                if not cache:
+                    pix.append(arr)
+                    tids.append(tid)
+                    continue
+                with torch.no_grad():
+                    dist = vae.encode(torch.from_numpy(arr)[None].to(device, vae.dtype)).latent_dist
+                mean, std = dist.mean[0], dist.std[0]
+                encoded.append({"mean": mean, "std": std, "time_ids": tid})
+            tids.append(tid)
+            noise = torch.randn(mean.shape, generator=gen).to(device, mean.dtype)
+            lat.append((mean + std * noise).float().cpu())
+        if key and not stored:
+            latent_cache.write_entry(disk_cache, key, encoded, item.image)
         out.append(Sample(item, pix, lat if cache else None, tids))
     return out
+
+
+def latent_cache_dir(cfg: Config) -> Path:
+    """``dataset.cache_dir``, or ``<save.output_dir>/cache`` when it is empty."""
+    return Path(cfg.dataset.cache_dir) if cfg.dataset.cache_dir else Path(cfg.save.output_dir) / "cache"
 
 
 def latents_of(model, samples: list[Sample], variants: list[int], device, gen) -> torch.Tensor:
@@ -327,10 +350,13 @@ def _train(cfg: Config, on_event: Callable[[Event], None] | None = None, model=N
     # ---- cache latents and (when the text encoder is frozen and captions fixed) embeddings
     seed = cfg.training.seed
     cache_latents = cfg.dataset.cache_latents
-    samples = prepare_samples(items, size, model, cfg.dataset.flip_aug, cache_latents, seed, device)
+    disk = latent_cache_dir(cfg) if cfg.dataset.cache_latents_to_disk else None
+    samples = prepare_samples(items, size, model, cfg.dataset.flip_aug, cache_latents, seed, device,
+                              disk_cache=disk)
     reg_samples = prepare_samples(reg_items, size, model, cfg.dataset.flip_aug, cache_latents, seed + 1, device,
-                                  "Caching regularization latents")
-    val_samples = prepare_samples(val_items, size, model, False, True, seed + 2, device, "Caching validation latents")
+                                  "Caching regularization latents", disk_cache=disk)
+    val_samples = prepare_samples(val_items, size, model, False, True, seed + 2, device, "Caching validation latents",
+                                  disk_cache=disk)
     cache_text = {"yes": True, "no": False}.get(cfg.dataset.cache_text_embeddings,
                                                 not train_te and not cfg.dataset.shuffle_caption)
     if cfg.dataset.cache_text_embeddings == "yes" and (train_te or cfg.dataset.shuffle_caption):
