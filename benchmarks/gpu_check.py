@@ -4,7 +4,8 @@ The architectures are built locally from their configurations with random
 weights (no download: timing and memory do not depend on the weights' values).
 For each case it times real LoRA training steps (kohya module set, rank 32,
 text encoder frozen) and prints one table: steps/s, images/s, peak GPU memory
-(torch.cuda.max_memory_allocated) and model FLOP utilisation against the
+(torch.cuda.max_memory_allocated, of the training steps; with caching on, the VAE and
+text encoders are off the GPU as in the trainer) and model FLOP utilisation against the
 card's dense bf16 peak.
 
 Cases: SD1.5 512 px and SDXL 1024 px × batch 1 and 4 × fp16 and bf16, plain or
@@ -73,6 +74,11 @@ def run_case(family: str, px: int, batch: int, precision: str, savers: bool, cac
         p.data = p.data.float()
     if savers:
         unet.enable_gradient_checkpointing()
+    if cached and cuda:  # as the trainer does: with latents and embeddings cached, VAE and text encoders leave the GPU
+        for m in [model.pipe.vae] + model.text_encoders:
+            m.to("cpu")
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     opt = build_optimizer("AdamW8bit" if savers else "AdamW", [{"params": params, "lr": 1e-4}])
     scaler = torch.amp.GradScaler("cuda") if (cuda and precision == "fp16") else None
     vae_scale = 2 ** (len(model.pipe.vae.config.block_out_channels) - 1)

@@ -35,6 +35,8 @@ def _print_event(event) -> None:
             print(f"Resuming after epoch {event.data['resumed_from_epoch']} from the saved state.")
     elif event.kind == "warning":
         print(f"warning: {event.data['message']}", file=sys.stderr)
+    elif event.kind == "info":
+        print(event.data["message"])
     elif event.kind == "epoch":
         val = event.data.get("val_loss")
         train_loss = event.data.get("train_loss")

@@ -12,6 +12,7 @@ GPUs under ``accelerate launch``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -39,7 +40,7 @@ class TrainingStopped(LoraNbError):
 
 @dataclass
 class Event:
-    kind: str  # "start", "step", "epoch", "sample", "save", "done", "warning"
+    kind: str  # "start", "step", "epoch", "sample", "save", "done", "warning", "info"
     step: int = 0
     epoch: int = 0
     data: dict = field(default_factory=dict)
@@ -192,6 +193,25 @@ def prepare_samples(items: list[Item], size: tuple[int, int], model, flip_aug: b
             latent_cache.write_entry(disk_cache, key, encoded, item.image)
         out.append(Sample(item, pix, lat if cache else None, tids))
     return out
+
+
+def frozen_parts(model, latents_cached: bool, text_cached: bool) -> list:
+    """The modules a training step no longer needs once the data is cached: the VAE when latents are,
+    the text encoders when their outputs are (which implies they are frozen)."""
+    return ([model.pipe.vae] if latents_cached else []) + (list(model.text_encoders) if text_cached else [])
+
+
+@contextlib.contextmanager
+def modules_on(modules: list, device):
+    """Move ``modules`` to ``device`` for the block, and back to where each one was afterwards."""
+    homes = [next(m.parameters()).device for m in modules]
+    for m in modules:
+        m.to(device)
+    try:
+        yield
+    finally:
+        for m, home in zip(modules, homes):
+            m.to(home)
 
 
 def latent_cache_dir(cfg: Config) -> Path:
@@ -428,6 +448,22 @@ def _train(cfg: Config, on_event: Callable[[Event], None] | None = None, model=N
         tids = torch.stack([s.time_ids[0] for s in val_samples]).to(device)
         val_data = (lat, e, p, tids)
 
+    # ---- with everything cached, the VAE (and the frozen text encoders) leave the GPU until sampling
+    if cache_text:  # every caption a step can use, encoded now (in small batches)
+        todo = list(dict.fromkeys([s.item.caption for s in samples + reg_samples] +
+                                  ([""] if cfg.dataset.caption_dropout else [])))
+        with accelerator.autocast():
+            for i in range(0, len(todo), 32):
+                embed(todo[i:i + 32])
+    idle = frozen_parts(model, cache_latents, cache_text)
+    if device.type != "cpu" and idle:
+        for m in idle:
+            m.to("cpu")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        emit(Event("info", data={"message": "cached: " + ", ".join(type(m).__name__ for m in idle) +
+                                 " moved off the GPU until sampling"}))
+
     # ---- the loop
     total_epochs = plan.epochs
     bar = tqdm(total=plan.total_steps, initial=global_step, desc="Training", disable=not (progress and is_main))
@@ -533,7 +569,8 @@ def _train(cfg: Config, on_event: Callable[[Event], None] | None = None, model=N
             emit(Event("epoch", global_step, epoch, record))
             last = epoch == total_epochs
             if is_main and cfg.sample.every_n_epochs and cfg.sample.prompts and (epoch % cfg.sample.every_n_epochs == 0 or last):
-                paths = write_samples(cfg, model, ws, epoch, size)
+                with modules_on(idle if device.type != "cpu" else [], device):
+                    paths = write_samples(cfg, model, ws, epoch, size)
                 emit(Event("sample", global_step, epoch, {"paths": [str(p) for p in paths]}))
             if is_main and (last or (cfg.save.every_n_epochs and epoch % cfg.save.every_n_epochs == 0)):
                 name = cfg.save.output_name if last else f"{cfg.save.output_name}-e{epoch:04d}"

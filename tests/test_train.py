@@ -119,3 +119,21 @@ def test_non_finite_loss_stops_at_once_and_keeps_the_saved_files(tiny_sd15_dir, 
         train(cfg, model=model, progress=False, _fault=poison)
     assert "lora-e0001.safetensors" in str(info.value)
     assert inspect_lora(tmp_path / "ws" / "lora" / "lora-e0001.safetensors")["problems"] == []
+
+
+def test_cached_text_encoder_is_done_before_the_first_step_so_it_can_leave_the_gpu(tiny_sd15_dir, tiny_dataset,
+                                                                                  tmp_path, captions_seen):
+    """With frozen text encoders every caption (and the empty one of caption dropout) is encoded up front:
+    the loop never calls them, which is what lets the trainer move them (and the VAE) off the GPU."""
+    from lora_nb.train import frozen_parts
+
+    seen_at_first_step = []
+    cfg = make_config(tiny_sd15_dir, tiny_dataset, tmp_path / "ws", **{
+        "training.epochs": 2, "dataset.caption_dropout": 0.5, "optimizer.text_encoder_lr": 0.0})
+    model = load_base_model(tiny_sd15_dir)
+    train(cfg, model=model, progress=False,
+          on_event=lambda e: seen_at_first_step.append(len(captions_seen)) if e.kind == "step" else None)
+    assert seen_at_first_step[0] == seen_at_first_step[-1] == 5  # four captions and "", once each
+    assert "" in captions_seen and all(c.startswith("sks") for c in captions_seen if c)
+    assert frozen_parts(model, True, True) == [model.pipe.vae, model.text_encoders[0]]
+    assert frozen_parts(model, True, False) == [model.pipe.vae]
