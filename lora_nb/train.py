@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 import random
 import time
@@ -403,6 +404,7 @@ def _train(cfg: Config, on_event: Callable[[Event], None] | None = None, model=N
     unet_lr = cfg.optimizer.unet_lr if cfg.optimizer.unet_lr is not None else cfg.optimizer.learning_rate
     unet_params = [p for p in pipe.unet.parameters() if p.requires_grad]
     te_params = [p for te in model.text_encoders for p in te.parameters() if p.requires_grad] if train_te else []
+    trained = unet_params + te_params
     groups = [{"params": unet_params, "lr": unet_lr, "name": "unet"}]
     if te_params:
         groups.append({"params": te_params, "lr": cfg.optimizer.text_encoder_lr, "name": "text_encoder"})
@@ -529,25 +531,28 @@ def _train(cfg: Config, on_event: Callable[[Event], None] | None = None, model=N
                                                            prediction_type).to(device)
                     per_sample = torch.where(is_reg, per_sample * cfg.dataset.prior_loss_weight, per_sample)
                     loss = per_sample.mean()
-                    if not torch.isfinite(loss):
-                        raise_non_finite(global_step + 1, cfg, files)
                     accelerator.backward(loss)
                     grad_norm = None
                     if accelerator.sync_gradients:
                         if cfg.optimizer.max_grad_norm:
-                            grad_norm = accelerator.clip_grad_norm_(unet_params + te_params, cfg.optimizer.max_grad_norm)
+                            grad_norm = accelerator.clip_grad_norm_(trained, cfg.optimizer.max_grad_norm)
                         elif accelerator.scaler is None:
-                            grad_norm = _grad_norm(unet_params + te_params)
-                        # with fp16's GradScaler an inf gradient is routine: the scaler skips the step
-                        if (accelerator.scaler is None and grad_norm is not None
-                                and not torch.isfinite(torch.as_tensor(grad_norm))):
-                            raise_non_finite(global_step + 1, cfg, files, what="gradients")
+                            grad_norm = _grad_norm(trained)
+                    # the step's one host sync: the loss for the plot and both health checks, before the update
+                    checks = [loss.detach().float()]
+                    if grad_norm is not None and accelerator.scaler is None:  # fp16's scaler skips inf steps itself
+                        checks.append(torch.as_tensor(grad_norm, device=loss.device).float())
+                    loss_here, *norm_here = torch.stack(checks).tolist()
+                    if not math.isfinite(loss_here):
+                        raise_non_finite(global_step + 1, cfg, files)
+                    if norm_here and not math.isfinite(norm_here[0]):
+                        raise_non_finite(global_step + 1, cfg, files, what="gradients")
                     lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
                     optimizer.step()
                     lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                 global_step += 1
-                loss_value = accelerator.gather(loss.detach()[None]).mean().item()
+                loss_value = loss_here if world == 1 else accelerator.gather(loss.detach()[None]).mean().item()
                 epoch_losses.append(loss_value)
                 record = {"step": global_step, "epoch": epoch, "loss": loss_value, "lr": lrs,
                           "time": round(time.time() - t_start, 3)}
