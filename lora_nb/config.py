@@ -79,7 +79,7 @@ class NetworkConfig:
 
 @dataclass
 class OptimizerConfig:
-    optimizer: str = "AdamW8bit"  # AdamW, AdamW8bit, Lion, Lion8bit, Prodigy, SGD
+    optimizer: str = "AdamW8bit"  # AdamW, AdamW8bit, Lion, Lion8bit, Prodigy, SGD; 8bit = optimizer state in 1 byte a value
     learning_rate: float = 1e-4  # base LR; used for the UNet when unet_lr is not set
     unet_lr: float | None = None  # overrides learning_rate for the UNet when set
     text_encoder_lr: float = 0.0  # 0 = text encoder frozen; usually unet_lr/2 … /10
@@ -95,11 +95,11 @@ class OptimizerConfig:
 class TrainingConfig:
     epochs: int = 10  # passes over the dataset (each image × repeats per pass)
     batch_size: int = 1  # images per step: faster epochs, more memory
-    mixed_precision: str = "no"  # no / fp16 / bf16 (fp16 needs a CUDA GPU)
+    mixed_precision: str = "no"  # no / fp16 / bf16: half-precision compute, LoRA weights stay fp32 (fp16 needs a CUDA GPU)
     seed: int = 42  # same seed + settings → same LoRA
     noise_offset: float = 0.0  # 0.05–0.1 helps very dark/bright images
     min_snr_gamma: float = 0.0  # 0 = off; 5 is the usual value
-    gradient_checkpointing: bool = False  # trade compute for memory
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: far less memory, slower steps
     max_steps: int = 0  # 0 = epochs decide; otherwise stop after this many steps
 
 
@@ -403,6 +403,14 @@ def parse_resolution(text: str) -> tuple[int, int]:
     return w, h
 
 
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU computes bf16 in hardware (AVX512-BF16 or AMX), where bf16 training beats fp32."""
+    import torch
+
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(probe() for probe in probes if probe is not None)
+
+
 def check_config(cfg: Config, cuda_available: bool | None = None) -> list[Problem]:
     """Every problem of ``cfg`` that can be seen without the model or dataset."""
     import torch
@@ -472,6 +480,9 @@ def check_config(cfg: Config, cuda_available: bool | None = None) -> list[Proble
     elif t.mixed_precision == "fp16" and not cuda_available:
         warn("training.mixed_precision", "fp16 needs a CUDA GPU and there is none here: training runs in fp32 instead "
              "(same result, slower and more memory on a GPU). Set training.mixed_precision=no to silence this.")
+    elif t.mixed_precision == "bf16" and not cuda_available and not cpu_has_native_bf16():
+        warn("training.mixed_precision", "bf16 on this CPU is emulated (no AVX512-BF16 or AMX): training will be "
+             "slower than fp32. Set training.mixed_precision=no.")
     if t.min_snr_gamma < 0:
         err("training.min_snr_gamma", "must be 0 (off) or positive (5 is usual).")
     if t.noise_offset < 0:

@@ -29,6 +29,8 @@ PARAMETER_SETTINGS = {
     "alpha": "network.alpha",
     "unet_targets": "network.unet_targets",
     "mixed_precision": "training.mixed_precision",
+    "gradient_checkpointing": "training.gradient_checkpointing",
+    "cache_latents_to_disk": "dataset.cache_latents_to_disk",
     "save_every_n_epochs": "save.every_n_epochs",
     "save_precision": "save.precision",
     "sample_every_n_epochs": "sample.every_n_epochs",
@@ -37,6 +39,11 @@ PARAMETER_SETTINGS = {
     "keep_tokens": "dataset.keep_tokens",
     "trigger_word": "dataset.trigger_word",
 }
+YES_NO_PARAMETERS = ("gradient_checkpointing", "cache_latents_to_disk")  # "" / yes / no in a headless run
+# the settings that trade speed against memory (notebook 04 shows them with their help)
+SPEED_MEMORY_SETTINGS = ("training.mixed_precision", "training.gradient_checkpointing", "optimizer.optimizer",
+                         "training.batch_size", "dataset.cache_latents", "dataset.cache_latents_to_disk",
+                         "dataset.cache_text_embeddings")
 USUAL_VIEWS_PER_IMAGE = (40, 400)  # how often each image is seen in a typical run
 
 
@@ -45,8 +52,11 @@ def build_config(preset_name: str, values: dict, dataset_dir: str, output_dir: s
     data = preset(preset_name).to_dict()
     overrides = {"dataset.dir": dataset_dir, "save.output_dir": output_dir}
     for name, setting in PARAMETER_SETTINGS.items():
-        if name in values and values[name] not in (-1, -1.0, "", None):
-            overrides[setting] = values[name]
+        value = values.get(name)
+        if isinstance(value, str) and value.lower() in ("yes", "no") and name in YES_NO_PARAMETERS:
+            value = value.lower() == "yes"  # yes/no parameters of the headless notebook → the setting's bool
+        if name in values and not (value is None or (not isinstance(value, bool) and value in (-1, -1.0, ""))):
+            overrides[setting] = value
     # Text for a text setting is set as is: Config.with_overrides reads text as YAML (right for
     # `--set key=value`, wrong here: the widgets' mixed_precision "no" would become False).
     rest = {}
@@ -183,6 +193,42 @@ def measure_step_time(cfg: Config, steps: int = 4, model=None) -> tuple[float, i
         peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
     return (statistics.median(gaps) if gaps else float("nan")), peak
+
+
+def speed_memory_rows(cfg: Config) -> list[tuple[str, str, str]]:
+    """(setting, value in ``cfg``, what it does) for every setting that trades speed against memory."""
+    from lora_nb.config import setting_help
+
+    d, helps = cfg.to_dict(), setting_help()
+    rows = []
+    for setting in SPEED_MEMORY_SETTINGS:
+        section, key = setting.split(".")
+        rows.append((setting, str(d[section][key]), helps.get(setting, "")))
+    return rows
+
+
+def memory_advice(cfg: Config, family: str, gpu_gib: float | None) -> list[str]:
+    """What to switch on so training fits the card: the usual recipe for 8 GB (SD1.5) and 16 GB (SDXL)."""
+    t, o, d = cfg.training, cfg.optimizer, cfg.dataset
+    if gpu_gib is None:
+        return ["no CUDA GPU here: training runs in fp32 on the CPU (the toy model is sized for this); "
+                "the memory savers matter on a GPU."]
+    want = {"training.mixed_precision": ("fp16/bf16", t.mixed_precision in ("fp16", "bf16")),
+            "dataset.cache_latents": ("true", d.cache_latents)}
+    tight = gpu_gib < (12 if family == "sd15" else 24)
+    if tight and family == "sdxl":  # SDXL's two text encoders: freezing them lets their outputs be cached
+        want["optimizer.text_encoder_lr"] = ("0 (frozen text encoders, cached embeddings)",
+                                             o.text_encoder_lr == 0 and d.cache_text_embeddings != "no")
+    if tight:
+        want["training.gradient_checkpointing"] = ("true", t.gradient_checkpointing)
+        want["optimizer.optimizer"] = ("AdamW8bit (or another 8-bit optimizer)", o.optimizer.endswith("8bit"))
+        want["training.batch_size"] = ("1–2", t.batch_size <= 2)
+    missing = [f"{k}={v}" for k, (v, ok) in want.items() if not ok]
+    card = f"{gpu_gib:.0f} GiB GPU, {'SD1.5' if family == 'sd15' else 'SDXL'}"
+    if not missing:
+        return [f"{card}: the memory savers this card needs are on."]
+    return [f"{card}: {'tight — ' if tight else ''}consider " + ", ".join(missing) +
+            " (the GPU check in benchmarks/ measures what each one saves)."]
 
 
 def describe_base_models() -> list[tuple[str, str, str]]:

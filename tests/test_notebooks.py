@@ -9,6 +9,8 @@ import nbformat
 import papermill
 import pytest
 
+from lora_nb.config import Config
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 COMMON = ["workspace", "interactive", "seed", "use_drive", "quick"]
@@ -73,8 +75,14 @@ def test_parameters_cell_is_literal_only_and_setup_cell_is_shared(path):
 @pytest.mark.slow
 def test_notebook_04_reports_the_worked_example_for_the_realistic_preset(tmp_path):
     nb = run_notebook("04_parameters.ipynb", tmp_path, workspace=str(tmp_path / "ws"), preset="realistic",
-                      repeats=10, epochs=10, save_every_n_epochs=2, measure_time=False)
+                      repeats=10, epochs=10, save_every_n_epochs=2, measure_time=False,
+                      gradient_checkpointing="yes", cache_latents_to_disk="no")
     text = printed(nb)
+    # the speed and memory section: each setting with its value and help, and what to do on this machine
+    words = " ".join(text.split())
+    assert "training.gradient_checkpointing True recompute activations" in words
+    assert "dataset.cache_latents_to_disk False" in words and "optimizer.optimizer AdamW8bit" in words
+    assert "no CUDA GPU here" in text
     assert "20 images" in text
     assert "steps per epoch: ceil(200 / batch 1) = 200" in text
     assert "total steps: 200 × 10 epochs = 2000" in text
@@ -82,6 +90,8 @@ def test_notebook_04_reports_the_worked_example_for_the_realistic_preset(tmp_pat
     report = json.loads((tmp_path / "ws" / "reports" / "parameters.json").read_text())
     assert (report["steps_per_epoch"], report["total_steps"], report["files_saved"]) == (200, 2000, 5)
     assert (tmp_path / "ws" / "config.yaml").exists() and (tmp_path / "ws" / "figures" / "04_lr_schedule.png").exists()
+    saved = Config.load(tmp_path / "ws" / "config.yaml")
+    assert saved.training.gradient_checkpointing is True and saved.dataset.cache_latents_to_disk is False
 
 
 @pytest.mark.slow
