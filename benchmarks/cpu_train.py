@@ -18,7 +18,11 @@ default logging, whose per-step wall times give its training-phase steps/s):
 Runs alternate (ours, theirs, then theirs, ours, ...) so drift in the machine's load hits both alike; the table
 shows medians and the ratio line the per-pair ratios (ours/theirs end-to-end throughput and peak memory).
 
+--precision bf16 runs the reference job in bf16 autocast in both trainers (worth it only on CPUs with AVX512-BF16
+or AMX); --attention-share profiles the reference step and prints the share of it spent in attention kernels.
+
 Usage: python benchmarks/cpu_train.py [--jobs reference toy] [--table] [--threads N] [--repeat N]
+                                      [--precision no|bf16] [--attention-share]
 """
 
 from __future__ import annotations
@@ -106,16 +110,18 @@ def tensorboard_steps_per_second(folder: Path) -> float:
     return (len(steps) - 1) / (times[steps[-1]] - times[steps[0]])
 
 
-def reference_config(model: Path, data: Path, out: Path, steps: int):
+def reference_config(model: Path, data: Path, out: Path, steps: int, precision: str = "no"):
     from lora_nb.config import preset
 
     return preset("toy").with_overrides({
         "model.source": str(model), "dataset.dir": str(data), "dataset.repeats": 1, "dataset.trigger_word": "",
+        "dataset.reg_dir": "", "dataset.prior_loss_weight": 1.0,  # the toy preset's class images are not in this job
         "training.batch_size": 2, "training.max_steps": steps, "training.epochs": 1000,
         "training.min_snr_gamma": 0.0, "network.rank": 4, "network.alpha": 4, "network.unet_targets": "attention",
         "optimizer.optimizer": "AdamW", "optimizer.learning_rate": 1e-4, "optimizer.text_encoder_lr": 0.0,
         "optimizer.lr_scheduler": "constant", "optimizer.lr_warmup_steps": 0, "sample.every_n_epochs": 0,
-        "save.every_n_epochs": 0, "save.output_dir": str(out), "save.save_state": False})
+        "save.every_n_epochs": 0, "save.output_dir": str(out), "save.save_state": False,
+        "training.mixed_precision": precision})
 
 
 def job_reference(tmp: Path, env: dict, steps: int, args) -> list[dict]:
@@ -140,7 +146,7 @@ def job_reference(tmp: Path, env: dict, steps: int, args) -> list[dict]:
 
 def run_ours_reference(tmp: Path, model: Path, data: Path, env: dict, steps: int, args, i: int) -> dict:
     out = tmp / f"ref-run-{i}"
-    cfg = reference_config(model, data, out, steps)
+    cfg = reference_config(model, data, out, steps, args.precision)
     cfg.write_yaml(tmp / f"ref-{i}.yaml")
     wall, rss, _ = run_process([args.ours_python or sys.executable, "-m", "lora_nb.cli", "train",
                                 str(tmp / f"ref-{i}.yaml")], env, tmp / f"ref-{i}.log")
@@ -171,7 +177,7 @@ def job_diffusers_example(tmp: Path, model: Path, folder: Path, env: dict, steps
            f"--pretrained_model_name_or_path={model}", f"--train_data_dir={folder}", f"--cache_dir={tmp / f'hf-cache-{i}'}",
            "--resolution=64", "--train_batch_size=2", f"--max_train_steps={steps}", "--rank=4", "--learning_rate=1e-4",
            "--lr_scheduler=constant", "--lr_warmup_steps=0", "--seed=42", f"--output_dir={out}",
-           "--dataloader_num_workers=0", "--checkpointing_steps=1000000", "--mixed_precision=no"]
+           "--dataloader_num_workers=0", "--checkpointing_steps=1000000", f"--mixed_precision={args.precision}"]
     wall, rss, text = run_process(cmd, dict(env, HF_DATASETS_OFFLINE="1"), tmp / f"hf-{i}.log")
     if not (out / "pytorch_lora_weights.safetensors").is_file():
         raise SystemExit(f"the diffusers example wrote no LoRA file:\n{text[-3000:]}")
@@ -248,11 +254,52 @@ def scaling_table(tmp: Path, steps: int = 8) -> list[dict]:
     return rows
 
 
+def attention_share(tmp: Path, steps: int = 3) -> tuple[float, float]:
+    """(share of the step's CPU time spent in SDPA kernels, ms per step) for the reference job's step."""
+    import torch
+    import torch.nn.functional as F
+    from torch.profiler import ProfilerActivity, profile
+
+    from lora_nb.lora_io import add_lora
+    from lora_nb.models import build_tiny_sd15, load_base_model
+
+    folder = tmp / "tiny-share"
+    if not (folder / "model_index.json").exists():
+        build_tiny_sd15(folder)
+    model = load_base_model(folder)
+    unet = model.pipe.unet.requires_grad_(False)
+    add_lora(model, 4, 4, unet_targets="attention", train_text_encoder=False)
+    opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], 1e-4)
+    gen = torch.Generator().manual_seed(0)
+    x, emb = torch.randn(2, 4, 32, 32, generator=gen), torch.randn(2, 77, unet.config.cross_attention_dim, generator=gen)
+
+    def step():
+        t = torch.randint(0, 1000, (2,), generator=gen)
+        F.mse_loss(unet(x, t, emb).sample, x).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    ms = (time.perf_counter() - t0) / steps * 1000
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    attention = sum(e.self_cpu_time_total for e in events if "scaled_dot_product" in e.key)
+    return attention / total, ms
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--jobs", nargs="*", default=["reference", "toy"], choices=["reference", "toy"])
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--table", action="store_true")
+    p.add_argument("--precision", default="no", choices=["no", "bf16"],
+                   help="reference job precision for both trainers (bf16: CPU autocast; fast only with AVX512-BF16/AMX)")
+    p.add_argument("--attention-share", action="store_true",
+                   help="profile the reference job's training step: the share of its time in attention kernels")
     p.add_argument("--threads", type=int, default=None, help="torch threads in each job (default: torch's)")
     p.add_argument("--diffusers-script", help="path to diffusers' examples/text_to_image/train_text_to_image_lora.py")
     p.add_argument("--diffusers-python", help="python of an environment where that script runs")
@@ -283,6 +330,11 @@ def main() -> None:
         ratio = pair_ratios(rows)
         if ratio:
             print(ratio)
+        if args.attention_share:
+            share, ms = attention_share(tmp)
+            print(f"\nreference step (tiny SD1.5, batch 2, 64 px, fp32): {ms:.0f} ms, of which "
+                  f"{100 * share:.0f}% in scaled_dot_product_attention (forward + backward): the same PyTorch kernel "
+                  "in any trainer of this model, so it bounds how much faster a trainer can make this job")
         if args.table:
             torch.set_num_threads(args.threads or torch.get_num_threads())
             print(f"\n{'case':<16} {'images':>7} {'px':>5} {'rank':>5} {'ms/step':>8}")
