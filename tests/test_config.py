@@ -88,6 +88,17 @@ def test_each_wrong_value_gets_one_message_naming_the_setting_and_the_fix(overri
     assert fragment in msgs[(level, setting)]
 
 
+def test_bf16_on_a_cpu_warns_only_where_bf16_is_emulated(monkeypatch):
+    from lora_nb import config as config_module
+
+    bf16 = preset("toy").with_overrides({"training.mixed_precision": "bf16"})
+    monkeypatch.setattr(config_module, "cpu_has_native_bf16", lambda: False)
+    assert "emulated" in _messages(bf16, cuda_available=False)[("warning", "training.mixed_precision")]
+    assert ("warning", "training.mixed_precision") not in _messages(bf16, cuda_available=True)
+    monkeypatch.setattr(config_module, "cpu_has_native_bf16", lambda: True)
+    assert ("warning", "training.mixed_precision") not in _messages(bf16, cuda_available=False)
+
+
 def test_fp16_without_a_cuda_gpu_warns_that_training_runs_in_fp32():
     msgs = _messages(preset("anime"), cuda_available=False)
     assert "runs in fp32" in msgs[("warning", "training.mixed_precision")]
