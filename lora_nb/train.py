@@ -430,6 +430,13 @@ def _train(cfg: Config, on_event: Callable[[Event], None] | None = None, model=N
         loaded = load_state(state_dir, fingerprint, model, optimizer, lr_scheduler, train_te)
         if loaded:
             start_epoch, global_step = loaded
+    if start_epoch == 0 and accelerator.is_main_process:
+        moved_to = archive_previous_run(ws, cfg.save.output_name, fingerprint)
+        if moved_to:
+            warnings.append(f"{ws} held a run with other settings: its LoRA files, metrics, samples and state were "
+                            f"moved to {moved_to} (nothing is overwritten). Delete that folder when you no longer "
+                            "need it.")
+    accelerator.wait_for_everyone()
     metrics_path = ws / "metrics.jsonl"
     trim_metrics(metrics_path, global_step)
     cfg.write_yaml(ws / "train_config.yaml")
@@ -730,6 +737,38 @@ def load_state(state_dir: Path, fingerprint: str, model, optimizer, lr_scheduler
     optimizer.load_state_dict(state["optimizer"])
     lr_scheduler.load_state_dict(state["scheduler"])
     return state["epoch"], state["step"]
+
+
+def archive_previous_run(ws: Path, output_name: str, fingerprint: str) -> Path | None:
+    """Move an earlier run's results out of the way when its settings differ from this run's.
+
+    A fresh start in a workspace that holds LoRA files (or metrics) of a run with *other* settings
+    would overwrite them; they are moved to ``previous/<time>/`` instead. The same settings started
+    over (``--restart``, notebook 06's experiments) simply replace their own files. Returns the
+    folder they went to, or None when nothing was moved.
+    """
+    from lora_nb.config import Config
+
+    loras = sorted((ws / "lora").glob(f"{output_name}*.safetensors"))
+    metrics = ws / "metrics.jsonl"
+    if not loras and not (metrics.is_file() and metrics.stat().st_size):
+        return None
+    try:
+        same = config_fingerprint(Config.load(ws / "train_config.yaml")) == fingerprint
+    except Exception:  # noqa: BLE001 - no readable settings: treat as another run and keep its files
+        same = False
+    if same:
+        return None
+    dest = ws / "previous" / time.strftime("%Y%m%d-%H%M%S")
+    while dest.exists():
+        dest = dest.with_name(dest.name + "-1")
+    (dest / "lora").mkdir(parents=True)
+    for f in loras:
+        os.replace(f, dest / "lora" / f.name)
+    for name in ("metrics.jsonl", "train_config.yaml", "samples", "state"):
+        if (ws / name).exists():
+            os.replace(ws / name, dest / name)
+    return dest
 
 
 def trim_metrics(path: Path, last_step: int) -> None:

@@ -11,6 +11,9 @@
   samples/                preview images per epoch
   metrics.jsonl           one line per step / epoch
   state/                  resumable training state
+  previous/<time>/        an earlier run's LoRA files, metrics, samples and state, moved here when a run
+                          with other settings starts in this workspace (nothing is overwritten)
+  cache/latents/          VAE latents kept between runs (dataset.cache_latents_to_disk)
   reports/                JSON reports of each notebook (dataset_report.json, …)
   figures/                figures saved by headless runs
   executed/               executed notebooks of `lora-nb course`

@@ -137,3 +137,24 @@ def test_cached_text_encoder_is_done_before_the_first_step_so_it_can_leave_the_g
     assert "" in captions_seen and all(c.startswith("sks") for c in captions_seen if c)
     assert frozen_parts(model, True, True) == [model.pipe.vae, model.text_encoders[0]]
     assert frozen_parts(model, True, False) == [model.pipe.vae]
+
+
+def test_a_run_with_other_settings_moves_the_earlier_results_aside_instead_of_overwriting(tiny_sd15_dir, tiny_dataset,
+                                                                                           tmp_path):
+    ws = tmp_path / "ws"
+    first = make_config(tiny_sd15_dir, tiny_dataset, ws, **{"training.epochs": 2, "optimizer.learning_rate": 1e-3})
+    train(first, progress=False)
+    before = {p.name: p.read_bytes() for p in (ws / "lora").glob("*.safetensors")}
+    assert set(before) == {"lora-e0001.safetensors", "lora.safetensors"}
+
+    warnings = []
+    second = first.with_overrides({"optimizer.learning_rate": 2e-3})
+    train(second, progress=False, on_event=lambda e: warnings.append(e.data["message"]) if e.kind == "warning" else None)
+    (archive,) = (ws / "previous").iterdir()
+    assert {p.name: p.read_bytes() for p in (archive / "lora").glob("*.safetensors")} == before
+    assert (archive / "metrics.jsonl").read_text() and (archive / "train_config.yaml").is_file()
+    assert any(str(archive) in w and "nothing is overwritten" in w for w in warnings)
+    assert len([l for l in (ws / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]) == 4  # the new run's only
+
+    train(second, progress=False, resume=False)  # the same settings started over: replaces its own files
+    assert len(list((ws / "previous").iterdir())) == 1
