@@ -464,8 +464,8 @@ def _train(cfg: Config, on_event: Callable[[Event], None] | None = None, model=N
         with accelerator.autocast():
             for i in range(0, len(todo), 32):
                 embed(todo[i:i + 32])
-    idle = frozen_parts(model, cache_latents, cache_text)
-    if device.type != "cpu" and idle:
+    idle = frozen_parts(model, cache_latents, cache_text) if device.type != "cpu" else []
+    if idle:
         for m in idle:
             m.to("cpu")
         if device.type == "cuda":
@@ -581,7 +581,7 @@ def _train(cfg: Config, on_event: Callable[[Event], None] | None = None, model=N
             emit(Event("epoch", global_step, epoch, record))
             last = epoch == total_epochs
             if is_main and cfg.sample.every_n_epochs and cfg.sample.prompts and (epoch % cfg.sample.every_n_epochs == 0 or last):
-                with modules_on(idle if device.type != "cpu" else [], device):
+                with modules_on(idle, device):
                     paths = write_samples(cfg, model, ws, epoch, size)
                 emit(Event("sample", global_step, epoch, {"paths": [str(p) for p in paths]}))
             if is_main and (last or (cfg.save.every_n_epochs and epoch % cfg.save.every_n_epochs == 0)):
@@ -599,6 +599,8 @@ def _train(cfg: Config, on_event: Callable[[Event], None] | None = None, model=N
             if global_step >= plan.total_steps:
                 break
     finally:
+        for m in idle:  # the model goes back whole: the notebook renders with it next
+            m.to(device)
         bar.close()
         for f in (metrics_file, batch_log):
             if f:
