@@ -219,7 +219,7 @@ def locate_subject(img: Image.Image, use_faces: bool = True, use_saliency: bool 
             box = union_box([b for b, m in regions if m >= min_share * regions[0][1]])
             grown = object_box(img, regions[0][0])
             if grown is not None:  # the object standing out from a plain background: trust it over scattered regions
-                return grown, "saliency", grown
+                return grown, "saliency+object", grown
             return box, "saliency", regions[0][0]
     return (0, 0, img.width, img.height), "none", None
 
@@ -284,7 +284,8 @@ def find_subject(img: Image.Image, use_faces: bool = True, use_saliency: bool = 
     Faces come first (``method`` is ``"face:frontal"``, ``"face:profile"``,
     ``"face:cat"`` ...): the box covers the head around every face at least
     half as large as the largest one. Without faces, the spectral-residual
-    saliency map decides (``"saliency"``). When nothing stands out the whole
+    saliency map decides (``"saliency"``; ``"saliency+object"`` when it was grown to the whole object standing
+    out from a plain background, see :func:`object_box`). When nothing stands out the whole
     image is the subject (``"none"``), and focus crop behaves like center crop.
     """
     box, method, _ = locate_subject(img, use_faces, use_saliency)
