@@ -359,17 +359,12 @@ def test_no_trust_remote_code_anywhere_in_the_package():
     assert offenders == []
 
 
-# Build checkpoints the toy-model build script writes and reads back on the same machine (see report to
-# the maintainers: they could be weights_only too). Everything else must say weights_only=True.
-KNOWN_FULL_UNPICKLE = {"lora_nb/toy/build.py"}
-
-
 def test_every_unpickle_in_the_package_is_weights_only():
     """Every ``torch.load`` passes ``weights_only=True`` explicitly, and nothing calls pickle.load(s)."""
     offenders = []
     for name, text in _package_sources().items():
         for m in re.finditer(r"torch\.load\(([^()]|\([^()]*\))*\)", text):
-            if "weights_only=True" not in m.group(0) and name not in KNOWN_FULL_UNPICKLE:
+            if "weights_only=True" not in m.group(0):
                 offenders.append(f"{name}: {m.group(0)}")
         if re.search(r"\bpickle\.loads?\(|\bdill\.|cloudpickle", text):
             offenders.append(f"{name}: pickle.load")

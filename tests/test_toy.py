@@ -145,6 +145,19 @@ def test_vae_stage_resumes_where_it_stopped(tmp_path):
     assert build.load_checkpoint(tmp_path / "vae.pt")["step"] == 3
 
 
+def test_every_build_checkpoint_reloads_as_weights_only(tmp_path):
+    """Latents (size-tuple keys) and the UNet stage (EMA dicts) come back through torch.load(weights_only=True)."""
+    from lora_nb.toy import build
+
+    build.build_tokenizer(tmp_path / "tokenizer")
+    build.train_vae(tmp_path, steps=1, crop_steps=1, checkpoint_every=1)
+    build.cache_latents(tmp_path, counts={(64, 64): 2, (64, 96): 1, (96, 64): 1})
+    assert set(build.load_checkpoint(tmp_path / "latents.pt")["buckets"]) == {(64, 64), (64, 96), (96, 64)}
+    build.train_unet(tmp_path, steps=1, batch=2, checkpoint_every=1)
+    ckpt = build.load_checkpoint(tmp_path / "unet.pt")
+    assert ckpt["step"] == 1 and ckpt["ema_unet"] and ckpt["optimizer"]["state"]
+
+
 # --------------------------------------------------------------------------- the shipped model
 
 def _shipped():

@@ -67,7 +67,7 @@ def load_checkpoint(path: Path) -> dict | None:
     if not path.exists():
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
         raise LoraNbError(f"The build checkpoint {path} is unreadable ({exc}); delete it to restart that stage.") from None
 
