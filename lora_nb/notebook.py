@@ -29,16 +29,26 @@ class NotebookEnv:
         return p if p.is_absolute() else (self.repo / p)
 
 
-def use_text_progress_bars() -> None:
-    """Make ``tqdm.auto`` (used by lora_nb, diffusers, transformers) print text bars instead of widgets.
+def use_text_progress_bars(min_interval: float = 5.0) -> None:
+    """Make ``tqdm.auto`` (used by lora_nb, diffusers, transformers) print text bars instead of widgets,
+    redrawn at most every ``min_interval`` seconds (an executed notebook keeps every redraw: a
+    1,200-step run at tqdm's default 0.1 s would leave thousands of lines in it).
 
     Takes effect for modules imported afterwards: call it before importing them.
     """
     import tqdm.auto
     import tqdm.std
 
-    tqdm.auto.tqdm = tqdm.std.tqdm
-    tqdm.auto.trange = tqdm.std.trange
+    class TextBar(tqdm.std.tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("mininterval", min_interval)
+            super().__init__(*args, **kwargs)
+
+    def text_range(*args, **kwargs):
+        return TextBar(range(*args), **kwargs)
+
+    tqdm.auto.tqdm = TextBar
+    tqdm.auto.trange = text_range
 
 
 def repo_root() -> Path:

@@ -59,3 +59,23 @@ def test_interrupted_training_resumes_in_notebook_05_to_the_same_final_lora(tiny
     b = load_file(straight / "lora" / "lora.safetensors")
     assert a.keys() == b.keys()
     assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-6
+
+
+def test_headless_progress_bars_are_text_and_redrawn_sparingly(monkeypatch):
+    """An executed notebook keeps every redraw of a bar: headless runs redraw at most every few seconds."""
+    import io
+    import time
+
+    import tqdm.auto
+
+    from lora_nb.notebook import use_text_progress_bars
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", tqdm.auto.tqdm)  # restored after the test
+    monkeypatch.setattr(tqdm.auto, "trange", tqdm.auto.trange)
+    use_text_progress_bars(min_interval=0.5)
+    out = io.StringIO()
+    for _ in tqdm.auto.tqdm(range(60), file=out):
+        time.sleep(0.02)  # 1.2 s: a default bar would redraw about a dozen times
+    assert 2 <= out.getvalue().count("\r") <= 5
+    assert "60/60" in out.getvalue()
+    assert sum(1 for _ in tqdm.auto.trange(3, file=io.StringIO())) == 3
