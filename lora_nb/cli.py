@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from lora_nb.notebook import quiet_known_noise
+
+    quiet_known_noise()
     try:
         return args.func(args)
     except LoraNbError as exc:

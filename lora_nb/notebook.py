@@ -5,6 +5,7 @@ Kept out of the core modules: it prints, and it knows about Colab/Kaggle.
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import random
@@ -51,6 +52,30 @@ def use_text_progress_bars(min_interval: float = 5.0) -> None:
     tqdm.auto.trange = text_range
 
 
+# Messages libraries print on import that say nothing about lora-nb's work: (logger, part of the message).
+KNOWN_NOISE = (
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"),  # 4-bit CPU kernels: never used here
+    ("transformers.utils.import_utils", "requires torchvision (not installed); falling back"),  # image processors
+)
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, part: str):
+        super().__init__()
+        self.part = part
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.part not in record.getMessage()
+
+
+def quiet_known_noise() -> None:
+    """Drop the known, harmless import-time messages of :data:`KNOWN_NOISE` (every other message stays)."""
+    for name, part in KNOWN_NOISE:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessage) and f.part == part for f in logger.filters):
+            logger.addFilter(_DropMessage(part))
+
+
 def repo_root() -> Path:
     return Path(__file__).resolve().parents[1]
 
@@ -72,6 +97,7 @@ def setup_notebook(workspace: str, seed: int = 42, use_drive: bool = False, inte
     run (``interactive=False``) uses text progress bars, so executed notebooks
     carry no widget state.
     """
+    quiet_known_noise()
     if not interactive:
         use_text_progress_bars()
     import numpy as np

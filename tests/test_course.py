@@ -79,3 +79,21 @@ def test_headless_progress_bars_are_text_and_redrawn_sparingly(monkeypatch):
     assert 2 <= out.getvalue().count("\r") <= 5
     assert "60/60" in out.getvalue()
     assert sum(1 for _ in tqdm.auto.trange(3, file=io.StringIO())) == 3
+
+
+def test_known_import_noise_is_dropped_and_other_messages_kept(caplog):
+    import logging
+
+    from lora_nb.notebook import KNOWN_NOISE, quiet_known_noise
+
+    quiet_known_noise()
+    quiet_known_noise()  # idempotent: one filter per message
+    for name, part in KNOWN_NOISE:
+        logger = logging.getLogger(name)
+        assert len(logger.filters) >= 1
+        with caplog.at_level(logging.WARNING, logger=name):
+            logger.warning("prefix %s suffix", part)
+            logger.warning("a message that matters")
+    texts = [r.getMessage() for r in caplog.records]
+    assert texts.count("a message that matters") == len(KNOWN_NOISE)
+    assert not any(part in t for t in texts for _, part in KNOWN_NOISE)
