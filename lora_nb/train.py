@@ -566,8 +566,8 @@ def _train(cfg: Config, on_event: Callable[[Event], None] | None = None, model=N
                 if is_main:
                     metrics_file.write(json.dumps(record) + "\n")
                 emit(Event("step", global_step, epoch, record))
+                bar.set_postfix(loss=f"{loss_value:.4f}", epoch=epoch, refresh=False)  # drawn by update's clock
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}", epoch=epoch)
 
             # ---- end of epoch: validation, samples, save, state
             record = {"epoch": epoch, "step": global_step, "train_loss": float(np.mean(epoch_losses)) if epoch_losses else None}

@@ -97,3 +97,21 @@ def test_known_import_noise_is_dropped_and_other_messages_kept(caplog):
     texts = [r.getMessage() for r in caplog.records]
     assert texts.count("a message that matters") == len(KNOWN_NOISE)
     assert not any(part in t for t in texts for _, part in KNOWN_NOISE)
+
+
+def test_headless_training_bar_is_not_redrawn_every_step(tiny_sd15_dir, tiny_dataset, tmp_path, monkeypatch, capsys):
+    """The loss shown beside the bar must not force a redraw per step (it did: 1,200 bar lines in notebook 05)."""
+    import tqdm.auto
+
+    from lora_nb.notebook import use_text_progress_bars
+    from lora_nb.train import train
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", tqdm.auto.tqdm)
+    monkeypatch.setattr(tqdm.auto, "trange", tqdm.auto.trange)
+    use_text_progress_bars(min_interval=60)
+    cfg = make_config(tiny_sd15_dir, tiny_dataset, tmp_path / "ws", **{"training.epochs": 4, "save.every_n_epochs": 0})
+    capsys.readouterr()
+    train(cfg, progress=True)
+    bar = [line for line in capsys.readouterr().err.split("\r") if line.startswith("Training")]
+    assert bar and "8/8" in bar[-1]  # 4 images, batch 2, 4 epochs
+    assert len(bar) <= 3, bar  # first draw, final draw (and the close)
