@@ -14,6 +14,7 @@ A file that cannot be read (a killed run, a full disk) is ignored and written ag
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,40 +41,48 @@ def file_digest(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def cache_key(image: Path, size: tuple[int, int], flips: tuple[bool, ...], vae_key: str) -> str:
-    """The file name (without suffix) of one image's cached latents."""
-    parts = [FORMAT, file_digest(image), f"{size[0]}x{size[1]}", ",".join(map(str, flips)), vae_key]
-    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:24]
+@dataclass(frozen=True)
+class LatentCache:
+    """The cache folder of one VAE: ``folder/latents/<key>.safetensors``, one file per image."""
 
+    folder: Path
+    vae_key: str
 
-def entry_path(folder: Path, key: str) -> Path:
-    return Path(folder) / "latents" / f"{key}.safetensors"
+    @classmethod
+    def for_vae(cls, folder: str | Path, vae) -> "LatentCache":
+        return cls(Path(folder), vae_fingerprint(vae))
 
+    def key(self, image: Path, size: tuple[int, int], flips: tuple[bool, ...]) -> str:
+        """The file name (without suffix) of one image's cached latents."""
+        parts = [FORMAT, file_digest(image), f"{size[0]}x{size[1]}", ",".join(map(str, flips)), self.vae_key]
+        return hashlib.sha1("|".join(parts).encode()).hexdigest()[:24]
 
-def read_entry(folder: Path, key: str, n_variants: int) -> list[dict[str, torch.Tensor]] | None:
-    """The stored variants (``mean``, ``std``, ``time_ids`` each), or None when absent or unreadable."""
-    from safetensors.torch import load_file
+    def path(self, key: str) -> Path:
+        return self.folder / "latents" / f"{key}.safetensors"
 
-    path = entry_path(folder, key)
-    if not path.is_file():
-        return None
-    try:
-        data = load_file(str(path))
-        return [{k: data[f"{k}.{v}"] for k in ("mean", "std", "time_ids")} for v in range(n_variants)]
-    except Exception:  # noqa: BLE001 - a damaged cache file is rebuilt, never fatal
-        return None
+    def read(self, key: str, n_variants: int) -> list[dict[str, torch.Tensor]] | None:
+        """The stored variants (``mean``, ``std``, ``time_ids`` each), or None when absent or unreadable."""
+        from safetensors.torch import load_file
 
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            data = load_file(str(path))
+            return [{k: data[f"{k}.{v}"] for k in ("mean", "std", "time_ids")} for v in range(n_variants)]
+        except Exception:  # noqa: BLE001 - a damaged cache file is rebuilt, never fatal
+            return None
 
-def write_entry(folder: Path, key: str, variants: list[dict[str, torch.Tensor]], source: Path) -> Path:
-    """Write one image's latents atomically (a killed run leaves no half file behind)."""
-    from safetensors.torch import save_file
+    def write(self, key: str, variants: list[dict[str, torch.Tensor]], source: Path) -> Path:
+        """Write one image's latents atomically (a killed run leaves no half file behind)."""
+        from safetensors.torch import save_file
 
-    from lora_nb.fsutil import atomic_path
+        from lora_nb.fsutil import atomic_path
 
-    path = entry_path(folder, key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {f"{k}.{v}": t.detach().to("cpu", torch.float32).contiguous()
-               for v, d in enumerate(variants) for k, t in d.items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": FORMAT, "source": Path(source).name})
-    return path
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {f"{k}.{v}": t.detach().to("cpu", torch.float32).contiguous()
+                   for v, d in enumerate(variants) for k, t in d.items()}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": FORMAT, "source": Path(source).name})
+        return path

@@ -33,6 +33,7 @@ from lora_nb.config import (Config, StepsPlan, check_against_dataset, check_agai
                             parse_resolution, plan_steps, raise_for_errors)
 from lora_nb.captions import shuffle_caption
 from lora_nb.dataset import Item, load_training_image, scan_dataset
+from lora_nb.latent_cache import LatentCache
 
 
 class TrainingStopped(LoraNbError):
@@ -153,25 +154,23 @@ class Sample:
 
 
 def prepare_samples(items: list[Item], size: tuple[int, int], model, flip_aug: bool, cache: bool,
-                    seed: int, device, desc: str = "Caching latents", disk_cache: Path | None = None) -> list[Sample]:
+                    seed: int, device, desc: str = "Caching latents", disk_cache=None) -> list[Sample]:
     """Load each image once; with ``cache`` encode it with the VAE once (and its flip when flip_aug).
 
-    ``disk_cache`` (a folder) keeps the VAE's output between runs (:mod:`lora_nb.latent_cache`):
+    ``disk_cache`` (a :class:`lora_nb.latent_cache.LatentCache`) keeps the VAE's output between runs:
     images already there are not even opened. The latent noise is drawn here from ``seed`` either
     way, so a run from the disk cache trains exactly like one that encodes in memory.
     """
     from tqdm.auto import tqdm
 
-    from lora_nb import latent_cache
-
     vae = model.pipe.vae
     gen = torch.Generator().manual_seed(seed)
     flips = (False, True) if flip_aug else (False,)
-    vae_key = latent_cache.vae_fingerprint(vae) if cache and disk_cache and items else ""
+    store = disk_cache if cache else None
     out = []
     for item in tqdm(items, desc=desc if cache else "Loading images", leave=False, disable=len(items) < 8):
-        key = latent_cache.cache_key(item.image, size, flips, vae_key) if vae_key else ""
-        stored = latent_cache.read_entry(disk_cache, key, len(flips)) if key else None
+        key = store.key(item.image, size, flips) if store else ""
+        stored = store.read(key, len(flips)) if store else None
         pix, lat, tids, encoded = [], [], [], []
         for v, flip in enumerate(flips):
             if stored:
@@ -179,19 +178,19 @@ def prepare_samples(items: list[Item], size: tuple[int, int], model, flip_aug: b
             else:
                 arr, orig_hw, crop_tl = load_training_image(item.image, size, flip)
                 tid = sdxl_time_ids(orig_hw, crop_tl, (size[1], size[0]))
-                if not cache:
+                if cache:
+                    with torch.no_grad():
+                        dist = vae.encode(torch.from_numpy(arr)[None].to(device, vae.dtype)).latent_dist
+                    mean, std = dist.mean[0], dist.std[0]
+                    encoded.append({"mean": mean, "std": std, "time_ids": tid})
+                else:
                     pix.append(arr)
-                    tids.append(tid)
-                    continue
-                with torch.no_grad():
-                    dist = vae.encode(torch.from_numpy(arr)[None].to(device, vae.dtype)).latent_dist
-                mean, std = dist.mean[0], dist.std[0]
-                encoded.append({"mean": mean, "std": std, "time_ids": tid})
             tids.append(tid)
-            noise = torch.randn(mean.shape, generator=gen).to(device, mean.dtype)
-            lat.append((mean + std * noise).float().cpu())
-        if key and not stored:
-            latent_cache.write_entry(disk_cache, key, encoded, item.image)
+            if cache:
+                noise = torch.randn(mean.shape, generator=gen).to(device, mean.dtype)
+                lat.append((mean + std * noise).float().cpu())
+        if store and not stored:
+            store.write(key, encoded, item.image)
         out.append(Sample(item, pix, lat if cache else None, tids))
     return out
 
@@ -371,7 +370,7 @@ def _train(cfg: Config, on_event: Callable[[Event], None] | None = None, model=N
     # ---- cache latents and (when the text encoder is frozen and captions fixed) embeddings
     seed = cfg.training.seed
     cache_latents = cfg.dataset.cache_latents
-    disk = latent_cache_dir(cfg) if cfg.dataset.cache_latents_to_disk else None
+    disk = LatentCache.for_vae(latent_cache_dir(cfg), pipe.vae) if cfg.dataset.cache_latents_to_disk else None
     samples = prepare_samples(items, size, model, cfg.dataset.flip_aug, cache_latents, seed, device,
                               disk_cache=disk)
     reg_samples = prepare_samples(reg_items, size, model, cfg.dataset.flip_aug, cache_latents, seed + 1, device,
@@ -749,8 +748,6 @@ def archive_previous_run(ws: Path, output_name: str, fingerprint: str) -> Path |
     over (``--restart``, notebook 06's experiments) simply replace their own files. Returns the
     folder they went to, or None when nothing was moved.
     """
-    from lora_nb.config import Config
-
     loras = sorted((ws / "lora").glob(f"{output_name}*.safetensors"))
     metrics = ws / "metrics.jsonl"
     if not loras and not (metrics.is_file() and metrics.stat().st_size):
