@@ -9,7 +9,7 @@ import statistics
 import tempfile
 from dataclasses import dataclass, field
 
-from lora_nb.config import Config, StepsPlan, check_config, plan_steps, preset
+from lora_nb.config import Config, StepsPlan, check_config, plan_steps, preset, setting_help
 
 # notebook parameter → config setting; -1 / "" in a parameter means "the preset's value"
 PARAMETER_SETTINGS = {
@@ -39,7 +39,6 @@ PARAMETER_SETTINGS = {
     "keep_tokens": "dataset.keep_tokens",
     "trigger_word": "dataset.trigger_word",
 }
-YES_NO_PARAMETERS = ("gradient_checkpointing", "cache_latents_to_disk")  # "" / yes / no in a headless run
 # the settings that trade speed against memory (notebook 04 shows them with their help)
 SPEED_MEMORY_SETTINGS = ("training.mixed_precision", "training.gradient_checkpointing", "optimizer.optimizer",
                          "training.batch_size", "dataset.cache_latents", "dataset.cache_latents_to_disk",
@@ -52,13 +51,10 @@ def build_config(preset_name: str, values: dict, dataset_dir: str, output_dir: s
     data = preset(preset_name).to_dict()
     overrides = {"dataset.dir": dataset_dir, "save.output_dir": output_dir}
     for name, setting in PARAMETER_SETTINGS.items():
-        value = values.get(name)
-        if isinstance(value, str) and value.lower() in ("yes", "no") and name in YES_NO_PARAMETERS:
-            value = value.lower() == "yes"  # yes/no parameters of the headless notebook → the setting's bool
-        if name in values and not (value is None or (not isinstance(value, bool) and value in (-1, -1.0, ""))):
-            overrides[setting] = value
-    # Text for a text setting is set as is: Config.with_overrides reads text as YAML (right for
-    # `--set key=value`, wrong here: the widgets' mixed_precision "no" would become False).
+        if name in values and values[name] not in (-1, -1.0, "", None):
+            overrides[setting] = values[name]
+    # Text for a text setting is set as is; text for any other setting goes through Config.with_overrides,
+    # which reads it as YAML: a headless run's gradient_checkpointing "yes" / "no" becomes True / False.
     rest = {}
     for setting, value in overrides.items():
         section, key = setting.split(".")
@@ -197,14 +193,19 @@ def measure_step_time(cfg: Config, steps: int = 4, model=None) -> tuple[float, i
 
 def speed_memory_rows(cfg: Config) -> list[tuple[str, str, str]]:
     """(setting, value in ``cfg``, what it does) for every setting that trades speed against memory."""
-    from lora_nb.config import setting_help
-
     d, helps = cfg.to_dict(), setting_help()
     rows = []
     for setting in SPEED_MEMORY_SETTINGS:
         section, key = setting.split(".")
         rows.append((setting, str(d[section][key]), helps.get(setting, "")))
     return rows
+
+
+def gpu_memory_gib() -> float | None:
+    """The CUDA GPU's memory in GiB, or None without one."""
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None
 
 
 def memory_advice(cfg: Config, family: str, gpu_gib: float | None) -> list[str]:
