@@ -137,10 +137,11 @@ def run_experiment(exp: Experiment, seeds: list[int], steps: int = 20, model=Non
     return diagnosis
 
 
-def final_measures(diagnosis: dict) -> dict:
+def final_measures(diagnosis: dict, run_verdict: bool = False) -> dict:
+    """The last epoch's image measures, with its verdict (or, with ``run_verdict``, the whole run's)."""
     e = diagnosis["epochs"][-1]
-    return {"verdict": e["verdict"], **{k: e["images"].get(k) for k in
-                                        ("fidelity", "generalisation", "memorization", "leakage")}}
+    return {"verdict": diagnosis["verdict"] if run_verdict else e["verdict"],
+            **{k: e["images"].get(k) for k in ("fidelity", "generalisation", "memorization", "leakage")}}
 
 
 def _close(a: float, b: float, tol: float) -> bool:
@@ -199,3 +200,22 @@ def conclude_regularization(results: dict[str, dict], tol: float = 0.1) -> str:
     else:
         text += "Regularization images did not reduce leakage measurably here."
     return text
+
+
+CLAIM_JUDGES = {"alpha": conclude_alpha, "repeats": conclude_repeats, "regularization": conclude_regularization}
+
+
+def run_folk_claims(base: Config, scratch: str | Path, reg_dir: str | None, seeds: list[int], steps: int = 20,
+                    quick: bool = False) -> dict[str, str]:
+    """Train every folk-claim experiment and say, per claim, what the measurements showed.
+
+    ``quick`` keeps the alpha and regularization claims only.
+    """
+    claims = folk_experiments(base, scratch, reg_dir)
+    if quick:
+        claims = {k: v for k, v in claims.items() if k in ("alpha", "regularization")}
+    conclusions = {}
+    for claim, runs in claims.items():
+        results = {exp.name: run_experiment(exp, seeds=seeds, steps=steps) for exp in runs}
+        conclusions[claim] = CLAIM_JUDGES[claim](results)
+    return conclusions
