@@ -90,6 +90,11 @@ class OptimizerConfig:
     weight_decay: float = 0.01  # decoupled weight decay (AdamW, Lion)
     max_grad_norm: float = 1.0  # gradient clipping; 0 = off
 
+    @property
+    def effective_unet_lr(self) -> float:
+        """The UNet's learning rate: ``unet_lr`` when set, else ``learning_rate`` (the one home of this rule)."""
+        return self.unet_lr if self.unet_lr is not None else self.learning_rate
+
 
 @dataclass
 class TrainingConfig:
@@ -460,7 +465,7 @@ def check_config(cfg: Config, cuda_available: bool | None = None) -> list[Proble
         err("optimizer.unet_lr", "must be positive, or empty (null) to use learning_rate.")
     if o.text_encoder_lr < 0:
         err("optimizer.text_encoder_lr", "must be 0 (text encoder frozen) or positive.")
-    unet_lr = o.unet_lr if o.unet_lr is not None else o.learning_rate
+    unet_lr = o.effective_unet_lr
     if o.text_encoder_lr > unet_lr > 0:
         warn("optimizer.text_encoder_lr", f"{o.text_encoder_lr:g} is above the UNet LR {unet_lr:g}; usually it is 1/2 to 1/10 of it.")
     if o.optimizer in ("Lion", "Lion8bit") and unet_lr >= 5e-5:

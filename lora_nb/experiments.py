@@ -49,7 +49,7 @@ def fit_experiments(base: Config, scratch: str | Path, quick: bool = False) -> l
     """
     scratch = Path(scratch)
     steps = base.training.max_steps or 0
-    lr = base.optimizer.unet_lr or base.optimizer.learning_rate
+    lr = base.optimizer.effective_unet_lr
     common = {"sample.every_n_epochs": 0, "save.save_state": False}
     few = small_dataset(base.dataset.dir, scratch / "data-3-images", 3, 1)
     return [
@@ -85,7 +85,7 @@ def folk_experiments(base: Config, scratch: str | Path, reg_dir: str | None) -> 
     """Runs that test the course's folk claims, each differing from ``base`` in one respect."""
     scratch = Path(scratch)
     r, a = base.network.rank, base.network.alpha
-    lr = base.optimizer.unet_lr or base.optimizer.learning_rate
+    lr = base.optimizer.effective_unet_lr
     common = {"sample.every_n_epochs": 0, "save.save_state": False, "save.every_n_epochs": 0}
     total = base_steps(base)
 

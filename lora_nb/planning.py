@@ -159,7 +159,7 @@ def report_settings(cfg: Config, scan, model=None, cuda_available: bool | None =
     scale = cfg.network.alpha / cfg.network.rank if cfg.network.rank > 0 else float("nan")
     if model is not None and cfg.network.rank > 0 and not errors:
         train_te = cfg.optimizer.text_encoder_lr > 0
-        unet_lr = cfg.optimizer.unet_lr if cfg.optimizer.unet_lr is not None else cfg.optimizer.learning_rate
+        unet_lr = cfg.optimizer.effective_unet_lr
         meta = training_metadata(cfg, model, plan, scan.tag_frequency, unet_lr)
         meta.update(ss_epoch=str(plan.epochs), ss_steps=str(plan.total_steps))
         file_bytes = estimate_lora_file_size(model, cfg.network.rank, cfg.network.alpha, cfg.network.unet_targets,

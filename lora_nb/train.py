@@ -400,7 +400,7 @@ def _train(cfg: Config, on_event: Callable[[Event], None] | None = None, model=N
             return encode_prompts(model, captions, cfg.network.clip_skip, device, text_encoders_train)
 
     # ---- optimizer and schedule
-    unet_lr = cfg.optimizer.unet_lr if cfg.optimizer.unet_lr is not None else cfg.optimizer.learning_rate
+    unet_lr = cfg.optimizer.effective_unet_lr
     unet_params = [p for p in pipe.unet.parameters() if p.requires_grad]
     te_params = [p for te in model.text_encoders for p in te.parameters() if p.requires_grad] if train_te else []
     trained = unet_params + te_params

@@ -6,7 +6,9 @@
   processed/              cropped images (notebook 02)
   dataset/<R>_<concept>/  processed images + captions (kohya convention, R = repeats)
   regularization/         optional class images
+  course.yaml             the learner's run settings, shared by every notebook
   config.yaml             every training setting (notebook 04 → 05)
+  train_config.yaml       the settings the last training really ran with (written by the trainer)
   lora/                   LoRA files: <name>-e0002.safetensors …, <name>.safetensors
   samples/                preview images per epoch
   metrics.jsonl           one line per step / epoch
@@ -54,6 +56,27 @@ class Workspace:
         return self.root / "config.yaml"
 
     @property
+    def train_config(self) -> Path:
+        """The settings the last training ran with (the trainer writes it; diagnosis reads it)."""
+        return self.root / "train_config.yaml"
+
+    @property
+    def course_settings(self) -> Path:
+        return self.root / "course.yaml"
+
+    @property
+    def previous(self) -> Path:
+        return self.root / "previous"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lora-nb.lock"
+
+    @property
     def lora(self) -> Path:
         return self.root / "lora"
 
@@ -85,8 +108,28 @@ class Workspace:
     def diagnosis(self) -> Path:
         return self.root / "diagnosis.json"
 
-    def concept_dir(self, repeats: int, concept: str) -> Path:
-        return self.dataset / f"{repeats}_{concept}"
+    def lora_file(self, name: str, fmt: str = "kohya") -> Path:
+        """``lora/<name>.safetensors`` (kohya) or ``lora/<name>.diffusers.safetensors``."""
+        return self.lora / (f"{name}.safetensors" if fmt == "kohya" else f"{name}.diffusers.safetensors")
+
+    def epoch_name(self, output_name: str, epoch: int) -> str:
+        """The name of an intermediate save: ``<name>-e0002``."""
+        return f"{output_name}-e{epoch:04d}"
+
+    def sample_image(self, epoch: int, index: int) -> Path:
+        return self.samples / f"e{epoch:04d}-p{index:02d}.png"
+
+    def report(self, name: str) -> Path:
+        """``reports/<name>.json`` (a notebook's report; ``name`` without the extension)."""
+        return self.reports / f"{name}.json"
+
+    def figure(self, name: str) -> Path:
+        return self.figures / f"{name}.png"
+
+    @property
+    def run_files(self) -> tuple[Path, ...]:
+        """What one training run writes besides its LoRA files (moved together to ``previous/``)."""
+        return (self.metrics, self.train_config, self.samples, self.state)
 
 
 def open_workspace(path: str | Path, base: str | Path | None = None) -> Workspace:
