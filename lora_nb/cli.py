@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from lora_nb import LoraNbError
@@ -20,7 +21,9 @@ def cmd_train(args) -> int:
     cfg = Config.load(args.config)
     if args.set:
         cfg = cfg.with_overrides(args.set)
-    result = train(cfg, on_event=_print_event, resume=not args.restart)
+    # LORA_NB_BATCH_LOG=<folder>: each process lists the images of its batches (to check data-parallel runs)
+    result = train(cfg, on_event=_print_event, resume=not args.restart,
+                   batch_log_dir=os.environ.get("LORA_NB_BATCH_LOG") or None)
     print(f"Done: {result.steps} steps in {result.seconds:.1f} s. Files:")
     for f in result.files:
         print(f"  {f}")

@@ -9,7 +9,6 @@ count with ``dataset.repeats`` (or 1).
 from __future__ import annotations
 
 import collections
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,10 +17,10 @@ from PIL import Image, ImageOps
 
 from lora_nb import LoraNbError
 from lora_nb.captions import add_trigger, read_caption, split_tags
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-CAPTION_EXTENSIONS = (".txt", ".caption", ".cap", ".tags")
-FOLDER_RE = re.compile(r"^(\d+)_(.+)$")
+from lora_nb import folders
+from lora_nb.folders import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS, match_concept_folder
+from lora_nb.images import load_image
+from lora_nb.workspace import repo_data_dir
 
 
 @dataclass
@@ -47,15 +46,13 @@ def resolve_data_path(path: str | Path) -> Path:
     p = Path(path).expanduser()
     if p.is_absolute() or p.exists():
         return p
-    from lora_nb.models import repo_data_dir
-
     candidate = repo_data_dir().parent / p
     return candidate if candidate.exists() else p
 
 
 def list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                  and not p.name.startswith("."))
+    """The images the trainer reads in one folder (not its sub-folders; linked-in images count)."""
+    return folders.list_images(folder, recursive=False, follow_links=True)
 
 
 def scan_dataset(root: str | Path, caption_extension: str = ".txt", repeats: int | None = None,
@@ -75,9 +72,9 @@ def scan_dataset(root: str | Path, caption_extension: str = ".txt", repeats: int
     groups: list[tuple[Path, int, str]] = []
     unprefixed: list[str] = []  # subfolders with images but no <repeats>_ prefix: kohya ignores them
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        m = FOLDER_RE.match(sub.name)
-        if m:
-            groups.append((sub, int(m.group(1)), m.group(2)))
+        parsed = match_concept_folder(sub.name)
+        if parsed:
+            groups.append((sub, *parsed))
         elif list_images(sub):
             unprefixed.append(sub.name)
     if list_images(root):
@@ -153,20 +150,14 @@ def _raise_for_no_images(root: Path, what: str, groups, unprefixed: list[str], c
 
 
 def load_training_image(path: Path, size: tuple[int, int], flip: bool = False):
-    """Load ``path`` as RGB (EXIF-rotated, alpha on white), cover-resize and centre-crop to ``size`` (w, h).
+    """Load ``path`` as RGB (:func:`lora_nb.images.load_image`), cover-resize and centre-crop to ``size`` (w, h).
 
     Returns ``(array float32 in [-1, 1] CHW, original (h, w), crop (top, left))``.
     """
     try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            if im.mode in ("RGBA", "LA", "P"):
-                im = im.convert("RGBA")
-                bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-                im = Image.alpha_composite(bg, im)
-            im = im.convert("RGB")
-    except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
-        raise LoraNbError(f"Cannot read training image {path}: {exc}. Remove it or re-import the dataset "
+        im = load_image(path)  # the importer's loader: EXIF rotation, alpha on white, CMYK, 16-bit, palette
+    except LoraNbError as exc:
+        raise LoraNbError(f"Cannot read training image {exc}. Remove it or re-import the dataset "
                           "(notebook 01 skips broken files).") from None
     w, h = size
     ow, oh = im.size

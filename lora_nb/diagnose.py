@@ -28,8 +28,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from lora_nb import LoraNbError
+from lora_nb.config import Config, parse_resolution
+from lora_nb.dataset import Item, load_training_image, scan_dataset
+from lora_nb.fsutil import write_text_atomic
+from lora_nb.lora_io import load_lora
+from lora_nb.models import load_base_model, toy_model_dir
+from lora_nb.steps import encode_prompts, fixed_noise_loss, latents_of, prepare_samples
+from lora_nb.toy import judge, quality
+from lora_nb.toy.world import COLOURS
+from lora_nb.workspace import Workspace
 
 
 @dataclass
@@ -119,9 +129,7 @@ def toy_image_evidence(pipe, training_images: list[np.ndarray], seeds: list[int]
     ``prompts`` of the 24 colour × background concept prompts are used (spread evenly),
     each with and without the trigger word, at every seed.
     """
-    from lora_nb.toy import judge, quality
 
-    from lora_nb.toy.world import COLOURS
 
     def spread(items: list[str]) -> list[str]:  # a checkerboard over colour × background: every colour appears
         picked = [p for i, p in enumerate(items) if (i + i // len(COLOURS)) % 2 == 0]
@@ -156,7 +164,6 @@ def generic_image_evidence(pipe, training_images: list[np.ndarray], prompts: lis
     leakage ≈ similarity of trigger-free generations to the training set.
     Generalisation is not measured (None): look at the sample grid.
     """
-    from lora_nb.toy import judge, quality
 
     bare = [re.sub(rf"\b{re.escape(trigger)}\b,?\s*", "", p).strip() or "a photo" for p in prompts] if trigger else prompts
     on = [img for _, _, img in quality.generate(pipe, prompts, seeds, steps=steps, size=size)]
@@ -220,8 +227,6 @@ def overall_verdict(epochs: list[dict], chosen: dict | None) -> str:
 # --------------------------------------------------------------------------- the whole run
 
 def load_training_images(cfg, limit: int = 64) -> list[np.ndarray]:
-    from lora_nb.config import parse_resolution
-    from lora_nb.dataset import load_training_image, scan_dataset
 
     size = parse_resolution(cfg.dataset.resolution)
     items = scan_dataset(cfg.dataset.dir, cfg.dataset.caption_extension, cfg.dataset.repeats,
@@ -231,7 +236,6 @@ def load_training_images(cfg, limit: int = 64) -> list[np.ndarray]:
 
 
 def is_toy(cfg) -> bool:
-    from lora_nb.models import toy_model_dir
 
     src = str(cfg.model.source)
     return src == "toy" or (Path(src) / "toy_build.json").exists() or \
@@ -245,23 +249,20 @@ def diagnose_run(workspace: str | Path, seeds: list[int] | None = None, steps: i
     return (and write) ``diagnosis.json``."""
     from tqdm.auto import tqdm
 
-    from lora_nb.config import Config, parse_resolution
-    from lora_nb.fsutil import write_text_atomic
-    from lora_nb.lora_io import load_lora
-    from lora_nb.models import load_base_model
 
-    ws = Path(workspace)
-    cfg_path = ws / "train_config.yaml" if (ws / "train_config.yaml").exists() else ws / "config.yaml"
+    ws = Workspace(Path(workspace))
+    cfg_path = ws.train_config if ws.train_config.exists() else ws.config
     if not cfg_path.exists():
-        raise LoraNbError(f"{ws} holds no trained run (no train_config.yaml): run notebook 05 or `lora-nb train` first.")
+        raise LoraNbError(f"{ws.root} holds no trained run (no {ws.train_config.name}): run notebook 05 or "
+                          "`lora-nb train` first.")
     cfg = Config.load(cfg_path)
-    files = lora_files(ws / "lora", cfg.save.output_name)
+    files = lora_files(ws.lora, cfg.save.output_name)
     if not files:
-        raise LoraNbError(f"No LoRA files in {ws / 'lora'}: training has not saved anything yet.")
+        raise LoraNbError(f"No LoRA files in {ws.lora}: training has not saved anything yet.")
     if only_final:
         files = files[-1:]
     seeds = list(seeds or [0, 1])
-    records = read_metrics(ws / "metrics.jsonl")
+    records = read_metrics(ws.metrics)
     losses = loss_evidence(records)
     final_epoch = max(losses["epochs"]) if losses["epochs"] else cfg.training.epochs
     toy = is_toy(cfg)
@@ -294,7 +295,7 @@ def diagnose_run(workspace: str | Path, seeds: list[int] | None = None, steps: i
     chosen = recommend(epochs)
     run_verdict = overall_verdict(epochs, chosen)
     result = {
-        "workspace": str(ws), "toy_judge": toy, "approximate": not toy, "seeds": seeds,
+        "workspace": str(ws.root), "toy_judge": toy, "approximate": not toy, "seeds": seeds,
         "thresholds": asdict(thresholds), "loss": losses,
         "base": {k: v for k, v in base.items() if k != "examples"},
         "epochs": [{k: v for k, v in e.items() if k != "examples"} for e in epochs],
@@ -303,7 +304,7 @@ def diagnose_run(workspace: str | Path, seeds: list[int] | None = None, steps: i
         "remedies": [{"remedy": r, "setting": s, "change": c} for r, s, c in REMEDIES.get(run_verdict, [])],
     }
     if write:
-        write_text_atomic(ws / "diagnosis.json", json.dumps(result, indent=2))
+        write_text_atomic(ws.diagnosis, json.dumps(result, indent=2))
     result["_examples"] = {e["epoch"]: e["examples"] for e in epochs}
     return result
 
@@ -367,11 +368,7 @@ def validation_loss_of_file(model, lora_file: str | Path | None, image_paths: li
 
     Same images, noise and timesteps every call: computing it twice gives the same number.
     """
-    import torch
 
-    from lora_nb.dataset import Item
-    from lora_nb.lora_io import load_lora
-    from lora_nb.train import encode_prompts, fixed_noise_loss, latents_of, prepare_samples
 
     from diffusers import DDPMScheduler
 

@@ -12,7 +12,12 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_nb.config import Config
+from lora_nb.config import Config, plan_steps
+from lora_nb.dataset import list_images, resolve_data_path, scan_dataset
+from lora_nb.diagnose import diagnose_run
+from lora_nb.folders import CAPTION_EXTENSIONS, concept_folder_name, find_concept_folders
+from lora_nb.train import train
+from lora_nb.workspace import Workspace
 
 
 @dataclass
@@ -24,19 +29,17 @@ class Experiment:
 
 def small_dataset(src: str | Path, dest: str | Path, n: int, repeats: int) -> Path:
     """Copy the first ``n`` images (with captions) of a kohya dataset into ``dest/<repeats>_<concept>/``."""
-    from lora_nb.dataset import list_images, resolve_data_path
-
     src = resolve_data_path(src)
-    folders = [p for p in sorted(src.iterdir()) if p.is_dir() and "_" in p.name] or [src]
-    concept = folders[0].name.split("_", 1)[-1]
-    out = Path(dest) / f"{repeats}_{concept}"
+    found = find_concept_folders(src)
+    folder, concept = (found[0][0], found[0][2]) if found else (src, src.name)
+    out = Path(dest) / concept_folder_name(repeats, concept)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    for img in list_images(folders[0])[:n]:
+    for img in list_images(folder)[:n]:
         shutil.copy2(img, out / img.name)
         for cap in img.parent.glob(img.stem + ".*"):
-            if cap.suffix.lower() in (".txt", ".caption"):
+            if cap.suffix.lower() in CAPTION_EXTENSIONS:
                 shutil.copy2(cap, out / cap.name)
     return Path(dest)
 
@@ -73,9 +76,6 @@ def fit_experiments(base: Config, scratch: str | Path, quick: bool = False) -> l
 
 def base_steps(cfg: Config) -> int:
     """Total steps ``cfg`` trains (from the dataset on disk)."""
-    from lora_nb.config import plan_steps
-    from lora_nb.dataset import scan_dataset
-
     scan = scan_dataset(cfg.dataset.dir, cfg.dataset.caption_extension, cfg.dataset.repeats, cfg.dataset.trigger_word)
     return plan_steps(scan.folders, cfg.training.batch_size, cfg.training.epochs, 0, bool(cfg.dataset.reg_dir),
                       cfg.training.max_steps).total_steps
@@ -121,11 +121,8 @@ def folk_experiments(base: Config, scratch: str | Path, reg_dir: str | None) -> 
 
 def run_experiment(exp: Experiment, seeds: list[int], steps: int = 20, model=None) -> dict:
     """Train (or reuse a finished run of) ``exp`` and diagnose its final file only."""
-    from lora_nb.diagnose import diagnose_run
-    from lora_nb.train import train
-
     out = Path(exp.cfg.save.output_dir)
-    final = out / "lora" / f"{exp.cfg.save.output_name}.safetensors"
+    final = Workspace(out).lora_file(exp.cfg.save.output_name)
     if not final.exists():
         result = train(exp.cfg, progress=False, resume=False)
         seconds = result.seconds

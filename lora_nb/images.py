@@ -38,8 +38,10 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from lora_nb import LoraNbError
+from lora_nb.folders import (  # noqa: F401 - the kohya folder names are re-exported for callers of images
+    CAPTION_EXTENSIONS, IMAGE_EXTENSIONS, concept_folder_name, find_concept_folders, list_images,
+    make_concept_folder, make_regularization_folder, parse_concept_folder)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # Defaults against decompression and zip bombs. 64 megapixels covers every camera
 # photo a learner is likely to use (an 8000x8000 image); bigger is refused before decoding.
 MAX_PIXELS = 64_000_000
@@ -48,7 +50,6 @@ MAX_ZIP_FILES = 10_000
 MAX_ZIP_TOTAL_BYTES = 4 * 1024 * 1024 * 1024
 MAX_ZIP_RATIO = 200
 MIN_SIDE = 64
-CAPTION_FILE_EXTENSIONS = (".txt", ".caption")
 # Formats that can be copied byte for byte when nothing needs converting.
 _COPYABLE_FORMATS = {"JPEG": (".jpg", ".jpeg"), "PNG": (".png",), "WEBP": (".webp",)}
 
@@ -236,23 +237,6 @@ def load_image(path: str | Path | bytes, background: tuple[int, int, int] = (255
         raise LoraNbError(f"{label}: the image is truncated or corrupt ({type(exc).__name__}: {exc}).") from None
 
 
-def list_images(folder: str | Path, recursive: bool = True) -> list[Path]:
-    """Image files in ``folder`` by extension, sorted; symbolic links are not followed."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise LoraNbError(f"{folder} is not a folder: pass the folder that holds your images.")
-    found = []
-    for root, dirs, files in os.walk(folder, followlinks=False):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for f in files:
-            p = Path(root) / f
-            if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_symlink() and not f.startswith("."):
-                found.append(p)
-        if not recursive:
-            break
-    return sorted(found)
-
-
 # --------------------------------------------------------------------------- import
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -321,7 +305,7 @@ def _iter_folder(folder: Path):
             if f.startswith("."):
                 continue
             stem, ext = os.path.splitext(f)
-            if ext.lower() in CAPTION_FILE_EXTENSIONS and stem in image_stems:
+            if ext.lower() in CAPTION_EXTENSIONS and stem in image_stems:
                 yield rel, None, "not an image: the caption file of an image (notebook 03 writes the captions)"
                 continue
             if p.is_symlink():
@@ -696,55 +680,7 @@ def _overall_warnings(r: AuditReport, low_variety: float) -> list[str]:
 
 
 # --------------------------------------------------------------------------- kohya folders
-
-_CONCEPT_RE = re.compile(r"^(\d+)_(.+)$")
-
-
-def concept_folder_name(repeats: int, concept: str) -> str:
-    """The kohya dataset folder name ``<repeats>_<concept>`` (e.g. ``10_sks dog``).
-
-    The trainer repeats every image in the folder ``repeats`` times per epoch (C14).
-    """
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise LoraNbError(f"repeats={repeats!r}: must be a whole number of at least 1 (anime ~8, realistic ~15).")
-    concept = str(concept).strip()
-    if not concept or any(c in concept for c in '/\\<>:"|?*') or concept in (".", ".."):
-        raise LoraNbError(f"concept={concept!r}: give a short name without slashes or special characters, e.g. 'sks dog'.")
-    return f"{repeats}_{concept}"
-
-
-def parse_concept_folder(name: str | Path) -> tuple[int, str]:
-    """``"10_sks dog"`` -> ``(10, "sks dog")``. Raises :class:`LoraNbError` when the name does not follow the convention."""
-    base = Path(name).name
-    m = _CONCEPT_RE.match(base)
-    if not m or int(m.group(1)) < 1:
-        raise LoraNbError(
-            f"Folder {base!r} does not follow the kohya convention '<repeats>_<concept>' (e.g. '10_sks dog'): "
-            "rename it, or create it with concept_folder_name()."
-        )
-    return int(m.group(1)), m.group(2)
-
-
-def make_concept_folder(dataset_dir: str | Path, repeats: int, concept: str) -> Path:
-    """Create ``dataset_dir/<repeats>_<concept>`` and return it."""
-    path = Path(dataset_dir) / concept_folder_name(repeats, concept)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def find_concept_folders(dataset_dir: str | Path) -> list[tuple[Path, int, str]]:
-    """Every ``<repeats>_<concept>`` sub-folder of ``dataset_dir`` as ``(path, repeats, concept)``."""
-    out = []
-    for p in sorted(Path(dataset_dir).iterdir()) if Path(dataset_dir).is_dir() else []:
-        if p.is_dir() and _CONCEPT_RE.match(p.name):
-            r, c = parse_concept_folder(p.name)
-            out.append((p, r, c))
-    return out
-
-
-def make_regularization_folder(reg_dir: str | Path, class_name: str, repeats: int = 1) -> Path:
-    """Create the regularization set folder ``reg_dir/<repeats>_<class>`` (C5), kohya's layout for reg images."""
-    return make_concept_folder(reg_dir, repeats, class_name)
+# (the convention itself lives in lora_nb.folders; its names are importable from here too)
 
 
 def regularization_advice(n_regularization: int, n_training: int) -> list[str]:

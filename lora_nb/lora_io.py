@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 
 from lora_nb import LoraNbError
+from lora_nb.config import parse_resolution
+from lora_nb.fsutil import atomic_path, disk_full_error, is_disk_full
 
 ADAPTER_NAME = "default"
 
@@ -300,6 +302,35 @@ def ss_metadata(family: str, source: str, rank: int, alpha: float, text_encoder_
     return meta
 
 
+def training_metadata(cfg, plan, tag_frequency: dict) -> dict[str, str]:
+    """The training half of the ``ss_*`` metadata (the settings a run used), as sd-scripts writes it.
+
+    ``cfg`` is a :class:`lora_nb.config.Config`, ``plan`` its :class:`lora_nb.config.StepsPlan`. The base
+    model's name comes from :func:`ss_metadata` (a file name, never a local path).
+    """
+    w, h = parse_resolution(cfg.dataset.resolution)
+    return {
+        "ss_learning_rate": str(cfg.optimizer.learning_rate),
+        "ss_unet_lr": str(cfg.optimizer.effective_unet_lr),
+        "ss_text_encoder_lr": str(cfg.optimizer.text_encoder_lr),
+        "ss_num_epochs": str(plan.epochs),
+        "ss_max_train_steps": str(plan.total_steps),
+        "ss_batch_size_per_device": str(cfg.training.batch_size),
+        "ss_resolution": f"({w}, {h})",
+        "ss_lr_scheduler": cfg.optimizer.lr_scheduler,
+        "ss_optimizer": cfg.optimizer.optimizer,
+        "ss_mixed_precision": cfg.training.mixed_precision,
+        "ss_seed": str(cfg.training.seed),
+        "ss_clip_skip": str(cfg.network.clip_skip),
+        "ss_noise_offset": str(cfg.training.noise_offset),
+        "ss_min_snr_gamma": str(cfg.training.min_snr_gamma),
+        "ss_num_train_images": str(plan.samples_per_epoch),
+        "ss_tag_frequency": json.dumps(tag_frequency, ensure_ascii=False),
+        "ss_output_name": cfg.save.output_name,
+        "ss_training_comment": "trained with lora-nb",
+    }
+
+
 def _fmt_number(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(float(x))
 
@@ -307,8 +338,6 @@ def _fmt_number(x: float) -> str:
 def _atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     """Write through :func:`lora_nb.fsutil.atomic_path`: fsync, rename, a named disk-full error."""
     from safetensors.torch import save_file
-
-    from lora_nb.fsutil import atomic_path
 
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
@@ -333,7 +362,6 @@ def _save_diffusers(path: Path, model, comps: dict, dtype: torch.dtype, meta: di
         sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in sd.items()}
         kwargs[f"{name}_lora_layers"] = sd
     kwargs.update(_collate_lora_metadata(comps))
-    from lora_nb.fsutil import disk_full_error, is_disk_full
 
     with tempfile.TemporaryDirectory(prefix=".lora-save-", dir=path.parent) as tmpdir:
         try:

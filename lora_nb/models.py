@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from lora_nb import LoraNbError
+from lora_nb.workspace import repo_data_dir
 
 FAMILIES = ("sd15", "sdxl")
 
@@ -59,12 +60,6 @@ class BaseModel:
         """Image sides must be multiples of this: VAE scale × UNet downsampling."""
         unet_down = 2 ** (len(self.pipe.unet.config.block_out_channels) - 1)
         return self.vae_scale * unet_down
-
-
-def repo_data_dir() -> Path:
-    """The project's ``data/`` folder (override with the ``LORA_NB_DATA`` environment variable)."""
-    env = os.environ.get("LORA_NB_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "data"
 
 
 def toy_model_dir() -> Path:

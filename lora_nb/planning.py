@@ -9,7 +9,15 @@ import statistics
 import tempfile
 from dataclasses import dataclass, field
 
+import torch
+
+from lora_nb import LoraNbError
+from lora_nb.archs import build_architecture
 from lora_nb.config import Config, StepsPlan, check_config, plan_steps, preset, setting_help
+from lora_nb.estimate import estimate_lora_file_size, lora_parameter_count
+from lora_nb.lora_io import training_metadata
+from lora_nb.models import load_base_model
+from lora_nb.train import train
 
 # notebook parameter → config setting; -1 / "" in a parameter means "the preset's value"
 PARAMETER_SETTINGS = {
@@ -133,9 +141,6 @@ def _duration(seconds: float) -> str:
 
 def report_settings(cfg: Config, scan, model=None, cuda_available: bool | None = None) -> SettingsReport:
     """Everything notebook 04 prints about ``cfg`` (no training: see :func:`measure_step_time`)."""
-    from lora_nb.estimate import estimate_lora_file_size, lora_parameter_count
-    from lora_nb.train import training_metadata
-
     problems = check_config(cfg, cuda_available=cuda_available)
     warnings = [f"{p.setting}: {p.message}" for p in problems if p.level == "warning"]
     errors = [f"{p.setting}: {p.message}" for p in problems if p.level == "error"]
@@ -159,8 +164,7 @@ def report_settings(cfg: Config, scan, model=None, cuda_available: bool | None =
     scale = cfg.network.alpha / cfg.network.rank if cfg.network.rank > 0 else float("nan")
     if model is not None and cfg.network.rank > 0 and not errors:
         train_te = cfg.optimizer.text_encoder_lr > 0
-        unet_lr = cfg.optimizer.effective_unet_lr
-        meta = training_metadata(cfg, model, plan, scan.tag_frequency, unet_lr)
+        meta = training_metadata(cfg, plan, scan.tag_frequency)
         meta.update(ss_epoch=str(plan.epochs), ss_steps=str(plan.total_steps))
         file_bytes = estimate_lora_file_size(model, cfg.network.rank, cfg.network.alpha, cfg.network.unet_targets,
                                              train_te, cfg.save.precision, meta)
@@ -171,11 +175,6 @@ def report_settings(cfg: Config, scan, model=None, cuda_available: bool | None =
 def measure_step_time(cfg: Config, steps: int = 4, model=None) -> tuple[float, int | None]:
     """Train ``steps`` real steps in a scratch folder; return (median seconds per step after the first, peak GPU bytes)."""
     import time
-
-    import torch
-
-    from lora_nb.models import load_base_model
-    from lora_nb.train import train
 
     with tempfile.TemporaryDirectory(prefix="lora-nb-warmup-") as tmp:
         trial = cfg.with_overrides({"training.max_steps": steps, "save.output_dir": tmp, "save.save_state": False,
@@ -203,8 +202,6 @@ def speed_memory_rows(cfg: Config) -> list[tuple[str, str, str]]:
 
 def gpu_memory_gib() -> float | None:
     """The CUDA GPU's memory in GiB, or None without one."""
-    import torch
-
     return torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None
 
 
@@ -246,9 +243,6 @@ def describe_base_models() -> list[tuple[str, str, str]]:
 def model_for_estimates(cfg: Config):
     """(model, loaded, note): the base model when it can be loaded here; otherwise its full-size
     architecture on the meta device (module shapes only), with a note saying why."""
-    from lora_nb import LoraNbError
-    from lora_nb.archs import build_architecture
-    from lora_nb.models import load_base_model
 
     try:
         return load_base_model(cfg.model.source, cfg.model.family, allow_pickle=cfg.model.allow_pickle), True, ""

@@ -206,6 +206,28 @@ def generate(pipe, prompts: list[SamplePrompt], device=None) -> list:
     return images
 
 
+def sample_prompts_of(sample_cfg, size: tuple[int, int]) -> list[SamplePrompt]:
+    """The preview prompts of a :class:`lora_nb.config.SampleConfig`, with its defaults (size: the training size)."""
+    s = sample_cfg
+    defaults = SamplePrompt(prompt="", negative_prompt=s.negative_prompt, width=s.width or size[0],
+                            height=s.height or size[1], seed=s.seed, steps=s.steps, cfg_scale=s.cfg_scale,
+                            sampler=s.sampler)
+    return [p for p in (parse_prompt_line(line, defaults) for line in s.prompts) if p is not None]
+
+
+def render_previews(model, prompts: list[SamplePrompt]) -> list:
+    """Render ``prompts`` with the model (and its LoRA) as it is now, in eval mode; training mode is restored."""
+    modules = [model.pipe.unet] + list(model.text_encoders)
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        return generate(model.pipe, prompts)
+    finally:
+        for m, was in zip(modules, modes):
+            m.train(was)
+
+
 def strength_sweep(pipe, lora_path: str | Path, prompt: SamplePrompt, strengths: list[float],
                    adapter_name: str = "sweep") -> list:
     """The same prompt and seed at each LoRA strength (e.g. 0, 0.5, 1): one image per strength.

@@ -1,23 +1,30 @@
 """LoRA training: one function, used by the notebooks and the command line.
 
-The loop follows the order every diffusers reader knows: (cached) latents →
-noise at a random timestep → UNet with LoRA, conditioned on caption embeddings
-→ MSE against the target (noise or velocity, optional min-SNR weight) →
-backward into the LoRA parameters only → optimizer and LR schedule → an event
-for whoever watches (a live plot, a progress bar, ``metrics.jsonl``).
+:func:`train` reads as its phases, in the order a reader of the diffusers examples expects:
 
-It runs on accelerate, so the same code trains on a CPU, one GPU, or several
-GPUs under ``accelerate launch``.
+1. :func:`load_training_data` — scan the dataset, hold out validation images, find the class images,
+   check everything that needs no model, plan the steps;
+2. :func:`prepare_model` — the base model in its training dtype, the LoRA attached, checkpointing;
+3. :func:`cache_training_data` — VAE latents and (when the text encoder is frozen) caption embeddings;
+4. :func:`build_optimization` — the optimizer and the LR schedule, wrapped by accelerate;
+5. :func:`open_run` — the workspace: resume from the saved state, or move an earlier run aside;
+6. the loop — per epoch :func:`epoch_batches`, per batch :func:`training_step`, then :func:`end_of_epoch`
+   (save the LoRA, the state, validation loss, previews).
+
+One step (:mod:`lora_nb.steps` holds the pieces the diagnosis shares): (cached) latents → noise at a
+random timestep → UNet with LoRA, conditioned on caption embeddings → MSE against the target (noise or
+velocity, optional min-SNR weight) → backward into the LoRA parameters only → optimizer and LR schedule →
+an event for whoever watches (a live plot, a progress bar, ``metrics.jsonl``).
+
+It runs on accelerate, so the same code trains on a CPU, one GPU, or several GPUs under
+``accelerate launch``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import io
 import json
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -26,14 +33,18 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from lora_nb import LoraNbError
+from lora_nb import LoraNbError, lora_io, runstate, steps
+from lora_nb.captions import shuffle_caption
 from lora_nb.config import (Config, StepsPlan, check_against_dataset, check_against_model, check_config,
                             parse_resolution, plan_steps, raise_for_errors)
-from lora_nb.captions import shuffle_caption
-from lora_nb.dataset import Item, load_training_image, scan_dataset
+from lora_nb.dataset import Item, scan_dataset
+from lora_nb.fsutil import atomic_path, is_disk_full, remove_stale_temp_files
 from lora_nb.latent_cache import LatentCache
+from lora_nb.models import load_base_model
+from lora_nb.optim import build_optimizer, build_scheduler
+from lora_nb.sampling import render_previews, sample_prompts_of
+from lora_nb.workspace import Workspace
 
 
 class TrainingStopped(LoraNbError):
@@ -60,7 +71,135 @@ class TrainResult:
     warnings: list[str] = field(default_factory=list)
 
 
-# ------------------------------------------------------------------------- helpers
+def before_step(step: int) -> None:
+    """Test seam: called before every training step with the number of steps done so far.
+
+    Does nothing. The fault tests (tests/test_faults.py) replace it to poison a tensor, fill the disk
+    or raise out-of-memory at a chosen step; it is not part of :func:`train`'s signature.
+    """
+
+
+# ------------------------------------------------------------------------- the trainer
+
+def train(cfg: Config, on_event: Callable[[Event], None] | None = None, model=None, resume: bool = True,
+          progress: bool = True, batch_log_dir: str | Path | None = None) -> TrainResult:
+    """Train a LoRA as ``cfg`` says; return the files written.
+
+    ``on_event`` receives :class:`Event` s (step loss and LR, epoch ends with the
+    validation loss, sample images, saved files). ``model`` may be a loaded
+    :class:`lora_nb.models.BaseModel` to reuse (it is modified: the LoRA is
+    attached). With ``resume`` a rerun continues from the last saved state in
+    ``<workspace>/state`` when the settings match. ``batch_log_dir``: each process
+    lists the images of its batches in ``batches-rank<N>.jsonl`` there (to check
+    data-parallel runs).
+
+    Running out of GPU memory anywhere (loading, caching latents, a step) stops
+    with :class:`TrainingStopped` listing the memory savers; a full disk with a
+    :class:`LoraNbError` naming the file. Files saved before either stay intact.
+    """
+    try:
+        return _run_phases(cfg, on_event or (lambda e: None), model, resume, progress, batch_log_dir)
+    except torch.cuda.OutOfMemoryError:
+        raise TrainingStopped(out_of_memory_advice(cfg)) from None
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise LoraNbError(f"The disk is full ({exc.filename or cfg.save.output_dir}): files saved before are "
+                              "intact. Free some space (delete old runs or LoRA files) and run again; training "
+                              "resumes from the last save.") from None
+        raise
+
+
+def _run_phases(cfg: Config, emit: Callable[[Event], None], model, resume: bool, progress: bool,
+                batch_log_dir) -> TrainResult:
+    """The body of :func:`train`: its phases, then the loop."""
+    t_start = time.time()
+    warnings = [str(p) for p in raise_for_errors(check_config(cfg))]
+    data = load_training_data(cfg)
+    warnings += data.warnings
+    accelerator, precision = start_accelerator(cfg)
+    net = prepare_model(cfg, model, accelerator.device, precision)
+    cached = cache_training_data(cfg, data, net, accelerator, warnings)
+    opt = build_optimization(cfg, net, data.plan, accelerator)
+    cached.embedder.encoders = opt.text_encoders
+    run = open_run(cfg, accelerator, net, opt, data, resume, warnings, batch_log_dir)
+    s = Session(cfg, accelerator, data, net, cached, opt, run, emit, t_start)
+    emit(Event("start", run.step, run.start_epoch, {"plan": data.plan, "warnings": warnings, "precision": precision,
+                                                    "resumed_from_epoch": run.start_epoch,
+                                                    "device": str(accelerator.device)}))
+    for w in warnings:
+        emit(Event("warning", data={"message": w}))
+    if cached.idle:
+        emit(Event("info", data={"message": "cached: " + ", ".join(type(m).__name__ for m in cached.idle) +
+                                 " moved off the GPU until sampling"}))
+    bar = _progress_bar(data.plan.total_steps, run.step, progress and accelerator.is_main_process)
+    try:
+        with modules_off(cached.idle, accelerator.device):
+            for epoch in range(run.start_epoch + 1, data.plan.epochs + 1):
+                opt.unet.train()
+                losses = []
+                for batch, rngs in epoch_batches(s, epoch):
+                    if run.step >= data.plan.total_steps:
+                        break
+                    before_step(run.step)
+                    record = training_step(s, batch, rngs, epoch)
+                    losses.append(record["loss"])
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", epoch=epoch, refresh=False)  # drawn by update's clock
+                    bar.update(1)
+                end_of_epoch(s, epoch, losses)
+                if run.step >= data.plan.total_steps:
+                    break
+    finally:
+        bar.close()
+        run.close()
+    final = next((f for f in reversed(run.files) if f.name == run.ws.lora_file(cfg.save.output_name).name), None)
+    result = TrainResult(run.files, final, run.ws.root, data.plan, run.step, time.time() - t_start,
+                         run.start_epoch, warnings)
+    emit(Event("done", run.step, data.plan.epochs, {"files": [str(f) for f in run.files], "seconds": result.seconds}))
+    return result
+
+
+# ------------------------------------------------------------------------- 1. the data
+
+@dataclass
+class TrainingData:
+    items: list[Item]
+    val_items: list[Item]
+    reg_items: list[Item]
+    plan: StepsPlan
+    tag_frequency: dict
+    warnings: list[str]
+
+
+def load_training_data(cfg: Config) -> TrainingData:
+    """Scan, hold out ``validation_split`` images, find the class images, check, plan — before any heavy work,
+    so a bad dataset fails fast."""
+    d = cfg.dataset
+    scan = scan_dataset(d.dir, d.caption_extension, d.repeats, d.trigger_word)
+    items, val_items = split_validation(scan.items, d.validation_split, cfg.training.seed)
+    raise_for_errors(check_against_dataset(cfg, len(items), d.dir))
+    reg_items: list[Item] = []
+    if d.reg_dir:
+        reg_items = scan_dataset(d.reg_dir, d.caption_extension, None, "", is_reg=True).items
+        if not reg_items:
+            raise LoraNbError(f"dataset.reg_dir={d.reg_dir!r} holds no images: add 10–20 class images or clear the setting.")
+    folders = [(sum(1 for it in items if it.folder == f), r) for f, r in
+               dict.fromkeys((it.folder, it.repeats) for it in items)]
+    plan = plan_steps(folders, cfg.training.batch_size, cfg.training.epochs, cfg.save.every_n_epochs,
+                      bool(reg_items), cfg.training.max_steps)
+    return TrainingData(items, val_items, reg_items, plan, scan.tag_frequency, list(scan.warnings))
+
+
+def split_validation(items: list[Item], n: int, seed: int) -> tuple[list[Item], list[Item]]:
+    """``(training, held out)``: ``n`` images chosen by ``seed`` leave training for the validation loss."""
+    if not n:
+        return items, []
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n])
+    return [it for i, it in enumerate(items) if i not in held], [it for i, it in enumerate(items) if i in held]
+
+
+# ------------------------------------------------------------------------- 2. the model
 
 def reset_accelerate_state() -> None:
     """accelerate allows one state per process; reset it so a notebook can train twice."""
@@ -78,121 +217,140 @@ def effective_precision(requested: str) -> str:
     return requested
 
 
-def config_fingerprint(cfg: Config) -> str:
-    """Hash of the settings that change the result (not epochs/sample/save cadence)."""
-    d = cfg.to_dict()
-    d["training"] = {k: v for k, v in d["training"].items() if k not in ("epochs", "max_steps")}
-    d.pop("sample")
-    d["save"] = {}
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+def start_accelerator(cfg: Config):
+    """The accelerator for this process and the precision that really runs."""
+    from accelerate import Accelerator
 
+    precision = effective_precision(cfg.training.mixed_precision)
+    reset_accelerate_state()
+    # cpu=True without a GPU: several processes then train data-parallel over gloo (MULTI_CPU)
+    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available()), precision
 
-def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
-    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
-
-
-def encode_prompts(model, captions: list[str], clip_skip: int = 1, device=None, text_encoders: list | None = None):
-    """Caption embeddings as the pipelines compute them: (prompt_embeds, pooled or None).
-
-    SD1.x: the text encoder's last hidden state (``clip_skip`` > 1: an earlier
-    layer, through the final layer norm). SDXL: the penultimate hidden states
-    of both encoders, concatenated, and the second encoder's pooled output.
-    ``text_encoders`` replaces the model's own (the distributed wrappers while training).
-    """
-    device = device or model.pipe.unet.device
-    encoders = text_encoders or model.text_encoders
-    if model.family == "sd15":
-        te = encoders[0]
-        ids = tokenize(model.pipe.tokenizer, captions).to(device)
-        out = te(ids, output_hidden_states=clip_skip > 1)
-        if clip_skip > 1:
-            hidden = out.hidden_states[-clip_skip]
-            inner = model.text_encoders[0]
-            final_norm = inner.text_model.final_layer_norm if hasattr(inner, "text_model") else inner.final_layer_norm
-            return final_norm(hidden), None
-        return out[0], None
-    embeds, pooled = [], None
-    for tok, te in zip(model.tokenizers, encoders):
-        ids = tokenize(tok, captions).to(device)
-        out = te(ids, output_hidden_states=True)
-        embeds.append(out.hidden_states[-(clip_skip + 1)])
-        pooled = out[0]
-    return torch.cat(embeds, dim=-1), pooled
-
-
-def sdxl_time_ids(original_hw, crop_tl, target_hw) -> torch.Tensor:
-    return torch.tensor(list(original_hw) + list(crop_tl) + list(target_hw), dtype=torch.float32)
-
-
-def epoch_order(items_repeats: list[int], epoch: int, seed: int) -> list[int]:
-    """Indices of one epoch: each item repeated, shuffled by (seed, epoch) alone so resuming replays it."""
-    order = [i for i, r in enumerate(items_repeats) for _ in range(r)]
-    random.Random(seed * 100_003 + epoch).shuffle(order)
-    return order
-
-
-def loss_weights(noise_scheduler, timesteps, gamma: float, prediction_type: str) -> torch.Tensor:
-    """Min-SNR-γ weights per sample (1 when γ is 0)."""
-    if not gamma:
-        return torch.ones_like(timesteps, dtype=torch.float32)
-    from diffusers.training_utils import compute_snr
-
-    snr = compute_snr(noise_scheduler, timesteps)
-    clipped = torch.minimum(snr, torch.full_like(snr, gamma))
-    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
-
-
-# ------------------------------------------------------------------------- the data
 
 @dataclass
-class Sample:
-    item: Item
-    pixels: list[np.ndarray]  # one per flip variant (uncached path)
-    latents: list[torch.Tensor] | None
-    time_ids: list[torch.Tensor]
+class PreparedModel:
+    model: object  # lora_nb.models.BaseModel, the LoRA attached
+    noise_scheduler: object
+    prediction_type: str
+    weight_dtype: torch.dtype
+    train_te: bool
+    size: tuple[int, int]
 
 
-def prepare_samples(items: list[Item], size: tuple[int, int], model, flip_aug: bool, cache: bool,
-                    seed: int, device, desc: str = "Caching latents", disk_cache=None) -> list[Sample]:
-    """Load each image once; with ``cache`` encode it with the VAE once (and its flip when flip_aug).
+def prepare_model(cfg: Config, model, device, precision: str) -> PreparedModel:
+    """Load (or reuse) the base model, freeze it in the training dtype, attach the LoRA, enable checkpointing."""
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import cast_training_params
 
-    ``disk_cache`` (a :class:`lora_nb.latent_cache.LatentCache`) keeps the VAE's output between runs:
-    images already there are not even opened. The latent noise is drawn here from ``seed`` either
-    way, so a run from the disk cache trains exactly like one that encodes in memory.
-    """
-    from tqdm.auto import tqdm
+    if model is None:
+        model = load_base_model(cfg.model.source, cfg.model.family, allow_pickle=cfg.model.allow_pickle)
+    raise_for_errors(check_against_model(cfg, model.size_multiple, model.family))
+    pipe = model.pipe
+    prediction_type = (cfg.model.prediction_type if cfg.model.prediction_type != "auto"
+                       else pipe.scheduler.config.get("prediction_type", "epsilon"))
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config, prediction_type=prediction_type)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+    for module in [pipe.unet] + model.text_encoders:
+        module.requires_grad_(False)
+        module.to(device)
+        if weight_dtype != torch.float32:
+            module.to(dtype=weight_dtype)
+    pipe.vae.requires_grad_(False)
+    pipe.vae.to(device)  # kept in fp32: the SDXL VAE overflows in fp16
 
-    vae = model.pipe.vae
-    gen = torch.Generator().manual_seed(seed)
-    flips = (False, True) if flip_aug else (False,)
-    store = disk_cache if cache else None
-    out = []
-    for item in tqdm(items, desc=desc if cache else "Loading images", leave=False, disable=len(items) < 8):
-        key = store.key(item.image, size, flips) if store else ""
-        stored = store.read(key, len(flips)) if store else None
-        pix, lat, tids, encoded = [], [], [], []
-        for v, flip in enumerate(flips):
-            if stored:
-                mean, std, tid = stored[v]["mean"].to(device), stored[v]["std"].to(device), stored[v]["time_ids"]
-            else:
-                arr, orig_hw, crop_tl = load_training_image(item.image, size, flip)
-                tid = sdxl_time_ids(orig_hw, crop_tl, (size[1], size[0]))
-                if cache:
-                    with torch.no_grad():
-                        dist = vae.encode(torch.from_numpy(arr)[None].to(device, vae.dtype)).latent_dist
-                    mean, std = dist.mean[0], dist.std[0]
-                    encoded.append({"mean": mean, "std": std, "time_ids": tid})
-                else:
-                    pix.append(arr)
-            tids.append(tid)
-            if cache:
-                noise = torch.randn(mean.shape, generator=gen).to(device, mean.dtype)
-                lat.append((mean + std * noise).float().cpu())
-        if store and not stored:
-            store.write(key, encoded, item.image)
-        out.append(Sample(item, pix, lat if cache else None, tids))
-    return out
+    train_te = cfg.optimizer.text_encoder_lr > 0
+    torch.manual_seed(cfg.training.seed)  # the LoRA's random init: same seed, same LoRA, in any process
+    lora_io.add_lora(model, cfg.network.rank, cfg.network.alpha, unet_targets=cfg.network.unet_targets,
+                     train_text_encoder=train_te)
+    if precision != "no":
+        cast_training_params([pipe.unet] + (model.text_encoders if train_te else []), dtype=torch.float32)
+    if cfg.training.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+        if train_te:
+            for te in model.text_encoders:
+                te.gradient_checkpointing_enable()
+    return PreparedModel(model, noise_scheduler, prediction_type, weight_dtype, train_te,
+                         parse_resolution(cfg.dataset.resolution))
+
+
+# ------------------------------------------------------------------------- 3. the cache
+
+class TextEmbedder:
+    """Caption embeddings for a batch: from a cache filled once when the text encoders are frozen and
+    captions fixed, computed (with gradients when the text encoder trains) otherwise."""
+
+    def __init__(self, model, clip_skip: int, device, use_cache: bool, train_te: bool):
+        self.model, self.clip_skip, self.device = model, clip_skip, device
+        self.use_cache, self.train_te = use_cache, train_te
+        self.encoders = None  # the distributed wrappers of the trained text encoders, once prepared
+        self.cache: dict[str, tuple] = {}
+
+    def __call__(self, captions: list[str]):
+        if not self.use_cache:
+            with torch.set_grad_enabled(self.train_te):
+                return steps.encode_prompts(self.model, captions, self.clip_skip, self.device, self.encoders)
+        missing = [c for c in dict.fromkeys(captions) if c not in self.cache]
+        if missing:
+            with torch.no_grad():
+                e, p = steps.encode_prompts(self.model, missing, self.clip_skip, self.device)
+            for i, c in enumerate(missing):
+                self.cache[c] = (e[i], None if p is None else p[i])
+        e = torch.stack([self.cache[c][0] for c in captions])
+        p = None if self.model.family == "sd15" else torch.stack([self.cache[c][1] for c in captions])
+        return e, p
+
+
+@dataclass
+class CachedData:
+    samples: list[steps.Sample]
+    reg_samples: list[steps.Sample]
+    validation: tuple | None  # (latents, embeds, pooled, time_ids) of the held-out images
+    embedder: TextEmbedder
+    idle: list  # modules that leave the GPU until sampling (everything they compute is cached)
+
+
+def latent_cache_dir(cfg: Config) -> Path:
+    """``dataset.cache_dir``, or the workspace's ``cache/`` when it is empty."""
+    return Path(cfg.dataset.cache_dir) if cfg.dataset.cache_dir else Workspace(Path(cfg.save.output_dir)).cache
+
+
+def text_cache_wanted(cfg: Config, train_te: bool, warnings: list[str]) -> bool:
+    """Whether caption embeddings are cached: ``auto`` when the text encoder is frozen and captions fixed."""
+    fixed = not train_te and not cfg.dataset.shuffle_caption
+    choice = cfg.dataset.cache_text_embeddings
+    if choice == "yes" and not fixed:
+        warnings.append("dataset.cache_text_embeddings=yes is ignored: the text encoder trains or captions are "
+                        "shuffled, so embeddings change every step.")
+    return fixed if choice in ("auto", "yes") else False
+
+
+def cache_training_data(cfg: Config, data: TrainingData, net: PreparedModel, accelerator,
+                        warnings: list[str]) -> CachedData:
+    """Load every image once (VAE latents when ``cache_latents``); with frozen text encoders encode every
+    caption up front; then move what the steps no longer need off the GPU."""
+    model, device, seed, d = net.model, accelerator.device, cfg.training.seed, cfg.dataset
+    disk = LatentCache.for_vae(latent_cache_dir(cfg), model.pipe.vae) if d.cache_latents_to_disk else None
+    samples = steps.prepare_samples(data.items, net.size, model, d.flip_aug, d.cache_latents, seed, device,
+                                    disk_cache=disk)
+    reg_samples = steps.prepare_samples(data.reg_items, net.size, model, d.flip_aug, d.cache_latents, seed + 1,
+                                        device, "Caching regularization latents", disk_cache=disk)
+    val_samples = steps.prepare_samples(data.val_items, net.size, model, False, True, seed + 2, device,
+                                        "Caching validation latents", disk_cache=disk)
+    embedder = TextEmbedder(model, cfg.network.clip_skip, device, text_cache_wanted(cfg, net.train_te, warnings),
+                            net.train_te)
+    validation = None
+    if val_samples:
+        lat = steps.latents_of(model, val_samples, [0] * len(val_samples), device, None)
+        with torch.no_grad():
+            e, p = steps.encode_prompts(model, [s.item.caption for s in val_samples], cfg.network.clip_skip, device)
+        validation = (lat, e, p, torch.stack([s.time_ids[0] for s in val_samples]).to(device))
+    if embedder.use_cache:  # every caption a step can use, encoded now (in small batches)
+        todo = list(dict.fromkeys([s.item.caption for s in samples + reg_samples] + ([""] if d.caption_dropout else [])))
+        with accelerator.autocast():
+            for i in range(0, len(todo), 32):
+                embedder(todo[i:i + 32])
+    idle = frozen_parts(model, d.cache_latents, embedder.use_cache) if device.type != "cpu" else []
+    return CachedData(samples, reg_samples, validation, embedder, idle)
 
 
 def frozen_parts(model, latents_cached: bool, text_cached: bool) -> list:
@@ -214,400 +372,273 @@ def modules_on(modules: list, device):
             m.to(home)
 
 
-def latent_cache_dir(cfg: Config) -> Path:
-    """``dataset.cache_dir``, or ``<save.output_dir>/cache`` when it is empty."""
-    return Path(cfg.dataset.cache_dir) if cfg.dataset.cache_dir else Path(cfg.save.output_dir) / "cache"
-
-
-def latents_of(model, samples: list[Sample], variants: list[int], device, gen) -> torch.Tensor:
-    """Latents for a batch (from the cache, or encoded now), scaled for the UNet."""
-    vae = model.pipe.vae
-    if samples[0].latents is not None:
-        lat = torch.stack([s.latents[v] for s, v in zip(samples, variants)]).to(device)
-    else:
-        x = torch.from_numpy(np.stack([s.pixels[v] for s, v in zip(samples, variants)])).to(device, vae.dtype)
-        with torch.no_grad():
-            dist = vae.encode(x).latent_dist
-            noise = torch.randn(dist.mean.shape, generator=gen).to(device, dist.mean.dtype)
-            lat = (dist.mean + dist.std * noise).float()
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return (lat - shift) * vae.config.scaling_factor
-
-
-# ------------------------------------------------------------------------- fixed-noise validation
-
-def fixed_noise_loss(model, latents: torch.Tensor, embeds: torch.Tensor, pooled, time_ids, noise_scheduler,
-                     prediction_type: str, seed: int = 1234, timesteps=(100, 300, 500, 700, 900)) -> float:
-    """The validation loss: same latents, noise and timesteps every time, so epochs compare.
-
-    ``latents`` are already scaled; every latent is evaluated at each of ``timesteps``.
-    """
-    unet = model.pipe.unet
-    device = latents.device
-    gen = torch.Generator().manual_seed(seed)
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for t in timesteps:
-            noise = torch.randn(latents.shape, generator=gen).to(device, latents.dtype)
-            ts = torch.full((latents.shape[0],), t, device=device, dtype=torch.long)
-            noisy = noise_scheduler.add_noise(latents, noise, ts)
-            target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, ts)
-            kwargs = {}
-            if pooled is not None:
-                kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
-            pred = unet(noisy.to(unet.dtype), ts, embeds.to(unet.dtype), **kwargs).sample
-            total += F.mse_loss(pred.float(), target.float(), reduction="sum").item()
-            count += target.numel()
-    return total / count
-
-
-# ------------------------------------------------------------------------- the trainer
-
-def train(cfg: Config, on_event: Callable[[Event], None] | None = None, model=None, resume: bool = True,
-          progress: bool = True, _fault: Callable[[int], None] | None = None) -> TrainResult:
-    """Train a LoRA as ``cfg`` says; return the files written.
-
-    ``on_event`` receives :class:`Event` s (step loss and LR, epoch ends with the
-    validation loss, sample images, saved files). ``model`` may be a loaded
-    :class:`lora_nb.models.BaseModel` to reuse (it is modified: the LoRA is
-    attached). With ``resume`` a rerun continues from the last saved state in
-    ``<workspace>/state`` when the settings match. ``_fault`` is a test hook
-    called before each step.
-
-    Running out of GPU memory anywhere (loading, caching latents, a step) stops
-    with :class:`TrainingStopped` listing the memory savers; a full disk with a
-    :class:`LoraNbError` naming the file. Files saved before either stay intact.
-    """
-    from lora_nb.fsutil import is_disk_full
-
+@contextlib.contextmanager
+def modules_off(modules: list, device):
+    """The cached-away ``modules`` on the CPU for the block; back on ``device`` afterwards (the notebook
+    renders with the whole model next)."""
+    for m in modules:
+        m.to("cpu")
+    if modules and device.type == "cuda":
+        torch.cuda.empty_cache()
     try:
-        return _train(cfg, on_event, model, resume, progress, _fault)
-    except torch.cuda.OutOfMemoryError:
-        raise TrainingStopped(out_of_memory_advice(cfg)) from None
-    except OSError as exc:
-        if is_disk_full(exc):
-            raise LoraNbError(f"The disk is full ({exc.filename or cfg.save.output_dir}): files saved before are "
-                              "intact. Free some space (delete old runs or LoRA files) and run again; training "
-                              "resumes from the last save.") from None
-        raise
-
-
-def _train(cfg: Config, on_event: Callable[[Event], None] | None = None, model=None, resume: bool = True,
-           progress: bool = True, _fault: Callable[[int], None] | None = None) -> TrainResult:
-    """The body of :func:`train` (which turns out-of-memory and full-disk errors into clear messages)."""
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
-
-    from lora_nb import lora_io
-    from lora_nb.models import load_base_model
-    from lora_nb.optim import build_optimizer, build_scheduler
-
-    emit = on_event or (lambda e: None)
-    t_start = time.time()
-    warnings = [str(p) for p in raise_for_errors(check_config(cfg))]
-
-    # ---- data (before any heavy work: bad datasets fail fast)
-    scan = scan_dataset(cfg.dataset.dir, cfg.dataset.caption_extension, cfg.dataset.repeats, cfg.dataset.trigger_word)
-    warnings += scan.warnings
-    items = scan.items
-    val_items: list[Item] = []
-    if cfg.dataset.validation_split:
-        order = list(range(len(items)))
-        random.Random(cfg.training.seed).shuffle(order)
-        held = set(order[: cfg.dataset.validation_split])
-        val_items = [it for i, it in enumerate(items) if i in held]
-        items = [it for i, it in enumerate(items) if i not in held]
-    raise_for_errors(check_against_dataset(cfg, len(items), cfg.dataset.dir))
-    reg_items: list[Item] = []
-    if cfg.dataset.reg_dir:
-        reg_items = scan_dataset(cfg.dataset.reg_dir, cfg.dataset.caption_extension, None, "", is_reg=True).items
-        if not reg_items:
-            raise LoraNbError(f"dataset.reg_dir={cfg.dataset.reg_dir!r} holds no images: add 10–20 class images or clear the setting.")
-    folders = [(sum(1 for it in items if it.folder == f), r) for f, r in
-               dict.fromkeys((it.folder, it.repeats) for it in items)]
-    plan = plan_steps(folders, cfg.training.batch_size, cfg.training.epochs, cfg.save.every_n_epochs,
-                      bool(reg_items), cfg.training.max_steps)
-
-    # ---- accelerator and model
-    precision = effective_precision(cfg.training.mixed_precision)
-    reset_accelerate_state()
-    # cpu=True without a GPU: several processes then train data-parallel over gloo (MULTI_CPU)
-    accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
-    device = accelerator.device
-    if model is None:
-        model = load_base_model(cfg.model.source, cfg.model.family, allow_pickle=cfg.model.allow_pickle)
-    raise_for_errors(check_against_model(cfg, model.size_multiple, model.family))
-    pipe = model.pipe
-    size = parse_resolution(cfg.dataset.resolution)
-    prediction_type = (cfg.model.prediction_type if cfg.model.prediction_type != "auto"
-                       else pipe.scheduler.config.get("prediction_type", "epsilon"))
-    from diffusers import DDPMScheduler
-
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config, prediction_type=prediction_type)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
-    for module in [pipe.unet] + model.text_encoders:
-        module.requires_grad_(False)
-        module.to(device)
-        if weight_dtype != torch.float32:
-            module.to(dtype=weight_dtype)
-    pipe.vae.requires_grad_(False)
-    pipe.vae.to(device)  # kept in fp32: the SDXL VAE overflows in fp16
-
-    train_te = cfg.optimizer.text_encoder_lr > 0
-    torch.manual_seed(cfg.training.seed)  # the LoRA's random init: same seed, same LoRA, in any process
-    lora_io.add_lora(model, cfg.network.rank, cfg.network.alpha, unet_targets=cfg.network.unet_targets,
-                     train_text_encoder=train_te)
-    if precision != "no":
-        from diffusers.training_utils import cast_training_params
-
-        cast_training_params([pipe.unet] + (model.text_encoders if train_te else []), dtype=torch.float32)
-    if cfg.training.gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
-        if train_te:
-            for te in model.text_encoders:
-                te.gradient_checkpointing_enable()
-
-    # ---- cache latents and (when the text encoder is frozen and captions fixed) embeddings
-    seed = cfg.training.seed
-    cache_latents = cfg.dataset.cache_latents
-    disk = LatentCache.for_vae(latent_cache_dir(cfg), pipe.vae) if cfg.dataset.cache_latents_to_disk else None
-    samples = prepare_samples(items, size, model, cfg.dataset.flip_aug, cache_latents, seed, device,
-                              disk_cache=disk)
-    reg_samples = prepare_samples(reg_items, size, model, cfg.dataset.flip_aug, cache_latents, seed + 1, device,
-                                  "Caching regularization latents", disk_cache=disk)
-    val_samples = prepare_samples(val_items, size, model, False, True, seed + 2, device, "Caching validation latents",
-                                  disk_cache=disk)
-    cache_text = {"yes": True, "no": False}.get(cfg.dataset.cache_text_embeddings,
-                                                not train_te and not cfg.dataset.shuffle_caption)
-    if cfg.dataset.cache_text_embeddings == "yes" and (train_te or cfg.dataset.shuffle_caption):
-        warnings.append("dataset.cache_text_embeddings=yes is ignored: the text encoder trains or captions are "
-                        "shuffled, so embeddings change every step.")
-        cache_text = False
-    text_cache: dict[str, tuple] = {}
-
-    def embed(captions: list[str]):
-        if cache_text:
-            missing = [c for c in dict.fromkeys(captions) if c not in text_cache]
-            if missing:
-                with torch.no_grad():
-                    e, p = encode_prompts(model, missing, cfg.network.clip_skip, device)
-                for i, c in enumerate(missing):
-                    text_cache[c] = (e[i], None if p is None else p[i])
-            e = torch.stack([text_cache[c][0] for c in captions])
-            p = None if model.family == "sd15" else torch.stack([text_cache[c][1] for c in captions])
-            return e, p
-        with torch.set_grad_enabled(train_te):
-            return encode_prompts(model, captions, cfg.network.clip_skip, device, text_encoders_train)
-
-    # ---- optimizer and schedule
-    unet_lr = cfg.optimizer.effective_unet_lr
-    unet_params = [p for p in pipe.unet.parameters() if p.requires_grad]
-    te_params = [p for te in model.text_encoders for p in te.parameters() if p.requires_grad] if train_te else []
-    trained = unet_params + te_params
-    groups = [{"params": unet_params, "lr": unet_lr, "name": "unet"}]
-    if te_params:
-        groups.append({"params": te_params, "lr": cfg.optimizer.text_encoder_lr, "name": "text_encoder"})
-    optimizer = build_optimizer(cfg.optimizer.optimizer, groups, cfg.optimizer.weight_decay)
-    lr_scheduler = build_scheduler(cfg.optimizer.lr_scheduler, optimizer, cfg.optimizer.lr_warmup_steps,
-                                   plan.total_steps, cfg.optimizer.lr_restarts, cfg.optimizer.lr_power)
-    prepared = accelerator.prepare(pipe.unet, *(model.text_encoders if train_te else []), optimizer)
-    unet_train, optimizer = prepared[0], prepared[-1]
-    text_encoders_train = list(prepared[1:-1]) or None
-
-    # ---- workspace and resume
-    ws = Path(cfg.save.output_dir)
-    (ws / "lora").mkdir(parents=True, exist_ok=True)
-    state_dir = ws / "state"
-    if accelerator.is_main_process:
-        from lora_nb.fsutil import remove_stale_temp_files
-
-        for folder in (ws, ws / "lora", state_dir, ws / "samples"):
-            remove_stale_temp_files(folder)  # left by a killed run (the complete files are untouched)
-    fingerprint = config_fingerprint(cfg)
-    start_epoch, global_step = 0, 0
-    if resume and cfg.save.save_state:
-        loaded = load_state(state_dir, fingerprint, model, optimizer, lr_scheduler, train_te)
-        if loaded:
-            start_epoch, global_step = loaded
-    if start_epoch == 0 and accelerator.is_main_process:
-        moved_to = archive_previous_run(ws, cfg.save.output_name, fingerprint)
-        if moved_to:
-            warnings.append(f"{ws} held a run with other settings: its LoRA files, metrics, samples and state were "
-                            f"moved to {moved_to} (nothing is overwritten). Delete that folder when you no longer "
-                            "need it.")
-    accelerator.wait_for_everyone()
-    metrics_path = ws / "metrics.jsonl"
-    trim_metrics(metrics_path, global_step)
-    cfg.write_yaml(ws / "train_config.yaml")
-
-    is_main = accelerator.is_main_process
-    metadata = training_metadata(cfg, model, plan, scan.tag_frequency, unet_lr)
-    files: list[Path] = sorted((ws / "lora").glob(f"{cfg.save.output_name}-e*.safetensors")) if start_epoch else []
-    emit(Event("start", global_step, start_epoch, {"plan": plan, "warnings": warnings, "precision": precision,
-                                                     "resumed_from_epoch": start_epoch, "device": str(device)}))
-    for w in warnings:
-        emit(Event("warning", data={"message": w}))
-
-    val_data = None
-    if val_samples:
-        lat = latents_of(model, val_samples, [0] * len(val_samples), device, None)
-        with torch.no_grad():
-            e, p = encode_prompts(model, [s.item.caption for s in val_samples], cfg.network.clip_skip, device)
-        tids = torch.stack([s.time_ids[0] for s in val_samples]).to(device)
-        val_data = (lat, e, p, tids)
-
-    # ---- with everything cached, the VAE (and the frozen text encoders) leave the GPU until sampling
-    if cache_text:  # every caption a step can use, encoded now (in small batches)
-        todo = list(dict.fromkeys([s.item.caption for s in samples + reg_samples] +
-                                  ([""] if cfg.dataset.caption_dropout else [])))
-        with accelerator.autocast():
-            for i in range(0, len(todo), 32):
-                embed(todo[i:i + 32])
-    idle = frozen_parts(model, cache_latents, cache_text) if device.type != "cpu" else []
-    if idle:
-        for m in idle:
-            m.to("cpu")
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        emit(Event("info", data={"message": "cached: " + ", ".join(type(m).__name__ for m in idle) +
-                                 " moved off the GPU until sampling"}))
-
-    # ---- the loop
-    total_epochs = plan.epochs
-    bar = tqdm(total=plan.total_steps, initial=global_step, desc="Training", disable=not (progress and is_main))
-    world, rank = accelerator.num_processes, accelerator.process_index
-    metrics_file = open(metrics_path, "a", encoding="utf-8") if is_main else None
-    # LORA_NB_BATCH_LOG=<folder>: each process lists the images of its batches (to check data-parallel runs)
-    log_dir = os.environ.get("LORA_NB_BATCH_LOG")
-    batch_log = open(Path(log_dir) / f"batches-rank{rank}.jsonl", "a", encoding="utf-8") if log_dir else None
-    try:
-        for epoch in range(start_epoch + 1, total_epochs + 1):
-            unet_train.train()
-            order = epoch_order([it.repeats for it in items], epoch, seed)
-            reg_order = (epoch_order([1] * len(reg_samples), epoch, seed + 7) * (len(order) // max(len(reg_samples), 1) + 1))[: len(order)] if reg_samples else []
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-            cap_rng = random.Random(seed * 7_919 + epoch)
-            bs = cfg.training.batch_size
-            # with regularization every training sample is paired with a class sample, as kohya does
-            combined = [(samples, i) for i in order]
-            if reg_samples:
-                combined = [x for pair in zip(combined, [(reg_samples, j) for j in reg_order]) for x in pair]
-            batches = [combined[i:i + bs] for i in range(0, len(combined), bs)]
-            epoch_losses = []
-            for b_index, batch in enumerate(batches):
-                if global_step >= plan.total_steps:
-                    break
-                if _fault:
-                    _fault(global_step)
-                mine = batch[rank::world] or batch[:1]
-                batch_samples = [src[i] for src, i in mine]
-                if batch_log:
-                    batch_log.write(json.dumps({"step": global_step + 1, "rank": rank,
-                                                "images": [s.item.image.name for s in batch_samples]}) + "\n")
-                variants = [0] * len(mine)
-                if cfg.dataset.flip_aug:
-                    variants = torch.randint(0, 2, (len(mine),), generator=gen).tolist()
-                is_reg = torch.tensor([s.item.is_reg for s in batch_samples], device=device)
-                captions = []
-                for s in batch_samples:
-                    c = s.item.caption
-                    if cfg.dataset.shuffle_caption and not s.item.is_reg:
-                        c = shuffle_caption(c, cfg.dataset.keep_tokens, cap_rng)
-                    if cfg.dataset.caption_dropout and cap_rng.random() < cfg.dataset.caption_dropout:
-                        c = ""
-                    captions.append(c)
-                latents = latents_of(model, batch_samples, variants, device, gen)
-                noise = torch.randn(latents.shape, generator=gen).to(device)
-                if cfg.training.noise_offset:
-                    noise = noise + cfg.training.noise_offset * torch.randn(
-                        (latents.shape[0], latents.shape[1], 1, 1), generator=gen).to(device)
-                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                          generator=gen).to(device)
-                noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-                target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
-                with accelerator.accumulate(unet_train), accelerator.autocast():
-                    embeds, pooled = embed(captions)
-                    kwargs = {}
-                    if model.family == "sdxl":
-                        tids = torch.stack([s.time_ids[v] for s, v in zip(batch_samples, variants)]).to(device)
-                        kwargs["added_cond_kwargs"] = {"text_embeds": pooled.to(weight_dtype), "time_ids": tids.to(weight_dtype)}
-                    pred = unet_train(noisy.to(weight_dtype), timesteps, embeds.to(weight_dtype), **kwargs).sample
-                    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-                    per_sample = per_sample * loss_weights(noise_scheduler, timesteps, cfg.training.min_snr_gamma,
-                                                           prediction_type).to(device)
-                    per_sample = torch.where(is_reg, per_sample * cfg.dataset.prior_loss_weight, per_sample)
-                    loss = per_sample.mean()
-                    accelerator.backward(loss)
-                    grad_norm = None
-                    if accelerator.sync_gradients:
-                        if cfg.optimizer.max_grad_norm:
-                            grad_norm = accelerator.clip_grad_norm_(trained, cfg.optimizer.max_grad_norm)
-                        elif accelerator.scaler is None:
-                            grad_norm = _grad_norm(trained)
-                    # the step's one host sync: the loss for the plot and both health checks, before the update
-                    checks = [loss.detach().float()]
-                    if grad_norm is not None and accelerator.scaler is None:  # fp16's scaler skips inf steps itself
-                        checks.append(torch.as_tensor(grad_norm, device=loss.device).float())
-                    loss_here, *norm_here = torch.stack(checks).tolist()
-                    if not math.isfinite(loss_here):
-                        raise_non_finite(global_step + 1, cfg, files)
-                    if norm_here and not math.isfinite(norm_here[0]):
-                        raise_non_finite(global_step + 1, cfg, files, what="gradients")
-                    lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                global_step += 1
-                loss_value = loss_here if world == 1 else accelerator.gather(loss.detach()[None]).mean().item()
-                epoch_losses.append(loss_value)
-                record = {"step": global_step, "epoch": epoch, "loss": loss_value, "lr": lrs,
-                          "time": round(time.time() - t_start, 3)}
-                if is_main:
-                    metrics_file.write(json.dumps(record) + "\n")
-                emit(Event("step", global_step, epoch, record))
-                bar.set_postfix(loss=f"{loss_value:.4f}", epoch=epoch, refresh=False)  # drawn by update's clock
-                bar.update(1)
-
-            # ---- end of epoch: validation, samples, save, state
-            record = {"epoch": epoch, "step": global_step, "train_loss": float(np.mean(epoch_losses)) if epoch_losses else None}
-            if val_data is not None:
-                unet_train.eval()
-                record["val_loss"] = fixed_noise_loss(model, val_data[0], val_data[1], val_data[2], val_data[3],
-                                                      noise_scheduler, prediction_type)
-            if is_main:
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-            emit(Event("epoch", global_step, epoch, record))
-            last = epoch == total_epochs
-            if is_main and cfg.sample.every_n_epochs and cfg.sample.prompts and (epoch % cfg.sample.every_n_epochs == 0 or last):
-                with modules_on(idle, device):
-                    paths = write_samples(cfg, model, ws, epoch, size)
-                emit(Event("sample", global_step, epoch, {"paths": [str(p) for p in paths]}))
-            if is_main and (last or (cfg.save.every_n_epochs and epoch % cfg.save.every_n_epochs == 0)):
-                name = cfg.save.output_name if last else f"{cfg.save.output_name}-e{epoch:04d}"
-                meta = dict(metadata, ss_epoch=str(epoch), ss_steps=str(global_step))
-                for fmt in cfg.save.formats:
-                    path = ws / "lora" / (f"{name}.safetensors" if fmt == "kohya" else f"{name}.diffusers.safetensors")
-                    saved = lora_io.save_lora(path, model, cfg.network.alpha, fmt=fmt, precision=cfg.save.precision,
-                                              metadata=meta)
-                    files.append(Path(saved))
-                    emit(Event("save", global_step, epoch, {"path": str(saved), "format": fmt}))
-            if is_main and cfg.save.save_state:
-                save_state(state_dir, fingerprint, model, optimizer, lr_scheduler, epoch, global_step, train_te)
-            accelerator.wait_for_everyone()
-            if global_step >= plan.total_steps:
-                break
+        yield
     finally:
-        for m in idle:  # the model goes back whole: the notebook renders with it next
+        for m in modules:
             m.to(device)
-        bar.close()
-        for f in (metrics_file, batch_log):
+
+
+# ------------------------------------------------------------------------- 4. optimizer and schedule
+
+@dataclass
+class Optimization:
+    optimizer: object
+    lr_scheduler: object
+    unet: object  # the UNet as accelerate wraps it
+    text_encoders: list | None  # the trained text encoders as accelerate wraps them
+    params: list  # every trained parameter (for clipping and the gradient check)
+
+
+def build_optimization(cfg: Config, net: PreparedModel, plan: StepsPlan, accelerator) -> Optimization:
+    """One parameter group per part (UNet, text encoders) with its own LR; the schedule over the run's steps."""
+    o, model = cfg.optimizer, net.model
+    unet_params = [p for p in model.pipe.unet.parameters() if p.requires_grad]
+    te_params = [p for te in model.text_encoders for p in te.parameters() if p.requires_grad] if net.train_te else []
+    groups = [{"params": unet_params, "lr": o.effective_unet_lr, "name": "unet"}]
+    if te_params:
+        groups.append({"params": te_params, "lr": o.text_encoder_lr, "name": "text_encoder"})
+    optimizer = build_optimizer(o.optimizer, groups, o.weight_decay)
+    lr_scheduler = build_scheduler(o.lr_scheduler, optimizer, o.lr_warmup_steps, plan.total_steps, o.lr_restarts,
+                                   o.lr_power)
+    prepared = accelerator.prepare(model.pipe.unet, *(model.text_encoders if net.train_te else []), optimizer)
+    return Optimization(prepared[-1], lr_scheduler, prepared[0], list(prepared[1:-1]) or None, unet_params + te_params)
+
+
+# ------------------------------------------------------------------------- 5. the run in its workspace
+
+@dataclass
+class Run:
+    ws: Workspace
+    fingerprint: str
+    start_epoch: int
+    step: int
+    files: list[Path]
+    metadata: dict[str, str]
+    is_main: bool
+    metrics_file: object = None
+    batch_log: object = None
+
+    def write_metrics(self, record: dict, flush: bool = False) -> None:
+        if self.metrics_file:
+            self.metrics_file.write(json.dumps(record) + "\n")
+            if flush:
+                self.metrics_file.flush()
+
+    def close(self) -> None:
+        for f in (self.metrics_file, self.batch_log):
             if f:
                 f.close()
-    final = next((f for f in reversed(files) if f.name == f"{cfg.save.output_name}.safetensors"), None)
-    result = TrainResult(files, final, ws, plan, global_step, time.time() - t_start, start_epoch, warnings)
-    emit(Event("done", global_step, plan.epochs, {"files": [str(f) for f in files], "seconds": result.seconds}))
-    return result
+
+
+def open_run(cfg: Config, accelerator, net: PreparedModel, opt: Optimization, data: TrainingData, resume: bool,
+             warnings: list[str], batch_log_dir=None) -> Run:
+    """Prepare the workspace: clear a killed run's temp files, resume from the saved state when the settings
+    match, otherwise move an earlier run with other settings to ``previous/``; open the metrics."""
+    ws = Workspace(Path(cfg.save.output_dir))
+    ws.lora.mkdir(parents=True, exist_ok=True)
+    is_main = accelerator.is_main_process
+    if is_main:
+        for folder in (ws.root, ws.lora, ws.state, ws.samples):
+            remove_stale_temp_files(folder)  # left by a killed run (the complete files are untouched)
+    fingerprint = runstate.config_fingerprint(cfg)
+    start_epoch, step = 0, 0
+    if resume and cfg.save.save_state:
+        loaded = runstate.load_state(ws, fingerprint, net.model, opt.optimizer, opt.lr_scheduler, net.train_te)
+        if loaded:
+            start_epoch, step = loaded
+    if start_epoch == 0 and is_main:
+        moved_to = runstate.archive_previous_run(ws, cfg.save.output_name, fingerprint)
+        if moved_to:
+            warnings.append(f"{ws.root} held a run with other settings: its LoRA files, metrics, samples and state "
+                            f"were moved to {moved_to} (nothing is overwritten). Delete that folder when you no "
+                            "longer need it.")
+    accelerator.wait_for_everyone()
+    runstate.trim_metrics(ws.metrics, step)
+    cfg.write_yaml(ws.train_config)
+    files = sorted(ws.lora.glob(f"{cfg.save.output_name}-e*.safetensors")) if start_epoch else []
+    metadata = lora_io.training_metadata(cfg, data.plan, data.tag_frequency)
+    metrics_file = open(ws.metrics, "a", encoding="utf-8") if is_main else None
+    batch_log = None
+    if batch_log_dir:
+        batch_log = open(Path(batch_log_dir) / f"batches-rank{accelerator.process_index}.jsonl", "a", encoding="utf-8")
+    return Run(ws, fingerprint, start_epoch, step, files, metadata, is_main, metrics_file, batch_log)
+
+
+# ------------------------------------------------------------------------- 6. the loop
+
+@dataclass
+class Session:
+    """What the loop's functions share: every phase's result."""
+    cfg: Config
+    accelerator: object
+    data: TrainingData
+    net: PreparedModel
+    cached: CachedData
+    opt: Optimization
+    run: Run
+    emit: Callable[[Event], None]
+    t_start: float
+
+
+def epoch_order(items_repeats: list[int], epoch: int, seed: int) -> list[int]:
+    """Indices of one epoch: each item repeated, shuffled by (seed, epoch) alone so resuming replays it."""
+    order = [i for i, r in enumerate(items_repeats) for _ in range(r)]
+    random.Random(seed * 100_003 + epoch).shuffle(order)
+    return order
+
+
+def epoch_batches(s: Session, epoch: int):
+    """Yield ``(batch, (gen, cap_rng))`` for one epoch: ``batch`` is a list of this process's samples.
+
+    The order and the random generators depend on (seed, epoch) alone, so a resumed run replays them. With
+    regularization every training sample is paired with a class sample, as kohya does.
+    """
+    seed, bs = s.cfg.training.seed, s.cfg.training.batch_size
+    samples, reg = s.cached.samples, s.cached.reg_samples
+    order = epoch_order([it.repeats for it in s.data.items], epoch, seed)
+    combined = [samples[i] for i in order]
+    if reg:
+        reg_order = (epoch_order([1] * len(reg), epoch, seed + 7) * (len(order) // len(reg) + 1))[: len(order)]
+        combined = [x for pair in zip(combined, [reg[j] for j in reg_order]) for x in pair]
+    rngs = (torch.Generator().manual_seed(seed * 1_000_003 + epoch), random.Random(seed * 7_919 + epoch))
+    world, rank = s.accelerator.num_processes, s.accelerator.process_index
+    for i in range(0, len(combined), bs):
+        batch = combined[i:i + bs]
+        yield batch[rank::world] or batch[:1], rngs
+
+
+def batch_captions(cfg: Config, batch: list[steps.Sample], cap_rng: random.Random) -> list[str]:
+    """The captions as this step trains them: tags shuffled (keeping the first ``keep_tokens``), some dropped."""
+    d, captions = cfg.dataset, []
+    for sample in batch:
+        c = sample.item.caption
+        if d.shuffle_caption and not sample.item.is_reg:
+            c = shuffle_caption(c, d.keep_tokens, cap_rng)
+        if d.caption_dropout and cap_rng.random() < d.caption_dropout:
+            c = ""
+        captions.append(c)
+    return captions
+
+
+def training_step(s: Session, batch: list[steps.Sample], rngs, epoch: int) -> dict:
+    """One optimizer step on ``batch``; returns (and records) ``{"step", "epoch", "loss", "lr", "time"}``."""
+    cfg, acc, net, opt, run = s.cfg, s.accelerator, s.net, s.opt, s.run
+    gen, cap_rng = rngs
+    device, model = acc.device, net.model
+    if run.batch_log:
+        run.batch_log.write(json.dumps({"step": run.step + 1, "rank": acc.process_index,
+                                        "images": [x.item.image.name for x in batch]}) + "\n")
+    variants = torch.randint(0, 2, (len(batch),), generator=gen).tolist() if cfg.dataset.flip_aug else [0] * len(batch)
+    is_reg = torch.tensor([x.item.is_reg for x in batch], device=device)
+    captions = batch_captions(cfg, batch, cap_rng)
+    latents = steps.latents_of(model, batch, variants, device, gen)
+    noise = steps.noise_like(latents, gen, cfg.training.noise_offset)
+    timesteps = steps.sample_timesteps(net.noise_scheduler, latents.shape[0], gen, device)
+    noisy = net.noise_scheduler.add_noise(latents, noise, timesteps)
+    target = steps.prediction_target(net.noise_scheduler, latents, noise, timesteps, net.prediction_type)
+    with acc.accumulate(opt.unet), acc.autocast():
+        embeds, pooled = s.cached.embedder(captions)
+        time_ids = torch.stack([x.time_ids[v] for x, v in zip(batch, variants)]).to(device) if pooled is not None else None
+        pred = opt.unet(noisy.to(net.weight_dtype), timesteps, embeds.to(net.weight_dtype),
+                        **steps.unet_conditioning(pooled, time_ids, net.weight_dtype)).sample
+        per_sample = steps.diffusion_loss(pred, target)
+        per_sample = per_sample * steps.loss_weights(net.noise_scheduler, timesteps, cfg.training.min_snr_gamma,
+                                                     net.prediction_type).to(device)
+        per_sample = torch.where(is_reg, per_sample * cfg.dataset.prior_loss_weight, per_sample)
+        loss = per_sample.mean()
+        acc.backward(loss)
+        loss_here = check_health(s, loss)
+        lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(opt.optimizer.param_groups)}
+        opt.optimizer.step()
+        opt.lr_scheduler.step()
+        opt.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    loss_value = loss_here if acc.num_processes == 1 else acc.gather(loss.detach()[None]).mean().item()
+    record = {"step": run.step, "epoch": epoch, "loss": loss_value, "lr": lrs, "time": round(time.time() - s.t_start, 3)}
+    run.write_metrics(record)
+    s.emit(Event("step", run.step, epoch, record))
+    return record
+
+
+def check_health(s: Session, loss: torch.Tensor) -> float:
+    """Clip the gradients, then read the loss and the gradient norm in one host sync; stop on NaN/Inf."""
+    acc, cfg = s.accelerator, s.cfg
+    grad_norm = None
+    if acc.sync_gradients:
+        if cfg.optimizer.max_grad_norm:
+            grad_norm = acc.clip_grad_norm_(s.opt.params, cfg.optimizer.max_grad_norm)
+        elif acc.scaler is None:
+            grad_norm = _grad_norm(s.opt.params)
+    checks = [loss.detach().float()]
+    if grad_norm is not None and acc.scaler is None:  # fp16's scaler skips inf steps itself
+        checks.append(torch.as_tensor(grad_norm, device=loss.device).float())
+    loss_here, *norm_here = torch.stack(checks).tolist()
+    if not math.isfinite(loss_here):
+        raise_non_finite(s.run.step + 1, cfg, s.run.files)
+    if norm_here and not math.isfinite(norm_here[0]):
+        raise_non_finite(s.run.step + 1, cfg, s.run.files, what="gradients")
+    return loss_here
+
+
+def end_of_epoch(s: Session, epoch: int, losses: list[float]) -> None:
+    """Validation loss, previews, the LoRA file(s) when due, the resumable state."""
+    cfg, run, acc = s.cfg, s.run, s.accelerator
+    record = {"epoch": epoch, "step": run.step, "train_loss": float(np.mean(losses)) if losses else None}
+    if s.cached.validation is not None:
+        s.opt.unet.eval()
+        record["val_loss"] = steps.fixed_noise_loss(s.net.model, *s.cached.validation, s.net.noise_scheduler,
+                                                    s.net.prediction_type)
+    run.write_metrics(record, flush=True)
+    s.emit(Event("epoch", run.step, epoch, record))
+    last = epoch == s.data.plan.epochs
+    if run.is_main and cfg.sample.every_n_epochs and cfg.sample.prompts and (epoch % cfg.sample.every_n_epochs == 0 or last):
+        with modules_on(s.cached.idle, acc.device):
+            paths = write_samples(cfg, s.net.model, run.ws, epoch, s.net.size)
+        s.emit(Event("sample", run.step, epoch, {"paths": [str(p) for p in paths]}))
+    if run.is_main and (last or (cfg.save.every_n_epochs and epoch % cfg.save.every_n_epochs == 0)):
+        save_lora_files(s, epoch, last)
+    if run.is_main and cfg.save.save_state:
+        runstate.save_state(run.ws, run.fingerprint, s.net.model, s.opt.optimizer, s.opt.lr_scheduler, epoch,
+                            run.step, s.net.train_te)
+    acc.wait_for_everyone()
+
+
+def save_lora_files(s: Session, epoch: int, last: bool) -> None:
+    """The LoRA as it is after ``epoch``, in every format asked (the last epoch's is the final file)."""
+    cfg, run = s.cfg, s.run
+    name = cfg.save.output_name if last else run.ws.epoch_name(cfg.save.output_name, epoch)
+    meta = dict(run.metadata, ss_epoch=str(epoch), ss_steps=str(run.step))
+    for fmt in cfg.save.formats:
+        saved = Path(lora_io.save_lora(run.ws.lora_file(name, fmt), s.net.model, cfg.network.alpha, fmt=fmt,
+                                       precision=cfg.save.precision, metadata=meta))
+        run.files.append(saved)
+        s.emit(Event("save", run.step, epoch, {"path": str(saved), "format": fmt}))
+
+
+def write_samples(cfg: Config, model, ws: Workspace, epoch: int, size: tuple[int, int]) -> list[Path]:
+    """Render the sample prompts with the LoRA as it is now; save PNGs under samples/."""
+    out = []
+    for i, img in enumerate(render_previews(model, sample_prompts_of(cfg.sample, size))):
+        path = ws.sample_image(epoch, i)
+        with atomic_path(path) as tmp:
+            img.save(tmp, format="PNG")
+        out.append(path)
+    return out
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="Training", disable=not enabled)
 
 
 def _grad_norm(params) -> torch.Tensor | None:
@@ -615,6 +646,8 @@ def _grad_norm(params) -> torch.Tensor | None:
     grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
     return torch.stack(grads).norm() if grads else None
 
+
+# ------------------------------------------------------------------------- messages
 
 def raise_non_finite(step: int, cfg: Config, files: list[Path], what: str = "loss") -> None:
     kept = f" The last good LoRA file is {files[-1]}." if files else " No LoRA file had been saved yet."
@@ -644,144 +677,3 @@ def out_of_memory_advice(cfg: Config) -> str:
         tips.append("optimizer.text_encoder_lr=0 (freeze the text encoder, cache its outputs)")
     tips.append(f"a smaller dataset.resolution than {cfg.dataset.resolution} or a lower network.rank")
     return ("The GPU ran out of memory. Saved files are intact; try these, in this order:\n  - " + "\n  - ".join(tips))
-
-
-def training_metadata(cfg: Config, model, plan: StepsPlan, tag_frequency: dict, unet_lr: float) -> dict[str, str]:
-    """sd-scripts-style ``ss_*`` metadata (strings) that AUTOMATIC1111 shows."""
-    w, h = parse_resolution(cfg.dataset.resolution)
-    return {
-        "ss_learning_rate": str(cfg.optimizer.learning_rate),
-        "ss_unet_lr": str(unet_lr),
-        "ss_text_encoder_lr": str(cfg.optimizer.text_encoder_lr),
-        "ss_num_epochs": str(plan.epochs),
-        "ss_max_train_steps": str(plan.total_steps),
-        "ss_batch_size_per_device": str(cfg.training.batch_size),
-        "ss_resolution": f"({w}, {h})",
-        "ss_lr_scheduler": cfg.optimizer.lr_scheduler,
-        "ss_optimizer": cfg.optimizer.optimizer,
-        "ss_mixed_precision": cfg.training.mixed_precision,
-        "ss_seed": str(cfg.training.seed),
-        "ss_clip_skip": str(cfg.network.clip_skip),
-        "ss_noise_offset": str(cfg.training.noise_offset),
-        "ss_min_snr_gamma": str(cfg.training.min_snr_gamma),
-        "ss_num_train_images": str(plan.samples_per_epoch),
-        "ss_sd_model_name": str(cfg.model.source),
-        "ss_tag_frequency": json.dumps(tag_frequency, ensure_ascii=False),
-        "ss_output_name": cfg.save.output_name,
-        "ss_training_comment": "trained with lora-nb",
-    }
-
-
-def write_samples(cfg: Config, model, ws: Path, epoch: int, size: tuple[int, int]) -> list[Path]:
-    """Render the sample prompts with the LoRA as it is now; save PNGs under samples/."""
-    from lora_nb.fsutil import atomic_path
-    from lora_nb.sampling import SamplePrompt, generate, parse_prompt_line
-
-    s = cfg.sample
-    defaults = SamplePrompt(prompt="", negative_prompt=s.negative_prompt, width=s.width or size[0],
-                            height=s.height or size[1], seed=s.seed, steps=s.steps, cfg_scale=s.cfg_scale,
-                            sampler=s.sampler)
-    prompts = [p for p in (parse_prompt_line(line, defaults) for line in s.prompts) if p is not None]
-    was_training = model.pipe.unet.training
-    model.pipe.unet.eval()
-    for te in model.text_encoders:
-        te.eval()
-    images = generate(model.pipe, prompts)
-    if was_training:
-        model.pipe.unet.train()
-    out = []
-    for i, img in enumerate(images):
-        path = ws / "samples" / f"e{epoch:04d}-p{i:02d}.png"
-        with atomic_path(path) as tmp:
-            img.save(tmp, format="PNG")
-        out.append(path)
-    return out
-
-
-# ------------------------------------------------------------------------- resumable state
-
-def save_state(state_dir: Path, fingerprint: str, model, optimizer, lr_scheduler, epoch: int, step: int,
-               train_te: bool) -> None:
-    """Everything needed to continue after ``epoch``, written atomically (one file)."""
-    from peft.utils import get_peft_model_state_dict
-
-    from lora_nb.fsutil import write_bytes_atomic
-
-    lora = {"unet": get_peft_model_state_dict(model.pipe.unet)}
-    if train_te:
-        for i, te in enumerate(model.text_encoders):
-            lora[f"text_encoder_{i}"] = get_peft_model_state_dict(te)
-    state = {"fingerprint": fingerprint, "epoch": epoch, "step": step, "lora": lora,
-             "optimizer": optimizer.state_dict(), "scheduler": lr_scheduler.state_dict()}
-    buffer = io.BytesIO()  # serialised in memory, written by Python: a full disk is an OSError, not a RuntimeError
-    torch.save(state, buffer)
-    write_bytes_atomic(state_dir / "training_state.pt", buffer.getvalue())
-
-
-def load_state(state_dir: Path, fingerprint: str, model, optimizer, lr_scheduler, train_te: bool):
-    """Restore the last saved state when it belongs to these settings; return (epoch, step) or None."""
-    from peft.utils import set_peft_model_state_dict
-
-    path = state_dir / "training_state.pt"
-    if not path.is_file():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - an unreadable state is ignored, training starts over
-        return None
-    if state.get("fingerprint") != fingerprint:
-        return None
-    set_peft_model_state_dict(model.pipe.unet, state["lora"]["unet"])
-    if train_te:
-        for i, te in enumerate(model.text_encoders):
-            set_peft_model_state_dict(te, state["lora"][f"text_encoder_{i}"])
-    optimizer.load_state_dict(state["optimizer"])
-    lr_scheduler.load_state_dict(state["scheduler"])
-    return state["epoch"], state["step"]
-
-
-def archive_previous_run(ws: Path, output_name: str, fingerprint: str) -> Path | None:
-    """Move an earlier run's results out of the way when its settings differ from this run's.
-
-    A fresh start in a workspace that holds LoRA files (or metrics) of a run with *other* settings
-    would overwrite them; they are moved to ``previous/<time>/`` instead. The same settings started
-    over (``--restart``, notebook 06's experiments) simply replace their own files. Returns the
-    folder they went to, or None when nothing was moved.
-    """
-    loras = sorted((ws / "lora").glob(f"{output_name}*.safetensors"))
-    metrics = ws / "metrics.jsonl"
-    if not loras and not (metrics.is_file() and metrics.stat().st_size):
-        return None
-    try:
-        same = config_fingerprint(Config.load(ws / "train_config.yaml")) == fingerprint
-    except Exception:  # noqa: BLE001 - no readable settings: treat as another run and keep its files
-        same = False
-    if same:
-        return None
-    dest = ws / "previous" / time.strftime("%Y%m%d-%H%M%S")
-    while dest.exists():
-        dest = dest.with_name(dest.name + "-1")
-    (dest / "lora").mkdir(parents=True)
-    for f in loras:
-        os.replace(f, dest / "lora" / f.name)
-    for name in ("metrics.jsonl", "train_config.yaml", "samples", "state"):
-        if (ws / name).exists():
-            os.replace(ws / name, dest / name)
-    return dest
-
-
-def trim_metrics(path: Path, last_step: int) -> None:
-    """Keep only the metric lines up to ``last_step`` (a resumed run rewrites what came after)."""
-    from lora_nb.fsutil import write_text_atomic
-
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if rec.get("step", 0) <= last_step and last_step > 0:
-            keep.append(line)
-    write_text_atomic(path, "".join(l + "\n" for l in keep))

@@ -132,6 +132,16 @@ class Workspace:
         return (self.metrics, self.train_config, self.samples, self.state)
 
 
+def repo_root() -> Path:
+    """The folder that holds the ``lora_nb`` package, ``data/`` and ``notebooks/`` (a clone of the project)."""
+    return Path(__file__).resolve().parents[1]
+
+
+def repo_data_dir() -> Path:
+    """The project's bundled ``data/`` folder (the toy model and datasets)."""
+    return repo_root() / "data"
+
+
 def open_workspace(path: str | Path, base: str | Path | None = None) -> Workspace:
     """The workspace at ``path`` (relative paths are taken from ``base``), created if needed."""
     p = Path(path).expanduser()

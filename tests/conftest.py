@@ -74,14 +74,35 @@ def make_config(model_dir, dataset_dir, workspace, **overrides):
 @pytest.fixture
 def captions_seen(monkeypatch):
     """The caption strings that reach the text encoder during training (a spy on ``encode_prompts``)."""
-    from lora_nb import train as train_module
+    from lora_nb import steps as steps_module
 
     seen: list[str] = []
-    original = train_module.encode_prompts
+    original = steps_module.encode_prompts
 
     def spy(model, captions, *args, **kwargs):
         seen.extend(captions)
         return original(model, captions, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "encode_prompts", spy)
+    monkeypatch.setattr(steps_module, "encode_prompts", spy)
     return seen
+
+
+@pytest.fixture
+def fault_before_step(monkeypatch):
+    """``with fault_before_step(hook):`` makes ``hook(step)`` the trainer's test seam
+    (:func:`lora_nb.train.before_step`) for the block: it runs before every training step with the number of
+    steps done, so a test can poison a tensor or fail at a chosen step."""
+    import contextlib
+
+    from lora_nb import train as train_module
+
+    @contextlib.contextmanager
+    def installed(hook):
+        original = train_module.before_step
+        monkeypatch.setattr(train_module, "before_step", hook)
+        try:
+            yield hook
+        finally:
+            monkeypatch.setattr(train_module, "before_step", original)
+
+    return installed

@@ -31,7 +31,8 @@ def test_course_passes_parameters_to_the_notebooks_that_declare_them(tmp_path):
 
 
 @pytest.mark.slow
-def test_interrupted_training_resumes_in_notebook_05_to_the_same_final_lora(tiny_sd15_dir, tiny_dataset, tmp_path):
+def test_interrupted_training_resumes_in_notebook_05_to_the_same_final_lora(fault_before_step, tiny_sd15_dir,
+                                                                          tiny_dataset, tmp_path):
     from lora_nb.train import train
 
     overrides = {"training.epochs": 3, "save.every_n_epochs": 1, "training.batch_size": 2}
@@ -44,8 +45,8 @@ def test_interrupted_training_resumes_in_notebook_05_to_the_same_final_lora(tiny
         if step == 2:  # 4 images / batch 2 = 2 steps per epoch: epoch 1 is saved
             raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, progress=False, _fault=stop_after_first_epoch)
+    with fault_before_step(stop_after_first_epoch), pytest.raises(KeyboardInterrupt):
+        train(cfg, progress=False)
     assert (interrupted / "lora" / "lora-e0001.safetensors").exists()
     assert not (interrupted / "lora" / "lora.safetensors").exists()
 

@@ -70,7 +70,7 @@ class _Snapshot:
 
 @pytest.mark.parametrize("max_grad_norm", [1.0, 0.0], ids=["clipping", "no-clipping"])
 def test_an_infinite_gradient_stops_at_that_step_and_keeps_the_saved_files(
-        tiny_sd15_dir, tiny_dataset, tmp_path, max_grad_norm):
+        fault_before_step, tiny_sd15_dir, tiny_dataset, tmp_path, max_grad_norm):
     """A gradient that turns inf (with or without gradient clipping) stops training before the optimizer
     step; the message names the step, the last good file and the causes with their fixes; the files
     saved after epoch 1 are byte-identical and the saved state holds no NaN."""
@@ -84,8 +84,8 @@ def test_an_infinite_gradient_stops_at_that_step_and_keeps_the_saved_files(
         lora_b.register_hook(lambda g: torch.full_like(g, float("inf")))
 
     snap = _Snapshot(ws, at=2, then=poison_a_gradient)  # step 3 = first step of epoch 2
-    with pytest.raises(TrainingStopped) as info:
-        train(cfg, model=model, progress=False, _fault=snap)
+    with fault_before_step(snap), pytest.raises(TrainingStopped) as info:
+        train(cfg, model=model, progress=False)
     message = str(info.value)
     assert "step 3: the gradients became NaN or infinite" in message
     assert "lora-e0001.safetensors" in message
@@ -106,7 +106,7 @@ OOM_ORDER = ["training.gradient_checkpointing=true", "training.batch_size=1", "o
 
 
 def test_gpu_out_of_memory_in_a_step_stops_with_the_memory_savers_in_order_and_resumes(
-        tiny_sd15_dir, tiny_dataset, tmp_path):
+        fault_before_step, tiny_sd15_dir, tiny_dataset, tmp_path):
     """``torch.cuda.OutOfMemoryError`` raised inside the loop becomes TrainingStopped listing the memory
     savers from most to least effective; the epoch-1 files are untouched, and a rerun resumes from them."""
     ws = tmp_path / "ws"
@@ -116,8 +116,8 @@ def test_gpu_out_of_memory_in_a_step_stops_with_the_memory_savers_in_order_and_r
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     snap = _Snapshot(ws, at=2, then=oom)
-    with pytest.raises(TrainingStopped) as info:
-        train(cfg, progress=False, _fault=snap)
+    with fault_before_step(snap), pytest.raises(TrainingStopped) as info:
+        train(cfg, progress=False)
     message = str(info.value)
     assert "ran out of memory" in message and "Saved files are intact" in message
     positions = [message.index(tip) for tip in OOM_ORDER]
@@ -158,7 +158,7 @@ def test_out_of_memory_while_caching_latents_is_the_same_clear_stop(tiny_sd15_di
 # --------------------------------------------------------------------------- disk full
 
 def test_disk_full_while_saving_names_the_file_and_keeps_the_older_files(
-        tiny_sd15_dir, tiny_dataset, tmp_path, monkeypatch):
+        fault_before_step, tiny_sd15_dir, tiny_dataset, tmp_path, monkeypatch):
     """The disk fills up during epoch 2 (every write fails with ENOSPC from then on): training stops with
     a message naming the file being written; the epoch-1 LoRA and state are byte-identical (a rerun
     resumes from them, as after any stop) and no temporary file is left behind."""
@@ -169,8 +169,8 @@ def test_disk_full_while_saving_names_the_file_and_keeps_the_older_files(
         raise OSError(errno.ENOSPC, "No space left on device")
 
     snap = _Snapshot(ws, at=2, then=lambda: monkeypatch.setattr(os, "fsync", no_space))
-    with pytest.raises(LoraNbError) as info:
-        train(cfg, progress=False, _fault=snap)
+    with fault_before_step(snap), pytest.raises(LoraNbError) as info:
+        train(cfg, progress=False)
     message = str(info.value)
     assert "The disk is full while writing" in message and str(ws / "lora" / "lora.safetensors") in message
     assert "previous version of the file is intact" in message

@@ -104,7 +104,8 @@ def test_caption_extension_mismatch_is_refused_with_the_fix(tiny_dataset, tiny_s
         train(cfg, progress=False)
 
 
-def test_non_finite_loss_stops_at_once_and_keeps_the_saved_files(tiny_sd15_dir, tiny_dataset, tmp_path):
+def test_non_finite_loss_stops_at_once_and_keeps_the_saved_files(fault_before_step, tiny_sd15_dir, tiny_dataset,
+                                                                 tmp_path):
     from lora_nb.train import TrainingStopped
 
     cfg = make_config(tiny_sd15_dir, tiny_dataset, tmp_path / "ws", **{"training.epochs": 3})
@@ -115,8 +116,8 @@ def test_non_finite_loss_stops_at_once_and_keeps_the_saved_files(tiny_sd15_dir, 
             with torch.no_grad():
                 model.pipe.unet.conv_out.bias.fill_(float("nan"))
 
-    with pytest.raises(TrainingStopped, match="step 3: the loss became NaN") as info:
-        train(cfg, model=model, progress=False, _fault=poison)
+    with fault_before_step(poison), pytest.raises(TrainingStopped, match="step 3: the loss became NaN") as info:
+        train(cfg, model=model, progress=False)
     assert "lora-e0001.safetensors" in str(info.value)
     assert inspect_lora(tmp_path / "ws" / "lora" / "lora-e0001.safetensors")["problems"] == []
 
