@@ -416,119 +416,155 @@ def cpu_has_native_bf16() -> bool:
     return any(probe() for probe in probes if probe is not None)
 
 
+class _Checks:
+    """Collects the problems one validation pass finds."""
+
+    def __init__(self) -> None:
+        self.problems: list[Problem] = []
+
+    def err(self, setting: str, msg: str) -> None:
+        self.problems.append(Problem("error", setting, msg))
+
+    def warn(self, setting: str, msg: str) -> None:
+        self.problems.append(Problem("warning", setting, msg))
+
+
 def check_config(cfg: Config, cuda_available: bool | None = None) -> list[Problem]:
     """Every problem of ``cfg`` that can be seen without the model or dataset."""
     import torch
 
     if cuda_available is None:
         cuda_available = torch.cuda.is_available()
-    p: list[Problem] = []
+    c = _Checks()
+    _check_required(c, cfg)
+    _check_network(c, cfg.network)
+    _check_optimizer(c, cfg.optimizer)
+    _check_training(c, cfg.training, cuda_available)
+    _check_dataset(c, cfg.dataset)
+    _check_sample_and_save(c, cfg)
+    return c.problems
 
-    def err(setting, msg):
-        p.append(Problem("error", setting, msg))
 
-    def warn(setting, msg):
-        p.append(Problem("warning", setting, msg))
-
-    n, o, t, d, s, sv = cfg.network, cfg.optimizer, cfg.training, cfg.dataset, cfg.sample, cfg.save
-    # required: an empty path would silently mean "the current folder"
+def _check_required(c: _Checks, cfg: Config) -> None:
+    """Paths and words that must not be empty (an empty path would silently mean the current folder)."""
+    d, sv = cfg.dataset, cfg.save
     if not str(cfg.model.source).strip():
-        err("model.source", "is empty: set it to 'toy', a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5, "
+        c.err("model.source", "is empty: set it to 'toy', a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5, "
                             "a diffusers folder or a .safetensors checkpoint.")
     if not str(d.dir).strip():
-        err("dataset.dir", "is empty: set it to the folder holding your <repeats>_<concept> subfolders of images.")
+        c.err("dataset.dir", "is empty: set it to the folder holding your <repeats>_<concept> subfolders of images.")
     if not str(sv.output_dir).strip():
-        err("save.output_dir", "is empty: set it to the run's workspace folder, e.g. runs/my-lora.")
+        c.err("save.output_dir", "is empty: set it to the run's workspace folder, e.g. runs/my-lora.")
     if d.trigger_word and not d.trigger_word.strip():
-        err("dataset.trigger_word", "is only spaces: set a word such as sks, or leave it empty (no trigger).")
+        c.err("dataset.trigger_word", "is only spaces: set a word such as sks, or leave it empty (no trigger).")
     if "," in d.trigger_word:
-        err("dataset.trigger_word", f"{d.trigger_word!r} contains a comma: the trigger must be one tag "
+        c.err("dataset.trigger_word", f"{d.trigger_word!r} contains a comma: the trigger must be one tag "
                                     "(a word or phrase without commas), e.g. sks.")
+
+
+def _check_network(c: _Checks, n: NetworkConfig) -> None:
+    """Rank, alpha, targets, clip skip."""
     if n.rank <= 0:
-        err("network.rank", f"must be a positive whole number (got {n.rank}); 8–32 for styles/characters, 64–128 for realistic.")
+        c.err("network.rank", f"must be a positive whole number (got {n.rank}); 8–32 for styles/characters, 64–128 for realistic.")
     if n.alpha <= 0:
-        err("network.alpha", f"must be positive (got {n.alpha}); rank/2 is usual.")
+        c.err("network.alpha", f"must be positive (got {n.alpha}); rank/2 is usual.")
     elif n.rank > 0 and n.alpha > n.rank:
-        warn("network.alpha", f"alpha {n.alpha:g} > rank {n.rank}: the update is multiplied by {n.alpha / n.rank:.2f}, "
+        c.warn("network.alpha", f"alpha {n.alpha:g} > rank {n.rank}: the update is multiplied by {n.alpha / n.rank:.2f}, "
              "like a larger learning rate. Usually alpha ≤ rank (rank/2 is common).")
     if n.unet_targets not in UNET_TARGETS:
-        err("network.unet_targets", f"{n.unet_targets!r} is unknown: use one of {', '.join(UNET_TARGETS)}.")
+        c.err("network.unet_targets", f"{n.unet_targets!r} is unknown: use one of {', '.join(UNET_TARGETS)}.")
     if n.clip_skip < 1:
-        err("network.clip_skip", "must be 1 (last layer) or more.")
+        c.err("network.clip_skip", "must be 1 (last layer) or more.")
+
+
+def _check_optimizer(c: _Checks, o: OptimizerConfig) -> None:
+    """Optimizer and schedule names, learning rates and the advice that goes with each optimizer."""
     if o.optimizer not in OPTIMIZERS:
-        err("optimizer.optimizer", f"{o.optimizer!r} is unknown: use one of {', '.join(OPTIMIZERS)}.")
+        c.err("optimizer.optimizer", f"{o.optimizer!r} is unknown: use one of {', '.join(OPTIMIZERS)}.")
     if o.lr_scheduler not in SCHEDULERS:
-        err("optimizer.lr_scheduler", f"{o.lr_scheduler!r} is unknown: use one of {', '.join(SCHEDULERS)}.")
+        c.err("optimizer.lr_scheduler", f"{o.lr_scheduler!r} is unknown: use one of {', '.join(SCHEDULERS)}.")
     if o.learning_rate <= 0:
-        err("optimizer.learning_rate", f"must be positive (got {o.learning_rate:g}); 1e-4 is the usual start (1 for Prodigy).")
+        c.err("optimizer.learning_rate", f"must be positive (got {o.learning_rate:g}); 1e-4 is the usual start (1 for Prodigy).")
     if o.unet_lr is not None and o.unet_lr <= 0:
-        err("optimizer.unet_lr", "must be positive, or empty (null) to use learning_rate.")
+        c.err("optimizer.unet_lr", "must be positive, or empty (null) to use learning_rate.")
     if o.text_encoder_lr < 0:
-        err("optimizer.text_encoder_lr", "must be 0 (text encoder frozen) or positive.")
+        c.err("optimizer.text_encoder_lr", "must be 0 (text encoder frozen) or positive.")
     unet_lr = o.effective_unet_lr
     if o.text_encoder_lr > unet_lr > 0:
-        warn("optimizer.text_encoder_lr", f"{o.text_encoder_lr:g} is above the UNet LR {unet_lr:g}; usually it is 1/2 to 1/10 of it.")
+        c.warn("optimizer.text_encoder_lr", f"{o.text_encoder_lr:g} is above the UNet LR {unet_lr:g}; usually it is 1/2 to 1/10 of it.")
     if o.optimizer in ("Lion", "Lion8bit") and unet_lr >= 5e-5:
-        warn("optimizer.learning_rate", f"Lion wants an LR about 10× smaller than AdamW (try {unet_lr / 10:g}); {unet_lr:g} is AdamW-sized.")
+        c.warn("optimizer.learning_rate", f"Lion wants an LR about 10× smaller than AdamW (try {unet_lr / 10:g}); {unet_lr:g} is AdamW-sized.")
     if o.optimizer == "Prodigy" and unet_lr != 1.0:
-        warn("optimizer.learning_rate", f"Prodigy finds the step size itself: set every LR to 1 (got {unet_lr:g}).")
+        c.warn("optimizer.learning_rate", f"Prodigy finds the step size itself: set every LR to 1 (got {unet_lr:g}).")
     if o.lr_warmup_steps < 0:
-        err("optimizer.lr_warmup_steps", "must be 0 or more.")
+        c.err("optimizer.lr_warmup_steps", "must be 0 or more.")
     if o.lr_restarts < 1:
-        err("optimizer.lr_restarts", "must be 1 or more (3–5 is usual with cosine_with_restarts).")
+        c.err("optimizer.lr_restarts", "must be 1 or more (3–5 is usual with cosine_with_restarts).")
+
+
+def _check_training(c: _Checks, t: TrainingConfig, cuda_available: bool) -> None:
+    """Epochs, batch, precision (what really runs here), noise settings."""
     if t.epochs < 1:
-        err("training.epochs", f"must be at least 1 (got {t.epochs}).")
+        c.err("training.epochs", f"must be at least 1 (got {t.epochs}).")
     if t.batch_size < 1:
-        err("training.batch_size", f"must be at least 1 (got {t.batch_size}).")
+        c.err("training.batch_size", f"must be at least 1 (got {t.batch_size}).")
     if t.mixed_precision not in PRECISIONS:
-        err("training.mixed_precision", f"{t.mixed_precision!r} is unknown: use no, fp16 or bf16.")
+        c.err("training.mixed_precision", f"{t.mixed_precision!r} is unknown: use no, fp16 or bf16.")
     elif t.mixed_precision == "fp16" and not cuda_available:
-        warn("training.mixed_precision", "fp16 needs a CUDA GPU and there is none here: training runs in fp32 instead "
+        c.warn("training.mixed_precision", "fp16 needs a CUDA GPU and there is none here: training runs in fp32 instead "
              "(same result, slower and more memory on a GPU). Set training.mixed_precision=no to silence this.")
     elif t.mixed_precision == "bf16" and not cuda_available and not cpu_has_native_bf16():
-        warn("training.mixed_precision", "bf16 on this CPU is emulated (no AVX512-BF16 or AMX): training will be "
+        c.warn("training.mixed_precision", "bf16 on this CPU is emulated (no AVX512-BF16 or AMX): training will be "
              "slower than fp32. Set training.mixed_precision=no.")
     if t.min_snr_gamma < 0:
-        err("training.min_snr_gamma", "must be 0 (off) or positive (5 is usual).")
+        c.err("training.min_snr_gamma", "must be 0 (off) or positive (5 is usual).")
     if t.noise_offset < 0:
-        err("training.noise_offset", "must be 0 (off) or positive (0.05–0.1).")
+        c.err("training.noise_offset", "must be 0 (off) or positive (0.05–0.1).")
+
+
+def _check_dataset(c: _Checks, d: DatasetConfig) -> None:
+    """Caption handling, repeats, caches, buckets, resolution."""
     if not 0 <= d.caption_dropout < 1:
-        err("dataset.caption_dropout", "must be between 0 and 1 (e.g. 0.05).")
+        c.err("dataset.caption_dropout", "must be between 0 and 1 (e.g. 0.05).")
     if d.keep_tokens < 0:
-        err("dataset.keep_tokens", "must be 0 or more.")
+        c.err("dataset.keep_tokens", "must be 0 or more.")
     if d.repeats is not None and d.repeats < 1:
-        err("dataset.repeats", f"must be at least 1 (got {d.repeats}); leave empty to read it from folder names.")
+        c.err("dataset.repeats", f"must be at least 1 (got {d.repeats}); leave empty to read it from folder names.")
     if not d.caption_extension.startswith("."):
-        err("dataset.caption_extension", f"must start with a dot, e.g. '.txt' (got {d.caption_extension!r}).")
+        c.err("dataset.caption_extension", f"must start with a dot, e.g. '.txt' (got {d.caption_extension!r}).")
     if d.cache_text_embeddings not in ("auto", "yes", "no"):
-        err("dataset.cache_text_embeddings", "must be auto, yes or no.")
+        c.err("dataset.cache_text_embeddings", "must be auto, yes or no.")
     if d.cache_latents_to_disk and not d.cache_latents:
-        warn("dataset.cache_latents_to_disk", "has no effect while dataset.cache_latents=false (the VAE then runs "
+        c.warn("dataset.cache_latents_to_disk", "has no effect while dataset.cache_latents=false (the VAE then runs "
              "every step). Turn cache_latents on to use the disk cache.")
     if d.bucket_step < 8 or d.bucket_step % 8:
-        err("dataset.bucket_step", "must be a multiple of 8 (64 for real models, 8 for the toy model).")
+        c.err("dataset.bucket_step", "must be a multiple of 8 (64 for real models, 8 for the toy model).")
     try:
         w, h = parse_resolution(d.resolution)
         if w % 8 or h % 8 or w < 8 or h < 8:
-            err("dataset.resolution", f"{w}x{h}: both sides must be multiples of 8 (e.g. 512x512, 512x768, 768x512).")
+            c.err("dataset.resolution", f"{w}x{h}: both sides must be multiples of 8 (e.g. 512x512, 512x768, 768x512).")
     except ConfigError as exc:
-        err("dataset.resolution", str(exc).split(": ", 1)[-1])
+        c.err("dataset.resolution", str(exc).split(": ", 1)[-1])
+
+
+def _check_sample_and_save(c: _Checks, cfg: Config) -> None:
+    """Previews, saving, the model's family and prediction type."""
+    s, sv = cfg.sample, cfg.save
     if s.sampler not in SAMPLERS:
-        err("sample.sampler", f"{s.sampler!r} is unknown: use one of {', '.join(SAMPLERS)}.")
+        c.err("sample.sampler", f"{s.sampler!r} is unknown: use one of {', '.join(SAMPLERS)}.")
     if s.every_n_epochs < 0 or sv.every_n_epochs < 0:
-        err("save.every_n_epochs" if sv.every_n_epochs < 0 else "sample.every_n_epochs", "must be 0 (off) or more.")
+        c.err("save.every_n_epochs" if sv.every_n_epochs < 0 else "sample.every_n_epochs", "must be 0 (off) or more.")
     if sv.precision not in SAVE_PRECISIONS:
-        err("save.precision", f"{sv.precision!r} is unknown: use fp16, bf16 or fp32.")
+        c.err("save.precision", f"{sv.precision!r} is unknown: use fp16, bf16 or fp32.")
     bad = [f for f in sv.formats if f not in SAVE_FORMATS]
     if bad or not sv.formats:
-        err("save.formats", f"{bad or sv.formats} not allowed: use kohya (AUTOMATIC1111/ComfyUI) and/or diffusers.")
+        c.err("save.formats", f"{bad or sv.formats} not allowed: use kohya (AUTOMATIC1111/ComfyUI) and/or diffusers.")
     if not re.fullmatch(r"[\w.\- ]+", sv.output_name or ""):
-        err("save.output_name", f"{sv.output_name!r} must be a plain file name (letters, digits, - _ .).")
+        c.err("save.output_name", f"{sv.output_name!r} must be a plain file name (letters, digits, - _ .).")
     if cfg.model.family not in ("auto", "sd15", "sdxl"):
-        err("model.family", f"{cfg.model.family!r} is unknown: use auto, sd15 or sdxl.")
+        c.err("model.family", f"{cfg.model.family!r} is unknown: use auto, sd15 or sdxl.")
     if cfg.model.prediction_type not in ("auto", "epsilon", "v_prediction"):
-        err("model.prediction_type", f"{cfg.model.prediction_type!r} is unknown: use auto, epsilon or v_prediction.")
-    return p
+        c.err("model.prediction_type", f"{cfg.model.prediction_type!r} is unknown: use auto, epsilon or v_prediction.")
 
 
 def check_against_model(cfg: Config, size_multiple: int, family: str) -> list[Problem]:

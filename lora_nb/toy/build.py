@@ -299,6 +299,24 @@ def _ema_update(ema: dict, model: torch.nn.Module, decay: float) -> None:
             ema[name].mul_(decay).add_(p.detach(), alpha=1 - decay)
 
 
+def draw_base_batch(data: dict, tok, sched, step: int, batch: int, sizes: list, shares: np.ndarray):
+    """Step ``step``'s batch, drawn from (BASE_SEED, step) alone so a resumed build draws what an
+    uninterrupted one would: one size bucket, latents, captions (token ids), noise, timesteps, noisy latents."""
+    rng = np.random.default_rng([BASE_SEED, 99, step])
+    size = sizes[rng.choice(len(sizes), p=shares)]
+    bucket = data["buckets"][size]
+    idx = rng.integers(0, bucket["n"], batch)
+    gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
+    lat = bucket["mean"][idx] + bucket["std"][idx] * torch.randn(bucket["mean"][idx].shape, generator=gen)
+    lat = lat * data["scaling_factor"]
+    captions = [caption_for_training(base_scene(data["seed"], int(j), size), rng) for j in idx]
+    ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids
+    noise = torch.randn(lat.shape, generator=gen)
+    t = torch.randint(0, 1000, (batch,), generator=gen)
+    return size, ids, noise, t, sched.add_noise(lat, noise, t)
+
+
 def train_unet(build_dir: Path, steps: int = 5000, batch: int = 32, lr: float = 1e-3, warmup: int = 200,
                ema_decay: float = 0.995, snr_gamma: float = 5.0, max_minutes: float | None = None,
                on_step: OnStep = None, checkpoint_every: int = 200) -> dict:
@@ -348,19 +366,7 @@ def train_unet(build_dir: Path, steps: int = 5000, batch: int = 32, lr: float = 
                      "scaling_factor": sf}, build_dir / "unet.pt")
 
     while step < steps:
-        rng = np.random.default_rng([BASE_SEED, 99, step])
-        size = sizes[rng.choice(len(sizes), p=shares)]
-        bucket = data["buckets"][size]
-        idx = rng.integers(0, bucket["n"], batch)
-        gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
-        lat = bucket["mean"][idx] + bucket["std"][idx] * torch.randn(bucket["mean"][idx].shape, generator=gen)
-        lat = lat * sf
-        captions = [caption_for_training(base_scene(data["seed"], int(j), size), rng) for j in idx]
-        ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids
-        noise = torch.randn(lat.shape, generator=gen)
-        t = torch.randint(0, 1000, (batch,), generator=gen)
-        noisy = sched.add_noise(lat, noise, t)
+        size, ids, noise, t, noisy = draw_base_batch(data, tok, sched, step, batch, sizes, shares)
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / warmup)
         cond = te(ids)[0]
