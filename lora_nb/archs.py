@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from lora_nb.models import BaseModel
+
 SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, cross_attention_dim=768, attention_head_dim=8,
                  block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -49,7 +51,6 @@ def build_architecture(family: str, device: str | torch.device = "meta", dtype: 
         parts = _build_parts(family, device, with_vae)
     finally:
         torch.set_default_dtype(previous)
-    from lora_nb.models import BaseModel
 
     return BaseModel(_Parts(**parts), family, f"{family} architecture (random weights)")
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from lora_nb import LoraNbError
+from lora_nb.fsutil import write_text_atomic
 
 CAPTION_EXTENSIONS = (".txt", ".caption")
 _IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -190,7 +191,6 @@ def read_caption(path: str | Path) -> str:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     """UTF-8 without BOM, through a temporary file and rename (a full disk gives a clear error)."""
-    from lora_nb.fsutil import write_text_atomic
 
     write_text_atomic(path, text)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from lora_nb import LoraNbError
+from lora_nb.fsutil import write_text_atomic
 
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Lion8bit", "Prodigy", "SGD")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -149,7 +150,6 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
 
     def write_yaml(self, path: str | Path) -> Path:
-        from lora_nb.fsutil import write_text_atomic
 
         return write_text_atomic(Path(path), self.to_yaml())
 

@@ -30,6 +30,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from lora_nb import LoraNbError
+from lora_nb.images import atomic_save_image, list_images, load_image
+from lora_nb.toy import world
 
 Box = tuple[int, int, int, int]
 MODES = ("center", "focus", "none")
@@ -503,8 +505,6 @@ def crop_folder(src, dest, size=(512, 512), mode: str = "focus", ext: str = ".pn
     """
     from tqdm.auto import tqdm
 
-    from lora_nb.images import atomic_save_image, list_images, load_image
-
     paths = list_images(src) if isinstance(src, (str, Path)) and Path(src).is_dir() else [Path(p) for p in src]
     if not paths:
         raise LoraNbError(f"crop_folder: no images found in {src}. Import images first (import_images).")
@@ -593,7 +593,6 @@ def toy_crop_set(n: int = 60, seed: int = 0, off_centre: float = 0.15,
     zorb's centre is at least ``off_centre`` of the canvas away from the middle
     along the side the crop cuts. Backgrounds are plain, gradient or striped.
     """
-    from lora_nb.toy import world
 
     out: list[CropSample] = []
     index = 0

@@ -12,13 +12,16 @@ import math
 
 import torch
 
+from lora_nb import lora_io
+from lora_nb.archs import build_architecture
+from lora_nb.lora_io import ss_metadata
+
 DTYPE_NAMES = {"fp16": ("F16", 2), "bf16": ("BF16", 2), "fp32": ("F32", 4)}
 
 
 def lora_tensor_shapes(model, rank: int, unet_targets: str = "kohya", train_text_encoder: bool = True
                        ) -> dict[str, tuple[int, ...]]:
     """Kohya key → tensor shape of the LoRA that :func:`lora_nb.lora_io.add_lora` would attach."""
-    from lora_nb import lora_io
 
     ldm_map = lora_io.sdxl_ldm_block_map(model.pipe.unet.config) if model.family == "sdxl" else None
     comps = [("unet", model.pipe.unet, lora_io.unet_target_modules(model.pipe.unet, unet_targets))]
@@ -61,7 +64,6 @@ def estimate_lora_file_size(model, rank: int, alpha: float, unet_targets: str = 
                             train_text_encoder: bool = True, precision: str = "fp16",
                             extra_metadata: dict | None = None) -> int:
     """Size in bytes of the kohya LoRA file training will write (metadata included)."""
-    from lora_nb.lora_io import ss_metadata
 
     shapes = lora_tensor_shapes(model, rank, unet_targets, train_text_encoder)
     meta = ss_metadata(model.family, str(model.source), rank, alpha, train_text_encoder, extra_metadata)
@@ -81,7 +83,6 @@ def lora_parameter_count(model, rank: int, unet_targets: str = "kohya", train_te
 
 def course_size_table(family: str = "sd15", ranks=(8, 16, 32, 64, 128), precision: str = "fp16") -> list[dict]:
     """File sizes on the full-size architecture at several ranks (the course's 128 ≈ 140 MB table)."""
-    from lora_nb.archs import build_architecture
 
     arch = build_architecture(family, "meta")
     rows = []

@@ -38,6 +38,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from lora_nb import LoraNbError
+from lora_nb.fsutil import write_bytes_atomic
 from lora_nb.folders import (  # noqa: F401 - the kohya folder names are re-exported for callers of images
     CAPTION_EXTENSIONS, IMAGE_EXTENSIONS, concept_folder_name, find_concept_folders, list_images,
     make_concept_folder, make_regularization_folder, parse_concept_folder)
@@ -241,7 +242,6 @@ def load_image(path: str | Path | bytes, background: tuple[int, int, int] = (255
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write through a temporary file and rename (a full disk gives a clear error, the old file stays)."""
-    from lora_nb.fsutil import write_bytes_atomic
 
     write_bytes_atomic(path, data)
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from lora_nb.fsutil import atomic_path
+
 FORMAT = "1"  # bump when what a file holds changes
 
 
@@ -76,8 +78,6 @@ class LatentCache:
     def write(self, key: str, variants: list[dict[str, torch.Tensor]], source: Path) -> Path:
         """Write one image's latents atomically (a killed run leaves no half file behind)."""
         from safetensors.torch import save_file
-
-        from lora_nb.fsutil import atomic_path
 
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)

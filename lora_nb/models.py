@@ -15,6 +15,7 @@ import torch
 
 from lora_nb import LoraNbError
 from lora_nb.workspace import repo_data_dir
+from lora_nb.tokenizer import write_clip_tokenizer
 
 FAMILIES = ("sd15", "sdxl")
 
@@ -106,8 +107,6 @@ def build_tiny_sd15(folder: str | Path, seed: int = 0, prediction_type: str = "e
     """
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-    from lora_nb.tokenizer import write_clip_tokenizer
-
     folder = Path(folder)
     torch.manual_seed(seed)
     tok = write_clip_tokenizer(TINY_WORDS.split(), folder / "tokenizer")
@@ -131,8 +130,6 @@ def build_tiny_sd15(folder: str | Path, seed: int = 0, prediction_type: str = "e
 def build_tiny_sdxl(folder: str | Path, seed: int = 0) -> Path:
     """Build a tiny random SDXL-architecture pipeline (two text encoders, time ids) and save it."""
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-
-    from lora_nb.tokenizer import write_clip_tokenizer
 
     folder = Path(folder)
     torch.manual_seed(seed)
