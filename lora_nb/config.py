@@ -550,6 +550,8 @@ def _check_dataset(c: _Checks, d: DatasetConfig) -> None:
 def _check_sample_and_save(c: _Checks, cfg: Config) -> None:
     """Previews, saving, the model's family and prediction type."""
     s, sv = cfg.sample, cfg.save
+    if s.steps < 1:
+        c.err("sample.steps", f"must be at least 1 (got {s.steps}); 20–30 is usual.")
     if s.sampler not in SAMPLERS:
         c.err("sample.sampler", f"{s.sampler!r} is unknown: use one of {', '.join(SAMPLERS)}.")
     if s.every_n_epochs < 0 or sv.every_n_epochs < 0:

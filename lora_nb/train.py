@@ -122,7 +122,7 @@ def _run_phases(cfg: Config, emit: Callable[[Event], None], model, resume: bool,
     opt = build_optimization(cfg, net, data.plan, accelerator)
     cached.embedder.encoders = opt.text_encoders
     run = open_run(cfg, accelerator, net, opt, data, resume, warnings, batch_log_dir)
-    s = Session(cfg, accelerator, data, net, cached, opt, run, emit, t_start)
+    s = Session(cfg, accelerator, data, net, cached, opt, run, emit, t_start, warnings)
     emit(Event("start", run.step, run.start_epoch, {"plan": data.plan, "warnings": warnings, "precision": precision,
                                                     "resumed_from_epoch": run.start_epoch,
                                                     "device": str(accelerator.device)}))
@@ -487,6 +487,7 @@ class Session:
     run: Run
     emit: Callable[[Event], None]
     t_start: float
+    warnings: list[str]  # said at the start and during the run; returned in TrainResult
 
 
 def epoch_order(items_repeats: list[int], epoch: int, seed: int) -> list[int]:
@@ -590,8 +591,15 @@ def check_health(s: Session, loss: torch.Tensor) -> float:
 
 
 def end_of_epoch(s: Session, epoch: int, losses: list[float]) -> None:
-    """Validation loss, previews, the LoRA file(s) when due, the resumable state."""
+    """The epoch's LoRA file(s) when due and the resumable state first (nothing later can cost them), then
+    the validation loss and the previews; a failing preview is a warning, not the end of the run."""
     cfg, run, acc = s.cfg, s.run, s.accelerator
+    last = epoch == s.data.plan.epochs
+    if run.is_main and (last or (cfg.save.every_n_epochs and epoch % cfg.save.every_n_epochs == 0)):
+        save_lora_files(s, epoch, last)
+    if run.is_main and cfg.save.save_state:
+        runstate.save_state(run.ws, run.fingerprint, s.net.model, s.opt.optimizer, s.opt.lr_scheduler, epoch,
+                            run.step, s.net.train_te)
     record = {"epoch": epoch, "step": run.step, "train_loss": float(np.mean(losses)) if losses else None}
     if s.cached.validation is not None:
         s.opt.unet.eval()
@@ -599,17 +607,25 @@ def end_of_epoch(s: Session, epoch: int, losses: list[float]) -> None:
                                                     s.net.prediction_type)
     run.write_metrics(record, flush=True)
     s.emit(Event("epoch", run.step, epoch, record))
-    last = epoch == s.data.plan.epochs
     if run.is_main and cfg.sample.every_n_epochs and cfg.sample.prompts and (epoch % cfg.sample.every_n_epochs == 0 or last):
-        with modules_on(s.cached.idle, acc.device):
-            paths = write_samples(cfg, s.net.model, run.ws, epoch, s.net.size)
-        s.emit(Event("sample", run.step, epoch, {"paths": [str(p) for p in paths]}))
-    if run.is_main and (last or (cfg.save.every_n_epochs and epoch % cfg.save.every_n_epochs == 0)):
-        save_lora_files(s, epoch, last)
-    if run.is_main and cfg.save.save_state:
-        runstate.save_state(run.ws, run.fingerprint, s.net.model, s.opt.optimizer, s.opt.lr_scheduler, epoch,
-                            run.step, s.net.train_te)
+        write_previews(s, epoch)
     acc.wait_for_everyone()
+
+
+def write_previews(s: Session, epoch: int) -> None:
+    """Render and save the epoch's previews; on failure say why in a warning and go on training."""
+    try:
+        with modules_on(s.cached.idle, s.accelerator.device):
+            paths = write_samples(s.cfg, s.net.model, s.run.ws, epoch, s.net.size)
+    except Exception as exc:  # noqa: BLE001 - a preview must never cost the run: its files are already saved
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            torch.cuda.empty_cache()
+        message = (f"Previews of epoch {epoch} failed ({type(exc).__name__}: {exc}); the epoch's files are saved "
+                   "and training goes on. Check the sample.* settings.")
+        s.warnings.append(message)
+        s.emit(Event("warning", s.run.step, epoch, {"message": message}))
+        return
+    s.emit(Event("sample", s.run.step, epoch, {"paths": [str(p) for p in paths]}))
 
 
 def save_lora_files(s: Session, epoch: int, last: bool) -> None:

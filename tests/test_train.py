@@ -159,3 +159,40 @@ def test_a_run_with_other_settings_moves_the_earlier_results_aside_instead_of_ov
 
     train(second, progress=False, resume=False)  # the same settings started over: replaces its own files
     assert len(list((ws / "previous").iterdir())) == 1
+
+
+def test_a_failing_preview_costs_no_epoch_the_files_and_state_come_first(tiny_sd15_dir, tiny_dataset, tmp_path,
+                                                                         monkeypatch):
+    """Previews that fail at epoch 2 (here: the renderer raises) leave that epoch's LoRA file and state saved,
+    say why in a warning, and training goes on to the end."""
+    from lora_nb import train as train_module
+
+    real_render = train_module.render_previews
+    calls = []
+
+    def render_failing_at_epoch_2(model, prompts):
+        calls.append(len(calls) + 1)
+        if len(calls) == 2:
+            raise RuntimeError("sampler exploded")
+        return real_render(model, prompts)
+
+    monkeypatch.setattr(train_module, "render_previews", render_failing_at_epoch_2)
+    cfg = make_config(tiny_sd15_dir, tiny_dataset, tmp_path / "ws", **{
+        "training.epochs": 3, "sample.every_n_epochs": 1, "sample.steps": 2, "sample.prompts": ["sks, red square"]})
+    events = []
+    result = train(cfg, progress=False, on_event=events.append)
+    ws = tmp_path / "ws"
+    assert calls == [1, 2, 3]
+    assert (ws / "lora" / "lora-e0002.safetensors").is_file() and result.final == ws / "lora" / "lora.safetensors"
+    assert sorted(p.name for p in (ws / "samples").glob("*.png")) == ["e0001-p00.png", "e0003-p00.png"]
+    failed = [e for e in events if e.kind == "warning" and "Previews of epoch 2 failed" in e.data["message"]]
+    assert failed and "sampler exploded" in failed[0].data["message"] and failed[0].data["message"] in result.warnings
+    state = torch.load(ws / "state" / "training_state.pt", map_location="cpu", weights_only=True)
+    assert state["epoch"] == 3
+
+
+def test_sample_steps_below_one_are_refused_before_any_work(tiny_sd15_dir, tiny_dataset, tmp_path):
+    cfg = make_config(tiny_sd15_dir, tiny_dataset, tmp_path / "ws", **{"sample.steps": 0})
+    with pytest.raises(LoraNbError, match=r"sample\.steps"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "ws").exists()
