@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 from lora_nb import LoraNbError
@@ -137,20 +138,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(BaseException):
+    """SIGTERM (a job scheduler, ``kill``, a notebook host stopping): handled like Ctrl-C."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from lora_nb.notebook import quiet_known_noise
+    from lora_nb.notebook import quiet_known_noise  # each command imports only what it runs (start-up time)
 
     quiet_known_noise()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return args.func(args)
     except LoraNbError as exc:
         print(f"lora-nb: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("lora-nb: interrupted; files saved so far are intact, and a rerun continues from the last save.",
+    except (KeyboardInterrupt, Terminated) as exc:
+        how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"lora-nb: {how}; files saved so far are intact, and a rerun continues from the last save.",
               file=sys.stderr)
-        return 130
+        return 143 if isinstance(exc, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

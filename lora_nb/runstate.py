@@ -8,15 +8,19 @@ a fresh start with other settings first moves the earlier run's files to ``previ
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
+import socket
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+from lora_nb import LoraNbError
 from lora_nb.config import Config
 from lora_nb.fsutil import write_bytes_atomic, write_text_atomic
 from lora_nb.workspace import Workspace
@@ -113,3 +117,66 @@ def trim_metrics(path: Path, last_step: int) -> None:
         if rec.get("step", 0) <= last_step and last_step > 0:
             keep.append(line)
     write_text_atomic(path, "".join(l + "\n" for l in keep))
+
+
+# --------------------------------------------------------------------------- one run per workspace
+
+class WorkspaceBusy(LoraNbError):
+    """Another process is training (or running experiments) in this workspace."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def read_lock(ws: Workspace) -> dict | None:
+    """Who holds the workspace (pid, host, started, command, what), or None when nobody does."""
+    try:
+        return json.loads(ws.lock.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}  # half-written or foreign: treated as stale below
+
+
+@contextlib.contextmanager
+def hold_workspace(ws: Workspace, what: str = "training", notes: list[str] | None = None):
+    """Hold ``ws`` for one run: a second start (another process, a second notebook kernel) is refused
+    with :class:`WorkspaceBusy` naming the holder. A lock left by a process that no longer runs is taken
+    over, with a line in ``notes``. The lock file (``Workspace.lock``) is removed when the block ends."""
+    ws.root.mkdir(parents=True, exist_ok=True)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "what": what,
+          "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv) or what}
+    while True:
+        try:
+            fd = os.open(ws.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = read_lock(ws)
+            if holder is None:
+                continue  # released in between: try again
+            if holder.get("pid") and holder.get("host") == me["host"] and _pid_alive(int(holder["pid"])):
+                raise WorkspaceBusy(
+                    f"{ws.root} is in use: {holder.get('what', 'a run')} by process {holder['pid']} started "
+                    f"{holder.get('started', '?')} ({holder.get('command', '?')}). Wait for it to finish (or stop it), "
+                    f"or use another save.output_dir. If no such process runs, delete {ws.lock}.") from None
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(ws.lock)
+            if notes is not None:
+                notes.append(f"{ws.lock.name}: the earlier holder (process {holder.get('pid', '?')}, "
+                             f"{holder.get('started', '?')}) no longer runs; its lock was taken over.")
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(me, fh)
+        break
+    try:
+        yield
+    finally:
+        if (read_lock(ws) or {}).get("pid") == me["pid"]:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(ws.lock)

@@ -99,6 +99,8 @@ def train(cfg: Config, on_event: Callable[[Event], None] | None = None, model=No
     """
     try:
         return _run_phases(cfg, on_event or (lambda e: None), model, resume, progress, batch_log_dir)
+    except runstate.WorkspaceBusy:
+        raise
     except torch.cuda.OutOfMemoryError:
         raise TrainingStopped(out_of_memory_advice(cfg)) from None
     except OSError as exc:
@@ -117,28 +119,33 @@ def _run_phases(cfg: Config, emit: Callable[[Event], None], model, resume: bool,
     data = load_training_data(cfg)
     warnings += data.warnings
     accelerator, precision = start_accelerator(cfg)
-    net = prepare_model(cfg, model, accelerator.device, precision)
-    cached = cache_training_data(cfg, data, net, accelerator, warnings)
-    opt = build_optimization(cfg, net, data.plan, accelerator)
-    cached.embedder.encoders = opt.text_encoders
-    run = open_run(cfg, accelerator, net, opt, data, resume, warnings, batch_log_dir)
-    s = Session(cfg, accelerator, data, net, cached, opt, run, emit, t_start, warnings)
-    emit(Event("start", run.step, run.start_epoch, {"plan": data.plan, "warnings": warnings, "precision": precision,
-                                                    "resumed_from_epoch": run.start_epoch,
-                                                    "device": str(accelerator.device)}))
-    for w in warnings:
-        emit(Event("warning", data={"message": w}))
-    if cached.idle:
-        emit(Event("info", data={"message": "cached: " + ", ".join(type(m).__name__ for m in cached.idle) +
-                                 " moved off the GPU until sampling"}))
-    bar = _progress_bar(data.plan.total_steps, run.step, progress and accelerator.is_main_process)
+    with hold_workspace_of(cfg, accelerator, warnings):
+        net = prepare_model(cfg, model, accelerator.device, precision)
+        cached = cache_training_data(cfg, data, net, accelerator, warnings)
+        opt = build_optimization(cfg, net, data.plan, accelerator)
+        cached.embedder.encoders = opt.text_encoders
+        run = open_run(cfg, accelerator, net, opt, data, resume, warnings, batch_log_dir)
+        s = Session(cfg, accelerator, data, net, cached, opt, run, emit, t_start, warnings)
+        announce_start(s, precision)
+        run_loop(s, progress)
+    final = next((f for f in reversed(run.files) if f.name == run.ws.lora_file(cfg.save.output_name).name), None)
+    result = TrainResult(run.files, final, run.ws.root, data.plan, run.step, time.time() - t_start,
+                         run.start_epoch, warnings)
+    emit(Event("done", run.step, data.plan.epochs, {"files": [str(f) for f in run.files], "seconds": result.seconds}))
+    return result
+
+
+def run_loop(s: Session, progress: bool) -> None:
+    """The loop: per epoch its batches, one :func:`training_step` each, then :func:`end_of_epoch`."""
+    run, plan = s.run, s.data.plan
+    bar = _progress_bar(plan.total_steps, run.step, progress and s.accelerator.is_main_process)
     try:
-        with modules_off(cached.idle, accelerator.device):
-            for epoch in range(run.start_epoch + 1, data.plan.epochs + 1):
-                opt.unet.train()
+        with modules_off(s.cached.idle, s.accelerator.device):
+            for epoch in range(run.start_epoch + 1, plan.epochs + 1):
+                s.opt.unet.train()
                 losses = []
                 for batch, rngs in epoch_batches(s, epoch):
-                    if run.step >= data.plan.total_steps:
+                    if run.step >= plan.total_steps:
                         break
                     before_step(run.step)
                     record = training_step(s, batch, rngs, epoch)
@@ -146,16 +153,31 @@ def _run_phases(cfg: Config, emit: Callable[[Event], None], model, resume: bool,
                     bar.set_postfix(loss=f"{record['loss']:.4f}", epoch=epoch, refresh=False)  # drawn by update's clock
                     bar.update(1)
                 end_of_epoch(s, epoch, losses)
-                if run.step >= data.plan.total_steps:
+                if run.step >= plan.total_steps:
                     break
     finally:
         bar.close()
         run.close()
-    final = next((f for f in reversed(run.files) if f.name == run.ws.lora_file(cfg.save.output_name).name), None)
-    result = TrainResult(run.files, final, run.ws.root, data.plan, run.step, time.time() - t_start,
-                         run.start_epoch, warnings)
-    emit(Event("done", run.step, data.plan.epochs, {"files": [str(f) for f in run.files], "seconds": result.seconds}))
-    return result
+
+
+def hold_workspace_of(cfg: Config, accelerator, notes: list[str]):
+    """One run per workspace: the main process holds ``save.output_dir`` (its other processes share it)."""
+    if not accelerator.is_main_process:
+        return contextlib.nullcontext()
+    return runstate.hold_workspace(Workspace(Path(cfg.save.output_dir)), "training", notes)
+
+
+def announce_start(s: Session, precision: str) -> None:
+    """The start event (plan, precision, device, resume point), then each warning, then what left the GPU."""
+    run = s.run
+    s.emit(Event("start", run.step, run.start_epoch, {"plan": s.data.plan, "warnings": s.warnings,
+                                                      "precision": precision, "resumed_from_epoch": run.start_epoch,
+                                                      "device": str(s.accelerator.device)}))
+    for w in s.warnings:
+        s.emit(Event("warning", data={"message": w}))
+    if s.cached.idle:
+        s.emit(Event("info", data={"message": "cached: " + ", ".join(type(m).__name__ for m in s.cached.idle) +
+                                   " moved off the GPU until sampling"}))
 
 
 # ------------------------------------------------------------------------- 1. the data

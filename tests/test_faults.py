@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -25,16 +26,18 @@ from conftest import make_config
 from safetensors.torch import load_file
 
 from lora_nb import LoraNbError, cli
+from lora_nb.config import Config
 from lora_nb.lora_io import inspect_lora
 from lora_nb.models import load_base_model
 from lora_nb.train import TrainingStopped, out_of_memory_advice, train
+from lora_nb.workspace import Workspace
 
 pytestmark = pytest.mark.slow
 
 
 def _digests(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "metrics.jsonl"}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in ("metrics.jsonl", Workspace(folder).lock.name)}
 
 
 def _temp_files(folder: Path) -> list[str]:
@@ -322,3 +325,64 @@ def test_stale_temp_files_of_a_killed_run_are_removed_and_nothing_else(tmp_path)
     removed = remove_stale_temp_files(tmp_path)
     assert sorted(p.name for p in removed) == sorted([Path(stale).name, ".lora-save-abc123"])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)
+
+
+# --------------------------------------------------------------------------- one run per workspace
+
+def _start_training(cfg_path: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "lora_nb.cli", "train", str(cfg_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_subprocess_env())
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+    end = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < end, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_a_second_training_in_the_same_workspace_is_refused_naming_the_first(tiny_sd15_dir, tiny_dataset, tmp_path):
+    """Two ``lora-nb train`` in one workspace (here with different seeds): the second refuses at once with the
+    holder's pid and how to proceed, and writes nothing; the first finishes with all its files intact."""
+    ws = tmp_path / "ws"
+    first = make_config(tiny_sd15_dir, tiny_dataset, ws, **{"training.epochs": 3}).write_yaml(tmp_path / "a.yaml")
+    second = make_config(tiny_sd15_dir, tiny_dataset, ws, **{"training.seed": 7}).write_yaml(tmp_path / "b.yaml")
+    proc = _start_training(first)
+    _wait_for(Workspace(ws).lock, proc)
+    refused = subprocess.run([sys.executable, "-m", "lora_nb.cli", "train", str(second)], capture_output=True,
+                             text=True, env=_subprocess_env(), timeout=240)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert f"is in use: training by process {proc.pid}" in refused.stderr and "Traceback" not in refused.stderr
+    assert "another save.output_dir" in refused.stderr
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert _assert_every_lora_file_loads(ws) == ["lora-e0001.safetensors", "lora-e0002.safetensors",
+                                                 "lora.safetensors"]
+    assert Config.load(ws / "train_config.yaml").training.seed == 42 and _state(ws)["epoch"] == 3
+    assert not (ws / "previous").exists() and not Workspace(ws).lock.exists()
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over_with_a_note(tiny_sd15_dir, tiny_dataset, tmp_path):
+    ws = Workspace(tmp_path / "ws")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    ws.root.mkdir()
+    ws.lock.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "what": "training",
+                                   "started": "2026-01-01 00:00:00", "command": "lora-nb train old.yaml"}))
+    result = train(make_config(tiny_sd15_dir, tiny_dataset, ws.root, **{"training.epochs": 1}), progress=False)
+    assert any(f"process {dead.pid}" in w and "taken over" in w for w in result.warnings)
+    assert result.final.is_file() and not ws.lock.exists()
+
+
+def test_sigterm_in_the_cli_is_handled_like_ctrl_c_exit_143(tiny_sd15_dir, tiny_dataset, tmp_path):
+    ws = tmp_path / "ws"
+    cfg_path = make_config(tiny_sd15_dir, tiny_dataset, ws, **{"training.epochs": 40}).write_yaml(tmp_path / "c.yaml")
+    proc = _start_training(cfg_path)
+    _wait_for(ws / "state" / "training_state.pt", proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "lora-nb: terminated (SIGTERM); files saved so far are intact, and a rerun continues" in err
+    assert "Traceback" not in err and not Workspace(ws).lock.exists()
+    _assert_every_lora_file_loads(ws)
