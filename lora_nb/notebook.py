@@ -1,10 +1,13 @@
-"""What every notebook's setup cell calls: environment report, paths, seeding.
+"""What the notebooks share: the setup cell (environment report, paths, seeding), showing figures,
+finding their inputs (pictures, dataset, training settings) and saving their reports.
 
 Kept out of the core modules: it prints, and it knows about Colab/Kaggle.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import platform
@@ -13,6 +16,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from lora_nb import LoraNbError
+from lora_nb.config import Config, ConfigError, preset
+from lora_nb.folders import list_images
+from lora_nb.fsutil import atomic_path, write_bytes_atomic
 from lora_nb.workspace import Workspace, open_workspace
 
 
@@ -132,9 +139,7 @@ def show(fig_or_image, env: NotebookEnv | None = None, name: str | None = None):
     from IPython.display import display
 
     if env is not None and name:
-        from lora_nb.fsutil import atomic_path
-
-        path = env.workspace.figures / f"{name}.png"
+        path = env.workspace.figure(name)
         with atomic_path(path) as tmp:
             if hasattr(fig_or_image, "savefig"):
                 from lora_nb.plots import png_bytes
@@ -161,3 +166,132 @@ def find_dataset(env: NotebookEnv, dataset_dir: str = "") -> Path:
     if ws_dataset.is_dir() and any(p.is_dir() for p in ws_dataset.iterdir()):
         return ws_dataset
     return env.repo / "data" / "toy-concept"
+
+
+def toy_concept_pictures(env: NotebookEnv) -> Path:
+    """The bundled toy concept set (20 zorb pictures with captions): what a notebook uses when nothing came before."""
+    return env.repo / "data" / "toy-concept" / "10_zorb"
+
+
+def find_pictures(env: NotebookEnv, folder: str | Path, written_by: str = "") -> tuple[Path, list[Path], str]:
+    """``(folder, its pictures, note)``: ``folder`` when it holds pictures, else the bundled toy concept set.
+    The note is one line saying which (``written_by`` names what fills ``folder``, e.g. "notebook 01 imports them")."""
+    folder = Path(folder)
+    pictures = list_images(folder) if folder.is_dir() else []
+    if pictures:
+        return folder, pictures, f"{len(pictures)} picture(s) in {folder}"
+    bundled = toy_concept_pictures(env)
+    why = f" ({written_by})" if written_by else ""
+    return bundled, list_images(bundled), f"No pictures in {folder}{why}: using the bundled {bundled}"
+
+
+# --------------------------------------------------------------------------- reports
+
+def _plain(data):
+    """``data`` as JSON types: paths and bytes as text, sets and tuples as lists, numpy values as Python
+    numbers, dataclasses and objects with ``to_dict()`` as dicts, every dict key as text."""
+    if isinstance(data, dict):
+        return {(k if isinstance(k, str) else str(_plain(k))): _plain(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_plain(v) for v in data]
+    if isinstance(data, (set, frozenset)):
+        return sorted((_plain(v) for v in data), key=str)
+    if data is None or isinstance(data, (str, bool, int, float)):
+        return data
+    if isinstance(data, os.PathLike):
+        return os.fspath(data)
+    if isinstance(data, (bytes, bytearray)):
+        return os.fsdecode(bytes(data))
+    if dataclasses.is_dataclass(data) and not isinstance(data, type):
+        return _plain(dataclasses.asdict(data))
+    if hasattr(data, "to_dict"):
+        return _plain(data.to_dict())
+    if hasattr(data, "tolist"):  # numpy arrays and scalars, torch tensors
+        return _plain(data.tolist())
+    return str(data)
+
+
+def report_json(data) -> bytes:
+    """``data`` as indented UTF-8 JSON that never fails on a file name: names that are not valid UTF-8
+    (which Python holds as lone surrogates, ``\\udcxx``) are written as JSON escapes, so the file stays
+    valid UTF-8 and reads back to the same text; other non-ASCII names stay readable (``é``)."""
+    text = json.dumps(_plain(data), indent=2, ensure_ascii=False)
+    return text.encode("utf-8", errors="backslashreplace") + b"\n"
+
+
+def save_report(workspace: Workspace, name: str, data) -> Path:
+    """Write ``data`` as ``workspace.report(name)`` (``reports/<name>.json``), atomically: a reader sees the
+    old report or the new one, never half. Returns the path."""
+    name = str(name).removesuffix(".json")
+    if not name or name in (".", "..") or any(c in name for c in "/\\"):
+        raise LoraNbError(f"report name {name!r}: give a plain name such as 'dataset_report' (no folders).")
+    return write_bytes_atomic(workspace.report(name), report_json(data))
+
+
+def extend_report(path: str | Path, extra: dict) -> Path:
+    """Add (or replace) the top-level keys of ``extra`` in the JSON file at ``path``, atomically (e.g. the
+    experiments notebook 06 adds to ``diagnosis.json``). A missing file is created."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    except (OSError, ValueError) as exc:
+        raise LoraNbError(f"Cannot read {path} to add to it ({exc}): run the step that writes it again.") from None
+    if not isinstance(data, dict):
+        raise LoraNbError(f"{path} does not hold a JSON object: run the step that writes it again.")
+    return write_bytes_atomic(path, report_json({**data, **extra}))
+
+
+# --------------------------------------------------------------------------- training settings
+
+@dataclass
+class TrainingSettings:
+    """The settings a notebook trains or diagnoses with, and where they came from."""
+
+    config: Config
+    path: Path | None  # the file they were read from, or written to (None: not written)
+    from_file: bool  # False: the toy preset, because the file was missing
+    note: str  # one line: where the settings came from
+
+
+def load_training_config(workspace: Workspace, config_path: str | Path = "", dataset_dir: str | Path | None = None,
+                         default: str | Path | None = None, base: str | Path | None = None,
+                         fallback_overrides: dict | None = None, write_fallback: bool = True) -> TrainingSettings:
+    """The training settings of ``workspace``, always saving into the workspace (``save.output_dir``).
+
+    * ``config_path`` given: that file (relative paths are taken from ``base``); it must exist.
+    * otherwise ``default`` (the workspace's ``config.yaml``) when it exists;
+    * otherwise the toy preset on ``dataset_dir`` (the preset's own when None) with ``fallback_overrides``,
+      written to ``default`` when ``write_fallback`` (so ``lora-nb train`` can use the same file).
+    """
+    out = {"save.output_dir": str(workspace.root)}
+    if config_path:
+        path = Path(config_path).expanduser()
+        if not path.is_absolute() and base is not None:
+            path = Path(base) / path
+        if not path.is_file():
+            raise ConfigError(f"config_path={str(config_path)!r}: {path} does not exist. Leave config_path empty "
+                              f"to use the workspace's {workspace.config.name} (notebook 04 writes it).")
+        return TrainingSettings(Config.load(path).with_overrides(out), path, True, f"settings from {path}")
+    path = Path(default) if default else workspace.config
+    if path.is_file():
+        return TrainingSettings(Config.load(path).with_overrides(out), path, True, f"settings from {path}")
+    overrides = {**({"dataset.dir": str(dataset_dir)} if dataset_dir else {}), **(fallback_overrides or {}), **out}
+    cfg = preset("toy").with_overrides(overrides)
+    note = f"{path} does not exist: using the toy preset on {cfg.dataset.dir}"
+    if write_fallback:
+        cfg.write_yaml(path)
+        note += f" (written to {path})"
+    return TrainingSettings(cfg, path if write_fallback else None, False, note)
+
+
+def lora_file_lines(folder: str | Path) -> list[str]:
+    """One line per LoRA file in ``folder``: name, size, rank, alpha, modules and any problem found."""
+    from lora_nb.lora_io import inspect_lora  # imports torch and peft: only when asked
+
+    lines = []
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        info = inspect_lora(f)
+        problems = "; ".join(info["problems"]) or "no problems"
+        lines.append(f"{f.name:<28} {info['size_bytes'] / 1e6:7.2f} MB  rank {info['rank']}  alpha {info['alpha']}  "
+                     f"modules {info['modules_total']}  {problems}")
+    return lines
