@@ -23,7 +23,9 @@ from __future__ import annotations
 import csv
 import os
 import re
+import socket
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
@@ -32,14 +34,19 @@ from PIL import Image
 
 from lora_nb import LoraNbError
 from lora_nb.captions import (  # noqa: F401 - re-exported
-    add_tags, add_trigger, check_caption_extension, dedupe_tags, edit_caption, edit_captions, join_tags,
-    precision_recall, read_caption, remove_tags, replace_tags, shuffle_caption, split_tags, tag_frequency,
-    tags_above, threshold_sweep, write_captions,
+    add_tags, add_trigger, caption_path, check_caption_extension, dedupe_tags, edit_caption, edit_captions,
+    join_tags, precision_recall, read_caption, remove_tags, replace_tags, shuffle_caption, split_tags,
+    tag_frequency, tags_above, threshold_sweep, write_captions,
 )
+from lora_nb.images import load_image
+from lora_nb.toy import oracle, world
+from lora_nb.toy.judge import as_array, fit_background
 
 __all__ = [
     "BlipCaptioner", "TagScores", "WdTagger", "caption_images", "clean_blip_caption", "load_blip", "load_wd_tagger",
     "hub_unreachable_reason", "prepare_wd_image", "read_selected_tags", "row_at", "toy_tagger_predictions", "toy_tagging_set",
+    "TaggerChoice", "are_toy_world_pictures", "choose_tagger", "existing_captions", "load_real_tagger",
+    "real_tagger_status", "style_captions", "threshold_rows", "toy_world_share",
     # re-exported from lora_nb.captions
     "add_tags", "add_trigger", "check_caption_extension", "dedupe_tags", "edit_caption", "edit_captions",
     "join_tags", "precision_recall", "read_caption", "remove_tags", "replace_tags", "shuffle_caption",
@@ -101,7 +108,6 @@ def clean_blip_caption(text: str) -> str:
 @dataclass
 class BlipCaptioner:
     """A loaded BLIP captioning model. Call :meth:`caption` with PIL images."""
-
     model: object
     processor: object
     source: str
@@ -154,7 +160,6 @@ def load_blip(source: str | Path = BLIP_BASE, device: str = "cpu", dtype=None) -
 @dataclass
 class TagScores:
     """One image's tagger output: ``{tag: confidence}`` per category."""
-
     general: dict[str, float] = field(default_factory=dict)
     character: dict[str, float] = field(default_factory=dict)
     rating: dict[str, float] = field(default_factory=dict)
@@ -216,7 +221,6 @@ def prepare_wd_image(img: Image.Image, size: int) -> np.ndarray:
 @dataclass
 class WdTagger:
     """A loaded WD-style ONNX tagger. :meth:`predict` gives confidences, :meth:`tag` the tags above thresholds."""
-
     session: object
     names: list[str]
     categories: list[int]
@@ -298,9 +302,7 @@ def caption_images(paths: Iterable[str | Path], tagger, general_threshold: float
                    progress: bool = True) -> dict[str, str]:
     """``{image path: caption}`` for every image, with a :class:`WdTagger`, a :class:`BlipCaptioner`
     or any callable ``image -> caption string | {tag: confidence}`` (e.g. the toy oracle)."""
-    from tqdm.auto import tqdm
-
-    from lora_nb.images import load_image
+    from tqdm.auto import tqdm  # looked up when called: notebooks switch tqdm.auto to text bars
 
     load = load or load_image
     out = {}
@@ -325,8 +327,6 @@ def toy_tagging_set(n: int = 60, seed: int = 0, zorb_share: float = 0.5,
     Sizes cycle through the toy sizes; about ``zorb_share`` of the pictures hold a
     zorb; backgrounds are plain, gradient or striped; some pictures get a second object.
     """
-    from lora_nb.toy import world
-
     images, truths = [], []
     for i in range(n):
         size = world.SIZES[i % len(world.SIZES)]
@@ -340,8 +340,6 @@ def toy_tagging_set(n: int = 60, seed: int = 0, zorb_share: float = 0.5,
 
 def toy_tagger_predictions(images: list[Image.Image], seed: int = 0, noise: float = 0.12) -> dict[str, list[dict]]:
     """``{"oracle": [...], "noisy": [...]}``: each toy tagger's ``{tag: confidence}`` for every image."""
-    from lora_nb.toy import oracle
-
     return {"oracle": [oracle.tag_image_oracle(im) for im in images],
             "noisy": [oracle.tag_image_noisy(im, seed=seed, noise=noise) for im in images]}
 
@@ -359,8 +357,6 @@ def hub_unreachable_reason(source: str | Path, timeout: float = 3.0, host: str =
     Checked in a few seconds before any download is tried: the hub libraries retry
     for minutes on an offline machine. ``HF_HUB_OFFLINE=1`` counts as unreachable.
     """
-    import socket
-
     if Path(str(source)).expanduser().exists():
         return None
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1":
@@ -381,17 +377,14 @@ def toy_sentence(caption: str, trigger: str = "") -> str:
     recognise are kept, comma-separated, after the sentence; a caption with no object or background tag is
     returned unchanged.
     """
-    from lora_nb.captions import split_tags
-    from lora_nb.toy.world import BACKGROUND_STYLES, BACKGROUNDS, COLOURS, SHAPES
-
     tags = split_tags(caption)
     objects, background, rest = [], None, []
     for tag in tags:
         words = tag.split()
-        if len(words) == 2 and words[0] in COLOURS and words[1] in SHAPES:
+        if len(words) == 2 and words[0] in world.COLOURS and words[1] in world.SHAPES:
             objects.append(words)
-        elif words and words[0] in BACKGROUNDS and words[-1] == "background" and (
-                len(words) == 2 or (len(words) == 3 and words[1] in BACKGROUND_STYLES)):
+        elif words and words[0] in world.BACKGROUNDS and words[-1] == "background" and (
+                len(words) == 2 or (len(words) == 3 and words[1] in world.BACKGROUND_STYLES)):
             background = tag
         elif tag != trigger:
             rest.append(tag)
@@ -400,3 +393,166 @@ def toy_sentence(caption: str, trigger: str = "") -> str:
     phrases = [f"a {c} {trigger + ' ' if trigger and i == 0 else ''}{s}" for i, (c, s) in enumerate(objects)]
     sentence = f"{' and '.join(phrases)} on a {background}"
     return ", ".join([sentence] + rest)
+
+
+# --------------------------------------------------------------------------- which tagger (notebook 03)
+
+TAGGER_KINDS = ("toy", "toy-noisy", "wd", "blip")
+TOY_PIXEL_TOLERANCE = 6.0   # RGB distance within which a pixel counts as painted by the toy world
+TOY_MIN_SHARE = 0.75        # toy pictures measure ≥ 0.86 (also cropped, enlarged, shrunk); photos ≤ 0.62
+
+
+def _toy_palette() -> np.ndarray:
+    colours = [np.asarray(c, np.float32) for c in (*world.COLOURS.values(), world.EYE_COLOUR)]
+    for bg in world.BACKGROUNDS.values():  # plain backgrounds and the darker shade of their stripes
+        bg = np.asarray(bg, np.float32)
+        colours += [bg, bg * 0.8 if bg.mean() > 60 else bg + 35]
+    return np.stack(colours)
+
+
+def toy_world_share(image, max_side: int = 128) -> float:
+    """The share of an image's pixels the toy world could have painted: within a few levels of a toy
+    colour (objects, eyes, backgrounds, stripes) or of a flat / linear-gradient background.
+
+    Toy-world pictures score ≥ 0.86, cropped or resized; photos, even grey ones (the moon, a clock),
+    score ≤ 0.62: real pictures have noise and colours the toy world never uses.
+    """
+    img = image.convert("RGB") if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image)).convert("RGB")
+    if max(img.size) > max_side:
+        img = img.copy()
+        img.thumbnail((max_side, max_side), Image.Resampling.BOX)
+    arr = as_array(img)
+    near_background = np.linalg.norm(arr - fit_background(arr), axis=2) < TOY_PIXEL_TOLERANCE
+    palette = _toy_palette()
+    near_colour = np.linalg.norm(arr[:, :, None, :] - palette[None, None], axis=3).min(axis=2) < TOY_PIXEL_TOLERANCE
+    return float((near_background | near_colour).mean())
+
+
+def are_toy_world_pictures(paths: Iterable[str | Path], min_share: float = TOY_MIN_SHARE) -> bool:
+    """True when every picture looks painted by the toy world (:func:`toy_world_share`): only then do the
+    toy taggers, which read the toy world's truth, say something true about them."""
+
+    paths = list(paths)
+    return bool(paths) and all(toy_world_share(load_image(p)) >= min_share for p in paths)
+
+
+def load_real_tagger(kind: str, source: str | Path = "", device: str = "cpu"):
+    """``(tagger, "")`` for ``kind`` "wd" or "blip" from ``source`` (empty: the usual default model),
+    or ``(None, why)`` when it cannot load here (no hub, a bad folder). Checks the hub first, in seconds."""
+    if kind not in ("wd", "blip"):
+        raise LoraNbError(f"load_real_tagger: kind={kind!r}: use wd or blip.")
+    source = str(source) if source else (WD_VIT_V3 if kind == "wd" else BLIP_BASE)
+    why = hub_unreachable_reason(source)
+    if why:
+        return None, why
+    try:
+        return (load_wd_tagger(source) if kind == "wd" else load_blip(source, device=device)), ""
+    except LoraNbError as exc:
+        return None, str(exc)
+
+
+def real_tagger_status(device: str = "cpu") -> list[str]:
+    """One line per real tagger (BLIP, the WD tagger) with its default model: loaded, or why not."""
+    lines = []
+    for name, kind, source in (("BLIP", "blip", BLIP_BASE), ("WD tagger", "wd", WD_VIT_V3)):
+        tagger, why = load_real_tagger(kind, source, device)
+        lines.append(f"{name}: loaded {source}" if tagger is not None else f"{name}: not loaded. {why}")
+    return lines
+
+
+def existing_captions(paths: Iterable[str | Path], exts: tuple[str, ...] = (".txt", ".caption")) -> dict[str, str]:
+    """``{picture: caption}`` from the caption file beside each picture (first of ``exts`` found); ``""`` where none."""
+    out = {}
+    for p in paths:
+        found = next((c for c in (caption_path(p, e) for e in exts) if c.is_file()), None)
+        out[str(p)] = read_caption(found) if found else ""
+    return out
+
+
+@dataclass
+class TaggerChoice:
+    """The tagger notebook 03 uses, and one line saying what was chosen and why.
+
+    ``kind`` is the tagger really used: "toy", "toy-noisy", "wd", "blip", or "existing captions"
+    (no tagger that tells the truth about these pictures: each keeps the caption file beside it,
+    or starts empty, so the caption is the trigger word and the added tags only).
+    """
+    requested: str
+    kind: str
+    report: str
+    tagger: object = None  # a WdTagger, a BlipCaptioner, or a callable image -> {tag: confidence}
+
+    @property
+    def is_toy(self) -> bool:
+        return self.kind in ("toy", "toy-noisy")
+
+    def caption(self, paths: Iterable[str | Path], threshold: float = RECOMMENDED_THRESHOLD) -> dict[str, str]:
+        """``{picture: caption}`` for every picture."""
+        paths = list(paths)
+        if self.tagger is None:
+            return existing_captions(paths)
+        return caption_images(paths, self.tagger, general_threshold=threshold, progress=False)
+
+
+def _toy_tagger(kind: str, seed: int):
+
+
+    return oracle.tag_image_oracle if kind == "toy" else partial(oracle.tag_image_noisy, seed=seed)
+
+
+def choose_tagger(kind: str, pictures: Iterable[str | Path], source: str | Path = "", device: str = "cpu",
+                  seed: int = 0) -> TaggerChoice:
+    """The tagger for ``pictures``: ``kind`` when it can run here and tells the truth about them.
+
+    * "wd" / "blip" that cannot load (no hub, a bad folder): the toy oracle on toy-world pictures;
+    * on other pictures the toy taggers would invent tags, so neither a toy tagger nor a failed
+      real one is used: each picture keeps the caption file beside it, or gets the trigger word and
+      the added tags only. The report says so.
+    """
+    if kind not in TAGGER_KINDS:
+        raise LoraNbError(f"tagger={kind!r}: use one of {', '.join(TAGGER_KINDS)}.")
+    pictures = list(pictures)
+    why = ""
+    if kind in ("wd", "blip"):
+        tagger, why = load_real_tagger(kind, source, device)
+        if tagger is not None:
+            return TaggerChoice(kind, kind, f"tagger: {kind} ({tagger.source})", tagger)
+    toy = are_toy_world_pictures(pictures)
+    if toy:
+        used = kind if kind in ("toy", "toy-noisy") else "toy"
+        what = "the oracle of the toy world" if used == "toy" else "the noisy toy tagger"
+        report = (f"tagger: {used} ({what})" if not why else
+                  f"The {kind} tagger cannot be used here: {why.rstrip('.')}. These are toy-world pictures: the toy "
+                  "oracle tags them.")
+        return TaggerChoice(kind, used, report, _toy_tagger(used, seed))
+    kept = sum(1 for c in existing_captions(pictures).values() if c)
+    problem = (f"The {kind} tagger cannot be used here: {why.rstrip('.')}" if why else
+               f"tagger={kind} reads only toy-world pictures (use wd or blip, online or from a local tagger_source)")
+    report = (f"{problem}. These are not toy-world pictures, so the toy tagger would invent their tags: {kept} of "
+              f"{len(pictures)} picture(s) keep the caption file beside them, the others get only the trigger word "
+              "and the added tags.")
+    return TaggerChoice(kind, "existing captions", report, None)
+
+
+def threshold_rows(sweeps: Mapping[str, list[dict]], thresholds=(0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)) -> list[dict]:
+    """One row per threshold: each tagger's precision, recall and tags per picture there (a table of
+    :func:`threshold_sweep` results, ``{tagger name: sweep}``)."""
+    rows = []
+    for th in thresholds:
+        row = {"threshold": th}
+        for name, sweep in sweeps.items():
+            r = row_at(sweep, th)
+            row |= {f"{name} precision": r["precision"], f"{name} recall": r["recall"],
+                    f"{name} tags/img": r["tags_per_image"]}
+        rows.append(row)
+    return rows
+
+
+def style_captions(captions: Mapping[str, str], style: str, trigger: str = "", toy: bool = False) -> dict[str, str]:
+    """The captions in ``style``: "tags" keeps them; "sentence" rewrites toy-world tags as the sentences the
+    toy model learned (:func:`toy_sentence`) when ``toy`` (a toy tagger wrote them), else keeps them too."""
+    if style not in ("sentence", "tags"):
+        raise LoraNbError(f"caption_style={style!r}: use sentence or tags.")
+    if style == "sentence" and toy:
+        return {k: toy_sentence(c, trigger) for k, c in captions.items()}
+    return dict(captions)
