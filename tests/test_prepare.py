@@ -1,0 +1,189 @@
+"""lora_nb.prepare on the bundled toy pictures: the rebuilt folders hold what the trainer reads, and a
+rebuild deletes nothing outside the folder it rebuilds: not the originals, not other concepts, not
+what a link points to."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from lora_nb import LoraNbError
+from lora_nb.dataset import scan_dataset
+from lora_nb.images import list_images
+from lora_nb.import_demo import awkward_import_demo, file_digests
+from lora_nb.prepare import add_regularization_images, clear_pictures, rebuild_processed, rebuild_training_folder
+from lora_nb.workspace import open_workspace
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY = ROOT / "data" / "toy-concept" / "10_zorb"
+TOY_REG = ROOT / "data" / "toy-reg" / "1_circle"
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def pictures(tmp_path):
+    """Ten toy pictures (no captions beside them) outside the workspace: the 'processed' pictures to copy."""
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    for p in sorted(TOY.glob("*.png"))[:10]:
+        shutil.copyfile(p, folder / p.name)
+    return folder
+
+
+def test_training_folder_is_built_from_the_pictures_and_read_by_the_trainer(tmp_path, pictures):
+    ws = open_workspace(tmp_path / "ws")
+    captions = {str(p): f"zorb, picture {i}" for i, p in enumerate(list_images(pictures))}
+    built = rebuild_training_folder(ws, captions, repeats=3, concept="zorb")
+    assert built.folder == ws.dataset / "3_zorb"
+    assert sorted(p.name for p in list_images(built.folder)) == sorted(p.name for p in list_images(pictures))
+    assert all(digest(Path(dest)) == digest(pictures / Path(dest).name) for dest in built.captions)
+    assert built.check.ok and built.check.captioned == built.check.images == 10
+    scan = scan_dataset(ws.dataset, caption_extension=".txt")
+    assert len(scan.items) == 10 and {i.repeats for i in scan.items} == {3}
+    assert sorted(i.caption for i in scan.items) == sorted(captions.values())
+    assert "wrote 10 pictures + 10 captions" in built.summary() and "OK" in built.summary()
+
+
+def test_rebuild_deletes_only_this_concepts_pictures_inside_the_dataset_folder(tmp_path, pictures):
+    ws = open_workspace(tmp_path / "ws")
+    originals = tmp_path / "my photos"  # a learner's own folder, outside the workspace
+    shutil.copytree(TOY, originals)
+    before_originals = file_digests(originals)
+    before_pictures = file_digests(pictures)
+    # what is in the workspace from earlier runs
+    ws.source.mkdir(parents=True)
+    shutil.copyfile(TOY / "zorb_000.png", ws.source / "zorb_000.png")
+    ws.processed.mkdir()
+    shutil.copyfile(TOY / "zorb_001.png", ws.processed / "zorb_001.png")
+    same = ws.dataset / "10_zorb"  # the folder this run writes, with an old picture, a note and a hard link
+    same.mkdir(parents=True)
+    shutil.copyfile(TOY / "zorb_019.png", same / "old.png")
+    (same / "old.txt").write_text("zorb, old caption", encoding="utf-8")
+    (same / "notes.md").write_text("my notes", encoding="utf-8")
+    os.link(originals / "zorb_018.png", same / "zorb_000.png")  # a name this run copies in: never written through
+    other_repeats = ws.dataset / "4_zorb"  # same concept, other repeats: it would be trained too
+    other_repeats.mkdir()
+    shutil.copyfile(TOY / "zorb_017.png", other_repeats / "zorb_017.png")
+    (other_repeats / "zorb_017.txt").write_text("zorb", encoding="utf-8")
+    os.symlink(originals, ws.dataset / "7_zorb", target_is_directory=True)  # linked in: only the link may go
+    other_concept = ws.dataset / "5_circle"
+    shutil.copytree(TOY_REG, other_concept)
+    before_other_concept = file_digests(other_concept)
+    before_ws = {name: file_digests(getattr(ws, name)) for name in ("source", "processed")}
+
+    captions = {str(p): "zorb" for p in list_images(pictures)}
+    built = rebuild_training_folder(ws, captions, repeats=10, concept="zorb")
+
+    assert file_digests(originals) == before_originals, "the originals must never change"
+    assert file_digests(pictures) == before_pictures
+    assert file_digests(other_concept) == before_other_concept
+    assert {name: file_digests(getattr(ws, name)) for name in ("source", "processed")} == before_ws
+    assert not (ws.dataset / "7_zorb").exists() and originals.is_dir()
+    assert not other_repeats.exists()
+    assert (same / "notes.md").read_text(encoding="utf-8") == "my notes" and same / "notes.md" in built.left
+    assert not (same / "old.png").exists() and not (same / "old.txt").exists()
+    assert sorted(p.name for p in list_images(same)) == sorted(p.name for p in list_images(pictures))
+    assert {ws.dataset / "7_zorb", same / "old.png", same / "old.txt"} <= set(built.removed)
+    # the trainer now sees this concept once, at the repeats asked for, beside the untouched other concept
+    scan = scan_dataset(ws.dataset)
+    assert {(i.folder, i.repeats) for i in scan.items} == {("10_zorb", 10), ("5_circle", 5)}
+
+
+def test_rebuild_refuses_links_and_pictures_inside_the_folder_it_empties(tmp_path, pictures):
+    ws = open_workspace(tmp_path / "ws")
+    originals = tmp_path / "originals"
+    shutil.copytree(TOY, originals)
+    before = file_digests(originals)
+    ws.dataset.mkdir()
+    os.symlink(originals, ws.dataset / "10_zorb", target_is_directory=True)
+    with pytest.raises(LoraNbError, match="is a link"):
+        rebuild_training_folder(ws, {str(p): "zorb" for p in list_images(pictures)}, 10, "zorb")
+    assert file_digests(originals) == before
+    # the pictures to copy inside the dataset folder: refused before anything is deleted
+    inside = ws.dataset / "3_zorb"
+    shutil.copytree(pictures, inside)
+    with pytest.raises(LoraNbError, match="inside"):
+        rebuild_training_folder(ws, {str(p): "zorb" for p in list_images(inside)}, 3, "zorb")
+    assert len(list_images(inside)) == 10
+    with pytest.raises(LoraNbError, match="do not exist"):
+        rebuild_training_folder(ws, {str(tmp_path / "gone.png"): "zorb"}, 3, "zorb")
+    assert len(list_images(inside)) == 10
+    # a dataset/ folder that is itself a link out of the workspace
+    ws2 = open_workspace(tmp_path / "ws2")
+    os.symlink(originals, ws2.dataset, target_is_directory=True)
+    with pytest.raises(LoraNbError, match="is a link"):
+        rebuild_training_folder(ws2, {str(p): "zorb" for p in list_images(pictures)}, 10, "zorb")
+    assert file_digests(originals) == before
+
+
+def test_pictures_of_the_same_name_get_their_own_files(tmp_path, pictures):
+    ws = open_workspace(tmp_path / "ws")
+    again = tmp_path / "again"
+    again.mkdir()
+    shutil.copyfile(pictures / "zorb_000.png", again / "zorb_000.png")
+    built = rebuild_training_folder(ws, {str(pictures / "zorb_000.png"): "zorb, one", str(again / "zorb_000.png"):
+                                         "zorb, two"}, 2, "zorb")
+    assert sorted(Path(p).name for p in built.captions) == ["zorb_000-1.png", "zorb_000.png"]
+    assert (built.folder / "zorb_000-1.txt").read_text(encoding="utf-8") == "zorb, two"
+
+
+def test_clear_pictures_removes_links_not_their_targets(tmp_path):
+    folder = tmp_path / "f"
+    folder.mkdir()
+    target = tmp_path / "outside.png"
+    shutil.copyfile(TOY / "zorb_000.png", target)
+    os.symlink(target, folder / "link.png")
+    (folder / "keep.json").write_text("{}", encoding="utf-8")
+    (folder / "sub").mkdir()
+    shutil.copyfile(TOY / "zorb_001.png", folder / "sub" / "deep.png")
+    assert clear_pictures(folder) == [folder / "link.png"]
+    assert target.is_file() and (folder / "keep.json").is_file() and (folder / "sub" / "deep.png").is_file()
+
+
+def test_processed_is_rebuilt_fresh_from_the_source_pictures(tmp_path):
+    ws = open_workspace(tmp_path / "ws")
+    shutil.copytree(TOY, ws.source)
+    before = file_digests(ws.source)
+    ws.processed.mkdir()
+    shutil.copyfile(TOY / "zorb_005.png", ws.processed / "left over from another mode.png")
+    outside = tmp_path / "outside.png"
+    shutil.copyfile(TOY / "zorb_006.png", outside)
+    os.symlink(outside, ws.processed / "linked.png")
+    done = rebuild_processed(ws, ws.source, (48, 48), "center")
+    assert file_digests(ws.source) == before and outside.is_file()
+    assert sorted(p.name for p in list_images(ws.processed)) == sorted(p.name for p in list_images(TOY))
+    assert done.sizes == {"48x48": 20} and all(Image.open(p).size == (48, 48) for p in done.written)
+    assert {p.name for p in done.removed} == {"left over from another mode.png", "linked.png"}
+    pairs = done.before_after(3)
+    assert len(pairs) == 3 and pairs[0][0].size == (64, 64) and pairs[0][1].image.size == (48, 48)
+    assert "20 picture(s) cropped (center)" in done.summary()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LoraNbError, match="No pictures"):
+        rebuild_processed(ws, tmp_path / "empty", (48, 48))
+    assert len(list_images(ws.processed)) == 20  # nothing deleted when there is nothing to crop
+
+
+def test_regularization_images_are_added_once(tmp_path):
+    ws = open_workspace(tmp_path / "ws")
+    folder, paths = add_regularization_images(ws, TOY_REG, "circle")
+    assert folder == ws.regularization / "1_circle" and len(paths) == len(list_images(TOY_REG))
+    again, paths_again = add_regularization_images(ws, TOY_REG, "circle")
+    assert again == folder and paths_again == paths
+
+
+def test_awkward_import_demo_keeps_good_files_skips_bad_ones_and_leaves_originals(tmp_path):
+    demo = awkward_import_demo(tmp_path)
+    assert demo.originals_unchanged
+    result = {r["file"]: r["result"] for r in demo.rows}
+    assert result["ok.jpg"] == "kept 240x160 (byte copy)"
+    assert result["phone photo (EXIF rotated).jpg"].startswith("kept 160x240")
+    assert "too small" in result["icon 20x20.png"] and "not an image" in result["notes.txt"]
+    assert all(p.is_file() and p.parent == tmp_path / "out" for p in demo.kept)
