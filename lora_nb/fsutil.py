@@ -32,6 +32,8 @@ def atomic_path(path: str | Path):
     os.close(fd)
     try:
         yield Path(tmp)
+        # mkstemp (and some writers, safetensors among them) make 0600: results are as readable as any new file
+        os.chmod(tmp, 0o666 & ~_current_umask())
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         _test_pause(path)
@@ -41,6 +43,12 @@ def atomic_path(path: str | Path):
         if is_disk_full(exc):
             raise disk_full_error(path) from None
         raise
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def is_disk_full(exc: BaseException) -> bool:

@@ -24,6 +24,7 @@ import json
 import math
 import re
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -302,33 +303,81 @@ def ss_metadata(family: str, source: str, rank: int, alpha: float, text_encoder_
     return meta
 
 
-def training_metadata(cfg, plan, tag_frequency: dict) -> dict[str, str]:
+def training_metadata(cfg, plan, tag_frequency: dict, dataset_dirs: dict | None = None,
+                      reg_images: int = 0) -> dict[str, str]:
     """The training half of the ``ss_*`` metadata (the settings a run used), as sd-scripts writes it.
 
-    ``cfg`` is a :class:`lora_nb.config.Config`, ``plan`` its :class:`lora_nb.config.StepsPlan`. The base
-    model's name comes from :func:`ss_metadata` (a file name, never a local path).
+    ``cfg`` is a :class:`lora_nb.config.Config`, ``plan`` its :class:`lora_nb.config.StepsPlan`,
+    ``dataset_dirs`` ``{folder: {"n_repeats": r, "img_count": n}}``. The base model's name comes from
+    :func:`ss_metadata` (a file name, never a local path); :func:`run_metadata` adds the session's
+    id and times.
     """
     w, h = parse_resolution(cfg.dataset.resolution)
+    d, t, o = cfg.dataset, cfg.training, cfg.optimizer
+    dirs = dataset_dirs or {}
     return {
-        "ss_learning_rate": str(cfg.optimizer.learning_rate),
-        "ss_unet_lr": str(cfg.optimizer.effective_unet_lr),
-        "ss_text_encoder_lr": str(cfg.optimizer.text_encoder_lr),
+        "ss_v2": "False",
+        "ss_learning_rate": str(o.learning_rate),
+        "ss_unet_lr": str(o.effective_unet_lr),
+        "ss_text_encoder_lr": str(o.text_encoder_lr),
         "ss_num_epochs": str(plan.epochs),
         "ss_max_train_steps": str(plan.total_steps),
-        "ss_batch_size_per_device": str(cfg.training.batch_size),
+        "ss_num_batches_per_epoch": str(plan.steps_per_epoch),
+        "ss_batch_size_per_device": str(t.batch_size),
         "ss_resolution": f"({w}, {h})",
-        "ss_lr_scheduler": cfg.optimizer.lr_scheduler,
-        "ss_optimizer": cfg.optimizer.optimizer,
-        "ss_mixed_precision": cfg.training.mixed_precision,
-        "ss_seed": str(cfg.training.seed),
+        "ss_enable_bucket": str(bool(d.enable_buckets)),
+        "ss_lr_scheduler": o.lr_scheduler,
+        "ss_lr_warmup_steps": str(o.lr_warmup_steps),
+        "ss_optimizer": o.optimizer,
+        "ss_max_grad_norm": str(o.max_grad_norm),
+        "ss_mixed_precision": t.mixed_precision,
+        "ss_gradient_checkpointing": str(bool(t.gradient_checkpointing)),
+        "ss_seed": str(t.seed),
         "ss_clip_skip": str(cfg.network.clip_skip),
-        "ss_noise_offset": str(cfg.training.noise_offset),
-        "ss_min_snr_gamma": str(cfg.training.min_snr_gamma),
+        "ss_noise_offset": str(t.noise_offset),
+        "ss_min_snr_gamma": str(t.min_snr_gamma),
+        "ss_shuffle_caption": str(bool(d.shuffle_caption)),
+        "ss_keep_tokens": str(d.keep_tokens),
+        "ss_caption_dropout_rate": str(d.caption_dropout),
+        "ss_flip_aug": str(bool(d.flip_aug)),
+        "ss_cache_latents": str(bool(d.cache_latents)),
+        "ss_prior_loss_weight": str(d.prior_loss_weight),
         "ss_num_train_images": str(plan.samples_per_epoch),
+        "ss_num_reg_images": str(reg_images),
+        "ss_dataset_dirs": json.dumps(dirs, ensure_ascii=False),
+        "ss_datasets": json.dumps([{"is_dreambooth": True, "batch_size_per_device": t.batch_size,
+                                    "num_train_images": plan.samples_per_epoch, "num_reg_images": reg_images,
+                                    "resolution": [w, h], "enable_bucket": bool(d.enable_buckets),
+                                    "subsets": [{"image_dir": k, **v} for k, v in dirs.items()]}], ensure_ascii=False),
         "ss_tag_frequency": json.dumps(tag_frequency, ensure_ascii=False),
         "ss_output_name": cfg.save.output_name,
         "ss_training_comment": "trained with lora-nb",
     }
+
+
+def run_metadata(session_id: int, started_at: float) -> dict[str, str]:
+    """The keys sd-scripts uses to tie a run's files together: its session id and start time (Unix seconds)."""
+    return {"ss_session_id": str(session_id), "ss_training_started_at": str(started_at)}
+
+
+MODELSPEC_ARCHITECTURES = {"sd15": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
+
+
+def modelspec_metadata(family: str, title: str, resolution: tuple[int, int], prediction_type: str = "epsilon",
+                       trigger: str = "", date: str | None = None) -> dict[str, str]:
+    """The Stability AI model-spec keys (``modelspec.*``) that UIs read to tell what a file is."""
+    meta = {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": MODELSPEC_ARCHITECTURES.get(family, f"{family}/lora"),
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        "modelspec.title": title,
+        "modelspec.resolution": f"{resolution[0]}x{resolution[1]}",
+        "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
+        "modelspec.date": date or time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    if trigger:
+        meta["modelspec.trigger_phrase"] = trigger
+    return meta
 
 
 def _fmt_number(x: float) -> str:

@@ -487,7 +487,12 @@ def open_run(cfg: Config, accelerator, net: PreparedModel, opt: Optimization, da
     runstate.trim_metrics(ws.metrics, step)
     cfg.write_yaml(ws.train_config)
     files = sorted(ws.lora.glob(f"{cfg.save.output_name}-e*.safetensors")) if start_epoch else []
-    metadata = lora_io.training_metadata(cfg, data.plan, data.tag_frequency)
+    dirs = {f: {"n_repeats": r, "img_count": sum(1 for it in data.items if it.folder == f)}
+            for f, r in dict.fromkeys((it.folder, it.repeats) for it in data.items)}
+    metadata = dict(lora_io.training_metadata(cfg, data.plan, data.tag_frequency, dirs, len(data.reg_items)),
+                    **lora_io.run_metadata(random.SystemRandom().randrange(2**31), round(time.time(), 3)),
+                    **lora_io.modelspec_metadata(net.model.family, cfg.save.output_name, net.size,
+                                                 net.prediction_type, cfg.dataset.trigger_word))
     metrics_file = open(ws.metrics, "a", encoding="utf-8") if is_main else None
     batch_log = None
     if batch_log_dir:
@@ -654,7 +659,9 @@ def save_lora_files(s: Session, epoch: int, last: bool) -> None:
     """The LoRA as it is after ``epoch``, in every format asked (the last epoch's is the final file)."""
     cfg, run = s.cfg, s.run
     name = cfg.save.output_name if last else run.ws.epoch_name(cfg.save.output_name, epoch)
-    meta = dict(run.metadata, ss_epoch=str(epoch), ss_steps=str(run.step))
+    # each file carries its own name (AUTOMATIC1111's alias) and its own time
+    meta = dict(run.metadata, ss_epoch=str(epoch), ss_steps=str(run.step), ss_output_name=name,
+                ss_training_finished_at=str(round(time.time(), 3)), **{"modelspec.title": name})
     for fmt in cfg.save.formats:
         saved = Path(lora_io.save_lora(run.ws.lora_file(name, fmt), s.net.model, cfg.network.alpha, fmt=fmt,
                                        precision=cfg.save.precision, metadata=meta))

@@ -196,3 +196,35 @@ def test_sample_steps_below_one_are_refused_before_any_work(tiny_sd15_dir, tiny_
     with pytest.raises(LoraNbError, match=r"sample\.steps"):
         train(cfg, progress=False)
     assert not (tmp_path / "ws").exists()
+
+
+def test_saved_files_name_themselves_hold_no_local_path_and_are_readable_by_others(tiny_sd15_dir, tiny_dataset,
+                                                                                   tmp_path):
+    """Every file's ``ss_output_name`` and ``modelspec.title`` is its own name (AUTOMATIC1111's alias), no
+    metadata value holds the local path of the base model or dataset, the sd-scripts and model-spec keys UIs
+    read are there, and the files are 0644 under the usual umask."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        cfg = make_config(tiny_sd15_dir, tiny_dataset, tmp_path / "ws", **{"training.epochs": 2})
+        result = train(cfg, progress=False)
+    finally:
+        os.umask(old)
+    assert [f.name for f in result.files] == ["lora-e0001.safetensors", "lora.safetensors"]
+    session = set()
+    for path in result.files:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        assert meta["ss_output_name"] == meta["modelspec.title"] == path.name.removesuffix(".safetensors")
+        assert meta["ss_sd_model_name"] == tiny_sd15_dir.name
+        for value in meta.values():
+            assert str(tiny_sd15_dir) not in value and str(tiny_dataset) not in value and str(tmp_path) not in value
+        assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora" and meta["ss_v2"] == "False"
+        assert json.loads(meta["ss_dataset_dirs"]) == {"2_sks": {"n_repeats": 1, "img_count": 4}}
+        for key in ("ss_shuffle_caption", "ss_flip_aug", "ss_cache_latents", "ss_training_started_at",
+                    "ss_training_finished_at", "modelspec.resolution", "modelspec.date", "ss_datasets"):
+            assert key in meta, key
+        session.add(meta["ss_session_id"])
+        assert path.stat().st_mode & 0o777 == 0o644
+    assert len(session) == 1  # the files of one run share its session id
