@@ -455,6 +455,10 @@ def _check_required(c: _Checks, cfg: Config) -> None:
         c.err("dataset.dir", "is empty: set it to the folder holding your <repeats>_<concept> subfolders of images.")
     if not str(sv.output_dir).strip():
         c.err("save.output_dir", "is empty: set it to the run's workspace folder, e.g. runs/my-lora.")
+    vae = str(cfg.model.vae or "").strip()
+    if vae and (vae.startswith(("/", ".", "~")) or vae.lower().endswith((".safetensors", ".ckpt", ".pt"))) \
+            and not Path(vae).expanduser().exists():
+        c.err("model.vae", f"{vae!r} does not exist: fix the path, or clear model.vae to use the model's own VAE.")
     if d.trigger_word and not d.trigger_word.strip():
         c.err("dataset.trigger_word", "is only spaces: set a word such as sks, or leave it empty (no trigger).")
     if "," in d.trigger_word:

@@ -35,7 +35,7 @@ from lora_nb.config import Config, parse_resolution
 from lora_nb.dataset import Item, load_training_image, scan_dataset
 from lora_nb.fsutil import write_text_atomic
 from lora_nb.lora_io import load_lora
-from lora_nb.models import load_base_model, toy_model_dir
+from lora_nb.models import load_model_of, toy_model_dir
 from lora_nb.steps import encode_prompts, fixed_noise_loss, latents_of, prepare_samples
 from lora_nb.toy import judge, quality
 from lora_nb.toy.world import COLOURS
@@ -267,7 +267,7 @@ def diagnose_run(workspace: str | Path, seeds: list[int] | None = None, steps: i
     final_epoch = max(losses["epochs"]) if losses["epochs"] else cfg.training.epochs
     toy = is_toy(cfg)
     training = load_training_images(cfg)
-    model = load_base_model(cfg.model.source, cfg.model.family)
+    model = load_model_of(cfg.model)
     model.pipe.set_progress_bar_config(disable=True)
     size = parse_resolution(cfg.dataset.resolution)
 

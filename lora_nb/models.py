@@ -222,7 +222,11 @@ def load_base_model(source: str | Path, family: str = "auto", dtype: torch.dtype
         src = str(path)
     path = Path(src).expanduser()
     if path.is_dir():
-        fam = detect_family_of_folder(path) if family == "auto" else family
+        found = detect_family_of_folder(path)
+        if family != "auto" and family != found:
+            raise LoraNbError(f"model.family={family!r} but {path} holds an {found} model: set model.family=auto "
+                              f"(or {found}).")
+        fam = found
         try:
             pipe = _pipeline_class(fam).from_pretrained(path, dtype=dtype, safety_checker=None) if fam == "sd15" \
                 else _pipeline_class(fam).from_pretrained(path, dtype=dtype)
@@ -237,6 +241,60 @@ def load_base_model(source: str | Path, family: str = "auto", dtype: torch.dtype
         f"model_source={src!r} is neither a folder, a file, 'toy' nor a hub id like 'org/name'. "
         "Check the path (it does not exist)."
     )
+
+
+def load_model_of(model_cfg, dtype: torch.dtype = torch.float32) -> BaseModel:
+    """The base model a :class:`lora_nb.config.ModelConfig` names, with its ``vae`` in place when one is set
+    (used alike for training, previews and diagnosis)."""
+    model = load_base_model(model_cfg.source, model_cfg.family, dtype, allow_pickle=model_cfg.allow_pickle)
+    if str(model_cfg.vae or "").strip():
+        use_vae(model, load_vae(model_cfg.vae, model.pipe.vae.config, dtype))
+    return model
+
+
+def use_vae(model: BaseModel, vae) -> None:
+    """Put ``vae`` into the model's pipeline (training encodes and previews decode with it)."""
+    model.pipe.register_modules(vae=vae)
+
+
+def load_vae(source: str | Path, base_config=None, dtype: torch.dtype = torch.float32):
+    """A VAE (``AutoencoderKL``) from a hub id (e.g. ``madebyollin/sdxl-vae-fp16-fix``), a diffusers folder
+    (the VAE's own, or a pipeline folder with ``vae/``) or a single ``.safetensors`` file.
+
+    A single file is read with the base model's VAE configuration (``base_config``), so no download is
+    needed. Errors name the ``model.vae`` setting and what to pass instead.
+    """
+    from diffusers import AutoencoderKL
+
+    src = str(source).strip()
+    path = Path(src).expanduser()
+    try:
+        if path.is_dir():
+            sub = "vae" if (path / "vae" / "config.json").exists() and not (path / "config.json").exists() else None
+            if sub is None and not (path / "config.json").exists():
+                raise LoraNbError(f"model.vae={src!r} is a folder without a VAE (no config.json, no vae/): point it at "
+                                  "a VAE folder, a pipeline folder or a .safetensors VAE file.")
+            return AutoencoderKL.from_pretrained(path, subfolder=sub, dtype=dtype)
+        if path.is_file():
+            if path.suffix.lower() != ".safetensors":
+                raise LoraNbError(f"model.vae={src!r}: a single-file VAE must be .safetensors (pickles can run code).")
+            if base_config is not None:
+                import tempfile
+
+                with tempfile.TemporaryDirectory(prefix="lora-nb-vae-") as tmp:
+                    AutoencoderKL.from_config(base_config).save_config(tmp)
+                    return AutoencoderKL.from_single_file(str(path), config=tmp, dtype=dtype)
+            return AutoencoderKL.from_single_file(str(path), dtype=dtype)
+        if looks_like_hub_id(src):
+            return AutoencoderKL.from_pretrained(src, dtype=dtype)
+    except LoraNbError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - diffusers and the hub raise many types
+        offline = " Hub access is switched off (HF_HUB_OFFLINE=1)." if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+        raise LoraNbError(f"model.vae={src!r} could not be loaded ({type(exc).__name__}: {str(exc)[:200]}).{offline} "
+                          "Pass a VAE folder or .safetensors file, or clear model.vae to use the model's own.") from None
+    raise LoraNbError(f"model.vae={src!r} does not exist (neither a folder, a file nor a hub id like 'org/name'): "
+                      "fix the path, or clear model.vae to use the model's own VAE.")
 
 
 def _load_single_file(path: Path, family: str, dtype, allow_pickle: bool) -> BaseModel:

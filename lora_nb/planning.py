@@ -16,7 +16,7 @@ from lora_nb.archs import build_architecture
 from lora_nb.config import Config, StepsPlan, check_config, plan_steps, preset, setting_help
 from lora_nb.estimate import estimate_lora_file_size, lora_parameter_count
 from lora_nb.lora_io import training_metadata
-from lora_nb.models import load_base_model
+from lora_nb.models import load_model_of
 from lora_nb.train import train
 
 # notebook parameter → config setting; -1 / "" in a parameter means "the preset's value"
@@ -182,7 +182,7 @@ def measure_step_time(cfg: Config, steps: int = 4, model=None) -> tuple[float, i
         stamps = []
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        fresh = model if model is not None else load_base_model(cfg.model.source, cfg.model.family)
+        fresh = model if model is not None else load_model_of(cfg.model)
         train(trial, on_event=lambda e: stamps.append(time.perf_counter()) if e.kind == "step" else None,
               model=fresh, resume=False, progress=False)
         peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
@@ -245,7 +245,7 @@ def model_for_estimates(cfg: Config):
     architecture on the meta device (module shapes only), with a note saying why."""
 
     try:
-        return load_base_model(cfg.model.source, cfg.model.family, allow_pickle=cfg.model.allow_pickle), True, ""
+        return load_model_of(cfg.model), True, ""
     except LoraNbError as exc:
         family = cfg.model.family if cfg.model.family != "auto" else "sd15"
         note = (f"{exc} File sizes below use the full-size {family} architecture; "

@@ -41,7 +41,7 @@ from lora_nb.config import (Config, StepsPlan, check_against_dataset, check_agai
 from lora_nb.dataset import Item, scan_dataset
 from lora_nb.fsutil import atomic_path, is_disk_full, remove_stale_temp_files
 from lora_nb.latent_cache import LatentCache
-from lora_nb.models import load_base_model
+from lora_nb.models import load_model_of
 from lora_nb.optim import build_optimizer, build_scheduler
 from lora_nb.sampling import render_previews, sample_prompts_of
 from lora_nb.workspace import Workspace
@@ -265,7 +265,7 @@ def prepare_model(cfg: Config, model, device, precision: str) -> PreparedModel:
     from diffusers.training_utils import cast_training_params
 
     if model is None:
-        model = load_base_model(cfg.model.source, cfg.model.family, allow_pickle=cfg.model.allow_pickle)
+        model = load_model_of(cfg.model)
     raise_for_errors(check_against_model(cfg, model.size_multiple, model.family))
     pipe = model.pipe
     prediction_type = (cfg.model.prediction_type if cfg.model.prediction_type != "auto"

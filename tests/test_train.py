@@ -228,3 +228,43 @@ def test_saved_files_name_themselves_hold_no_local_path_and_are_readable_by_othe
         session.add(meta["ss_session_id"])
         assert path.stat().st_mode & 0o777 == 0o644
     assert len(session) == 1  # the files of one run share its session id
+
+
+def test_model_vae_replaces_the_vae_the_trainer_encodes_with(tiny_sd15_dir, tiny_dataset, tmp_path):
+    """``model.vae`` (a VAE folder or a single .safetensors file) is the VAE training and previews use: the
+    loaded model holds its weights, and the LoRA trained through it differs from one trained through the
+    model's own VAE. A missing path is refused before any work."""
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+
+    from lora_nb.models import load_model_of
+
+    own = load_base_model(tiny_sd15_dir).pipe.vae
+    torch.manual_seed(5)
+    other = AutoencoderKL.from_config(own.config)
+    other.save_pretrained(tmp_path / "other-vae")
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(tmp_path / "other-vae.safetensors"))
+    results = {}
+    for name, vae in (("own", ""), ("folder", str(tmp_path / "other-vae")),
+                      ("file", str(tmp_path / "other-vae.safetensors"))):
+        cfg = make_config(tiny_sd15_dir, tiny_dataset, tmp_path / name, **{"model.vae": vae, "training.epochs": 1,
+                                                                           "save.precision": "fp32"})
+        loaded = load_model_of(cfg.model).pipe.vae.state_dict()
+        expected = (own if not vae else other).state_dict()
+        assert all(torch.equal(loaded[k], expected[k]) for k in expected), name
+        results[name] = train(cfg, progress=False).final
+    tensors = {n: safe_open(str(p), "pt") for n, p in results.items()}
+    key = next(k for k in tensors["own"].keys() if k.startswith("lora_unet") and k.endswith("lora_up.weight"))
+    assert torch.equal(tensors["folder"].get_tensor(key), tensors["file"].get_tensor(key))
+    assert not torch.equal(tensors["own"].get_tensor(key), tensors["folder"].get_tensor(key))
+
+    missing = make_config(tiny_sd15_dir, tiny_dataset, tmp_path / "missing",
+                          **{"model.vae": str(tmp_path / "nowhere.safetensors")})
+    with pytest.raises(LoraNbError, match=r"model\.vae: .*nowhere\.safetensors' does not exist"):
+        train(missing, progress=False)
+
+
+def test_a_family_that_does_not_match_the_model_folder_is_named(tiny_sd15_dir, tiny_dataset, tmp_path):
+    cfg = make_config(tiny_sd15_dir, tiny_dataset, tmp_path / "ws", **{"model.family": "sdxl"})
+    with pytest.raises(LoraNbError, match=r"model\.family='sdxl' but .* holds an sd15 model"):
+        train(cfg, progress=False)
