@@ -54,6 +54,7 @@ class DatasetConfig:
     resolution: str = "64x64"  # WIDTHxHEIGHT, or a named size (square, portrait, landscape, sdxl-…, toy-…)
     repeats: int | None = None  # times each image is learned per epoch; None = from the folder names
     caption_extension: str = ".txt"  # the captions the trainer reads, next to each image
+    max_token_length: int = 225  # 75 / 150 / 225 caption tokens, encoded in 75-token chunks as AUTOMATIC1111 does
     trigger_word: str = ""  # put first in every caption when missing; empty = captions as they are
     shuffle_caption: bool = False  # shuffle comma-separated tags every step
     keep_tokens: int = 1  # with shuffle: this many leading tags stay in place (the trigger word)
@@ -353,6 +354,7 @@ def _preset_toy() -> Config:
     c.dataset.resolution = "64x64"
     c.dataset.repeats, c.training.epochs = 10, 24
     c.dataset.bucket_step = 8
+    c.dataset.max_token_length = 75  # toy captions are ~9 tokens; one chunk of the toy encoder's 16 positions
     c.dataset.reg_dir, c.dataset.prior_loss_weight = "data/toy-reg", 0.3  # without them the zorb leaks into "circle"
     c.network.rank, c.network.alpha = 8, 8.0
     c.optimizer.optimizer, c.optimizer.lr_scheduler = "AdamW", "cosine"
@@ -536,6 +538,9 @@ def _check_dataset(c: _Checks, d: DatasetConfig) -> None:
         c.err("dataset.repeats", f"must be at least 1 (got {d.repeats}); leave empty to read it from folder names.")
     if not d.caption_extension.startswith("."):
         c.err("dataset.caption_extension", f"must start with a dot, e.g. '.txt' (got {d.caption_extension!r}).")
+    if d.max_token_length not in (75, 150, 225):
+        c.err("dataset.max_token_length", f"must be 75, 150 or 225 (got {d.max_token_length}): captions are encoded in "
+                                          "chunks of 75 tokens, as AUTOMATIC1111 and sd-scripts do.")
     if d.cache_text_embeddings not in ("auto", "yes", "no"):
         c.err("dataset.cache_text_embeddings", "must be auto, yes or no.")
     if d.cache_latents_to_disk and not d.cache_latents:

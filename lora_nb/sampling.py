@@ -181,11 +181,12 @@ def parse_prompt_lines(text: str, defaults: SamplePrompt | None = None,
 
 # --------------------------------------------------------------------------- generation
 
-def generate(pipe, prompts: list[SamplePrompt], device=None) -> list:
+def generate(pipe, prompts: list[SamplePrompt], device=None, encode=None) -> list:
     """One PIL image per prompt, each from its own ``torch.Generator`` seeded with the
     prompt's seed (CPU generator: the same noise on any device). The pipeline's scheduler
     is swapped per prompt for its sampler and restored afterwards. ``device`` moves the
-    pipeline there first (default: where it is)."""
+    pipeline there first (default: where it is). ``encode(texts) -> (embeds, pooled)`` replaces
+    the pipeline's own prompt encoding (long prompts, clip skip)."""
     import torch
 
     if device is not None:
@@ -197,13 +198,31 @@ def generate(pipe, prompts: list[SamplePrompt], device=None) -> list:
             pipe.scheduler = scheduler_for(p.sampler, original.config)
             generator = torch.Generator(device="cpu").manual_seed(int(p.seed))
             with torch.no_grad():
-                out = pipe(prompt=p.prompt, negative_prompt=p.negative_prompt or None, width=p.width,
-                           height=p.height, num_inference_steps=p.steps, guidance_scale=p.cfg_scale,
-                           generator=generator, output_type="pil")
+                text = _prompt_kwargs(pipe, p, encode)
+                out = pipe(**text, width=p.width, height=p.height, num_inference_steps=p.steps,
+                           guidance_scale=p.cfg_scale, generator=generator, output_type="pil")
             images.append(out.images[0])
     finally:
         pipe.scheduler = original
     return images
+
+
+def _prompt_kwargs(pipe, p: SamplePrompt, encode) -> dict:
+    """The pipeline's text arguments: the prompt strings, or embeddings from ``encode`` (the negative prompt
+    too; an empty one is zeros where the pipeline itself would use zeros, as SDXL does)."""
+    if encode is None:
+        return {"prompt": p.prompt, "negative_prompt": p.negative_prompt or None}
+    import torch
+
+    embeds, pooled = encode([p.prompt, p.negative_prompt or ""])
+    kwargs = {"prompt_embeds": embeds[:1], "negative_prompt_embeds": embeds[1:]}
+    if pooled is not None:
+        kwargs.update(pooled_prompt_embeds=pooled[:1], negative_pooled_prompt_embeds=pooled[1:])
+    if not p.negative_prompt and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
+        kwargs["negative_prompt_embeds"] = torch.zeros_like(kwargs["negative_prompt_embeds"])
+        if pooled is not None:
+            kwargs["negative_pooled_prompt_embeds"] = torch.zeros_like(kwargs["negative_pooled_prompt_embeds"])
+    return kwargs
 
 
 def sample_prompts_of(sample_cfg, size: tuple[int, int]) -> list[SamplePrompt]:
@@ -215,14 +234,24 @@ def sample_prompts_of(sample_cfg, size: tuple[int, int]) -> list[SamplePrompt]:
     return [p for p in (parse_prompt_line(line, defaults) for line in s.prompts) if p is not None]
 
 
-def render_previews(model, prompts: list[SamplePrompt]) -> list:
-    """Render ``prompts`` with the model (and its LoRA) as it is now, in eval mode; training mode is restored."""
+def render_previews(model, prompts: list[SamplePrompt], clip_skip: int = 1, max_token_length: int = 75) -> list:
+    """Render ``prompts`` with the model (and its LoRA) as it is now, in eval mode; training mode is restored.
+
+    The prompts are encoded as training encodes captions (:func:`lora_nb.steps.encode_prompts`: the same
+    ``clip_skip`` and 75-token chunks), so a preview sees exactly the text embedding the LoRA learned from.
+    """
+    from lora_nb.steps import encode_prompts  # deferred: steps imports torch, sampling alone does not
+
     modules = [model.pipe.unet] + list(model.text_encoders)
     modes = [m.training for m in modules]
     for m in modules:
         m.eval()
+
+    def encode(texts: list[str]):
+        return encode_prompts(model, texts, clip_skip, model.pipe.unet.device, max_token_length=max_token_length)
+
     try:
-        return generate(model.pipe, prompts)
+        return generate(model.pipe, prompts, encode=encode)
     finally:
         for m, was in zip(modules, modes):
             m.train(was)

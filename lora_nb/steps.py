@@ -21,37 +21,86 @@ from lora_nb.dataset import Item, load_training_image
 
 # --------------------------------------------------------------------------- text
 
-def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
-    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
+TOKENS_PER_CHUNK = 75  # what a 77-position CLIP text encoder holds between its BOS and EOS
 
 
-def encode_prompts(model, captions: list[str], clip_skip: int = 1, device=None, text_encoders: list | None = None):
+def chunk_count(max_token_length: int) -> int:
+    """75 → 1 chunk, 150 → 2, 225 → 3 (``dataset.max_token_length``)."""
+    return max(1, int(max_token_length) // TOKENS_PER_CHUNK)
+
+
+def tokenize(tokenizer, captions: list[str], chunks: int = 1) -> torch.Tensor:
+    """Token ids as ``(batch, chunks, model_max_length)``: each chunk ``BOS + tokens + EOS``, as
+    AUTOMATIC1111 and sd-scripts feed long prompts to a CLIP text encoder. One chunk is exactly what the
+    pipelines' own tokenizing gives (truncated at ``model_max_length``)."""
+    inner = tokenizer.model_max_length - 2
+    ids = tokenizer(captions, padding="max_length", max_length=inner * chunks + 2, truncation=True,
+                    return_tensors="pt").input_ids
+    if chunks == 1:
+        return ids[:, None]
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    out = []
+    for i in range(chunks):
+        chunk = torch.cat([ids[:, :1], ids[:, 1 + i * inner: 1 + (i + 1) * inner], ids[:, -1:]], dim=1)
+        chunk[:, 0] = bos
+        # a chunk ends with EOS unless it is all padding (sd-scripts' rule, for tokenizers whose pad is not EOS)
+        ends_inside = (chunk[:, -2] != eos) & (chunk[:, -2] != pad)
+        chunk[ends_inside, -1] = eos
+        starts_empty = chunk[:, 1] == pad
+        chunk[starts_empty, 1] = eos
+        out.append(chunk)
+    return torch.stack(out, dim=1)
+
+
+def count_tokens(tokenizer, caption: str) -> int:
+    """Tokens of ``caption`` without BOS/EOS (what ``dataset.max_token_length`` limits)."""
+    return len(tokenizer(caption, truncation=False, add_special_tokens=False).input_ids)
+
+
+def _encode_chunks(te, ids: torch.Tensor, layer: int | None):
+    """Hidden states of every chunk, joined as sd-scripts does (first BOS, each chunk's tokens, last EOS),
+    and the first chunk's pooled output. ``layer`` None: the last hidden state; else that hidden layer."""
+    b, n, length = ids.shape
+    out = te(ids.reshape(b * n, length), output_hidden_states=layer is not None)
+    hidden = out[0] if layer is None else out.hidden_states[layer]
+    hidden = hidden.reshape(b, n, length, -1)
+    if n == 1:
+        joined = hidden[:, 0]
+    else:
+        parts = [hidden[:, 0, :1]] + [hidden[:, i, 1:-1] for i in range(n)] + [hidden[:, -1, -1:]]
+        joined = torch.cat(parts, dim=1)
+    pooled = out[0].reshape(b, n, -1)[:, 0] if out[0].dim() == 2 else None
+    return joined, pooled, out
+
+
+def encode_prompts(model, captions: list[str], clip_skip: int = 1, device=None, text_encoders: list | None = None,
+                   max_token_length: int = TOKENS_PER_CHUNK):
     """Caption embeddings as the pipelines compute them: (prompt_embeds, pooled or None).
 
     SD1.x: the text encoder's last hidden state (``clip_skip`` > 1: an earlier
     layer, through the final layer norm). SDXL: the penultimate hidden states
     of both encoders, concatenated, and the second encoder's pooled output.
+    Captions longer than one chunk are encoded in 75-token chunks (``max_token_length`` 150 or 225),
+    the same in training, cached embeddings and previews.
     ``text_encoders`` replaces the model's own (the distributed wrappers while training).
     """
     device = device or model.pipe.unet.device
     encoders = text_encoders or model.text_encoders
+    chunks = chunk_count(max_token_length)
     if model.family == "sd15":
-        te = encoders[0]
-        ids = tokenize(model.pipe.tokenizer, captions).to(device)
-        out = te(ids, output_hidden_states=clip_skip > 1)
+        ids = tokenize(model.pipe.tokenizer, captions, chunks).to(device)
+        hidden, _, _ = _encode_chunks(encoders[0], ids, -clip_skip if clip_skip > 1 else None)
         if clip_skip > 1:
-            hidden = out.hidden_states[-clip_skip]
             inner = model.text_encoders[0]
             final_norm = inner.text_model.final_layer_norm if hasattr(inner, "text_model") else inner.final_layer_norm
             return final_norm(hidden), None
-        return out[0], None
+        return hidden, None
     embeds, pooled = [], None
     for tok, te in zip(model.tokenizers, encoders):
-        ids = tokenize(tok, captions).to(device)
-        out = te(ids, output_hidden_states=True)
-        embeds.append(out.hidden_states[-(clip_skip + 1)])
-        pooled = out[0]
+        ids = tokenize(tok, captions, chunks).to(device)
+        hidden, pooled, _ = _encode_chunks(te, ids, -(clip_skip + 1))
+        embeds.append(hidden)
     return torch.cat(embeds, dim=-1), pooled
 
 

@@ -301,8 +301,8 @@ class TextEmbedder:
     """Caption embeddings for a batch: from a cache filled once when the text encoders are frozen and
     captions fixed, computed (with gradients when the text encoder trains) otherwise."""
 
-    def __init__(self, model, clip_skip: int, device, use_cache: bool, train_te: bool):
-        self.model, self.clip_skip, self.device = model, clip_skip, device
+    def __init__(self, model, clip_skip: int, device, use_cache: bool, train_te: bool, max_token_length: int = 75):
+        self.model, self.clip_skip, self.device, self.max_tokens = model, clip_skip, device, max_token_length
         self.use_cache, self.train_te = use_cache, train_te
         self.encoders = None  # the distributed wrappers of the trained text encoders, once prepared
         self.cache: dict[str, tuple] = {}
@@ -310,11 +310,13 @@ class TextEmbedder:
     def __call__(self, captions: list[str]):
         if not self.use_cache:
             with torch.set_grad_enabled(self.train_te):
-                return steps.encode_prompts(self.model, captions, self.clip_skip, self.device, self.encoders)
+                return steps.encode_prompts(self.model, captions, self.clip_skip, self.device, self.encoders,
+                                            self.max_tokens)
         missing = [c for c in dict.fromkeys(captions) if c not in self.cache]
         if missing:
             with torch.no_grad():
-                e, p = steps.encode_prompts(self.model, missing, self.clip_skip, self.device)
+                e, p = steps.encode_prompts(self.model, missing, self.clip_skip, self.device,
+                                            max_token_length=self.max_tokens)
             for i, c in enumerate(missing):
                 self.cache[c] = (e[i], None if p is None else p[i])
         e = torch.stack([self.cache[c][0] for c in captions])
@@ -359,12 +361,14 @@ def cache_training_data(cfg: Config, data: TrainingData, net: PreparedModel, acc
     val_samples = steps.prepare_samples(data.val_items, net.size, model, False, True, seed + 2, device,
                                         "Caching validation latents", disk_cache=disk)
     embedder = TextEmbedder(model, cfg.network.clip_skip, device, text_cache_wanted(cfg, net.train_te, warnings),
-                            net.train_te)
+                            net.train_te, d.max_token_length)
+    warnings += long_caption_warnings(model, data.items + data.val_items, d.max_token_length)
     validation = None
     if val_samples:
         lat = steps.latents_of(model, val_samples, [0] * len(val_samples), device, None)
         with torch.no_grad():
-            e, p = steps.encode_prompts(model, [s.item.caption for s in val_samples], cfg.network.clip_skip, device)
+            e, p = steps.encode_prompts(model, [s.item.caption for s in val_samples], cfg.network.clip_skip, device,
+                                        max_token_length=d.max_token_length)
         validation = (lat, e, p, torch.stack([s.time_ids[0] for s in val_samples]).to(device))
     if embedder.use_cache:  # every caption a step can use, encoded now (in small batches)
         todo = list(dict.fromkeys([s.item.caption for s in samples + reg_samples] + ([""] if d.caption_dropout else [])))
@@ -373,6 +377,20 @@ def cache_training_data(cfg: Config, data: TrainingData, net: PreparedModel, acc
                 embedder(todo[i:i + 32])
     idle = frozen_parts(model, d.cache_latents, embedder.use_cache) if device.type != "cpu" else []
     return CachedData(samples, reg_samples, validation, embedder, idle)
+
+
+def long_caption_warnings(model, items: list[Item], max_token_length: int) -> list[str]:
+    """One warning naming the caption files whose tokens go past ``dataset.max_token_length`` (cut there)."""
+    tokenizer = model.tokenizers[0]
+    limit = steps.chunk_count(max_token_length) * (tokenizer.model_max_length - 2)
+    over = [(it.image.with_suffix(".txt").name, n) for it in items
+            if (n := steps.count_tokens(tokenizer, it.caption)) > limit]
+    if not over:
+        return []
+    shown = ", ".join(f"{name} ({n})" for name, n in over[:5]) + (" …" if len(over) > 5 else "")
+    more = " Raise dataset.max_token_length (150 or 225)," if max_token_length < 225 else ""
+    return [f"{len(over)} caption(s) have more than {limit} tokens and are cut there: {shown}.{more} or shorten "
+            "them (notebook 03)."]
 
 
 def frozen_parts(model, latents_cached: bool, text_cached: bool) -> list:
@@ -672,7 +690,8 @@ def save_lora_files(s: Session, epoch: int, last: bool) -> None:
 def write_samples(cfg: Config, model, ws: Workspace, epoch: int, size: tuple[int, int]) -> list[Path]:
     """Render the sample prompts with the LoRA as it is now; save PNGs under samples/."""
     out = []
-    for i, img in enumerate(render_previews(model, sample_prompts_of(cfg.sample, size))):
+    prompts = sample_prompts_of(cfg.sample, size)
+    for i, img in enumerate(render_previews(model, prompts, cfg.network.clip_skip, cfg.dataset.max_token_length)):
         path = ws.sample_image(epoch, i)
         with atomic_path(path) as tmp:
             img.save(tmp, format="PNG")

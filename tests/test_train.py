@@ -170,11 +170,11 @@ def test_a_failing_preview_costs_no_epoch_the_files_and_state_come_first(tiny_sd
     real_render = train_module.render_previews
     calls = []
 
-    def render_failing_at_epoch_2(model, prompts):
+    def render_failing_at_epoch_2(*args, **kwargs):
         calls.append(len(calls) + 1)
         if len(calls) == 2:
             raise RuntimeError("sampler exploded")
-        return real_render(model, prompts)
+        return real_render(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "render_previews", render_failing_at_epoch_2)
     cfg = make_config(tiny_sd15_dir, tiny_dataset, tmp_path / "ws", **{
@@ -268,3 +268,42 @@ def test_a_family_that_does_not_match_the_model_folder_is_named(tiny_sd15_dir, t
     cfg = make_config(tiny_sd15_dir, tiny_dataset, tmp_path / "ws", **{"model.family": "sdxl"})
     with pytest.raises(LoraNbError, match=r"model\.family='sdxl' but .* holds an sd15 model"):
         train(cfg, progress=False)
+
+
+def test_a_tag_past_token_77_reaches_the_unet_with_long_captions(tiny_sd15_dir):
+    """Two captions that differ only in a tag after the 77th token: with max_token_length 225 the UNet gets
+    different text embeddings (75-token chunks, BOS/EOS each); with 75 they are cut to the same. One chunk is
+    exactly the pipeline's own encoding, and previews encode prompts through the same function."""
+    from lora_nb import steps
+
+    model = load_base_model(tiny_sd15_dir)
+    tok = model.pipe.tokenizer
+    head = ", ".join(["red square"] * 40)
+    a, b = f"{head}, blue circle", f"{head}, green star"
+    assert steps.count_tokens(tok, head) > 77
+    with torch.no_grad():
+        long_a, _ = steps.encode_prompts(model, [a], max_token_length=225)
+        long_b, _ = steps.encode_prompts(model, [b], max_token_length=225)
+        short_a, _ = steps.encode_prompts(model, [a], max_token_length=75)
+        short_b, _ = steps.encode_prompts(model, [b], max_token_length=75)
+        own = model.pipe.encode_prompt(a, "cpu", 1, False)[0]
+    assert long_a.shape[1] == 3 * (tok.model_max_length - 2) + 2
+    assert not torch.allclose(long_a, long_b)
+    assert torch.equal(short_a, short_b) and torch.allclose(short_a, own, atol=1e-6)
+    ids = steps.tokenize(tok, [a], 3)[0]
+    assert all(int(c[0]) == tok.bos_token_id and int(c[-1]) == tok.eos_token_id for c in ids)
+
+
+def test_captions_past_the_limit_are_named_in_a_warning(tiny_sd15_dir, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "data" / "1_sks"
+    folder.mkdir(parents=True)
+    for i, caption in enumerate(["red square", ", ".join(["red square"] * 40)]):
+        Image.new("RGB", (64, 64), (200, 30, 30)).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(caption, encoding="utf-8")
+    cfg = make_config(tiny_sd15_dir, tmp_path / "data", tmp_path / "ws", **{"training.epochs": 1,
+                                                                           "dataset.max_token_length": 75})
+    result = train(cfg, progress=False)
+    said = [w for w in result.warnings if "more than 75 tokens" in w]
+    assert said and "img1.txt" in said[0] and "img0.txt" not in said[0] and "max_token_length" in said[0]
