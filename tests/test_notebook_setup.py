@@ -1,0 +1,47 @@
+"""The setup cell of every notebook installs lora-nb on Colab/Kaggle from the notebook's repo_url only,
+and leaves the platform's CUDA torch in place."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+def code_cells(path: Path) -> tuple[list[str], int]:
+    """The source of every code cell, and the index (among them) of the setup cell."""
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    cells = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    params = next(i for i, c in enumerate(cells) if "parameters" in c["metadata"].get("tags", []))
+    return ["".join(c["source"]) for c in cells], params + 1
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_notebook_declares_repo_url_and_the_setup_cell_uses_it(path):
+    sources, setup = code_cells(path)
+    assert re.search(r'^repo_url: str = ""  # \S', sources[setup - 1], re.MULTILINE)
+    assert "https://github.com" not in sources[setup] and "repo_url" in sources[setup]
+    # the platform's CUDA torch stays: pip installs under a constraint pinning the installed torch
+    assert '"-c", "torch-constraint.txt"' in sources[setup] and "torch==" in sources[setup]
+
+
+def test_setup_cell_on_kaggle_without_repo_url_says_so_and_clones_nothing(tmp_path):
+    """Run the setup cell as Kaggle would, where lora_nb is not installed (python -S: no site-packages)."""
+    sources, setup = code_cells(NOTEBOOKS[0])
+    program = 'repo_url = ""\nworkspace, seed, use_drive, interactive = "runs/course", 42, False, True\n' + sources[setup]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env["KAGGLE_KERNEL_RUN_TYPE"] = "Interactive"
+    res = subprocess.run([sys.executable, "-S", "-c", program], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 1, res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert len(lines) == 1 and "set repo_url" in lines[0] and "upload the repository" in lines[0]
+    assert list(tmp_path.iterdir()) == []  # nothing cloned, nothing installed
