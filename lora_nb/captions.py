@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from lora_nb import LoraNbError
+from lora_nb.folders import CAPTION_EXTENSIONS
 from lora_nb.fsutil import write_text_atomic
 
-CAPTION_EXTENSIONS = (".txt", ".caption")
 _IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 

@@ -6,6 +6,8 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lora_nb.images import import_images, write_awkward_examples
+
 
 @dataclass
 class AwkwardImport:
@@ -27,8 +29,6 @@ def file_digests(folder: str | Path) -> dict[str, str]:
 def awkward_import_demo(scratch: str | Path) -> AwkwardImport:
     """Write the awkward files (:func:`lora_nb.images.write_awkward_examples`) into ``scratch/in``, import them
     into ``scratch/out`` and compare every original before and after."""
-    from lora_nb.images import import_images, write_awkward_examples
-
     scratch = Path(scratch)
     about = write_awkward_examples(scratch / "in")
     before = file_digests(scratch / "in")

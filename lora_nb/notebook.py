@@ -20,6 +20,7 @@ from lora_nb import LoraNbError
 from lora_nb.config import Config, ConfigError, preset
 from lora_nb.folders import list_images
 from lora_nb.fsutil import atomic_path, write_bytes_atomic
+from lora_nb.plots import png_bytes
 from lora_nb.workspace import Workspace, open_workspace
 
 
@@ -142,15 +143,11 @@ def show(fig_or_image, env: NotebookEnv | None = None, name: str | None = None):
         path = env.workspace.figure(name)
         with atomic_path(path) as tmp:
             if hasattr(fig_or_image, "savefig"):
-                from lora_nb.plots import png_bytes
-
                 tmp.write_bytes(png_bytes(fig_or_image))
             else:
                 fig_or_image.save(tmp, format="PNG")
     if hasattr(fig_or_image, "savefig"):
         from IPython.display import Image as PngImage
-
-        from lora_nb.plots import png_bytes
 
         display(PngImage(data=png_bytes(fig_or_image)))
         return

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from lora_nb.sampling import make_grid
+
 
 def _figure(width=7.5, height=3.6):
     """A figure outside pyplot's global state (nothing to close, works headless)."""
@@ -141,8 +143,6 @@ class TrainingMonitor(LivePlot):
         if event.kind == "sample":
             from IPython.display import display
             from PIL import Image
-
-            from lora_nb.sampling import make_grid
 
             images = [Image.open(p).convert("RGB") for p in event.data["paths"]]
             display(make_grid(images, 1, len(images), row_labels=[f"epoch {event.epoch}"]))

@@ -263,7 +263,7 @@ def strength_sweep(pipe, lora_path: str | Path, prompt: SamplePrompt, strengths:
 
     The LoRA is loaded once as ``adapter_name`` and removed again afterwards, so the
     pipeline is left as it was."""
-    from lora_nb.lora_io import load_lora, set_lora_strength
+    from lora_nb.lora_io import load_lora, set_lora_strength  # deferred: lora_io imports torch
 
     load_lora(pipe, lora_path, adapter_name=adapter_name)
     try:

@@ -16,6 +16,7 @@
   previous/<time>/        an earlier run's LoRA files, metrics, samples and state, moved here when a run
                           with other settings starts in this workspace (nothing is overwritten)
   cache/latents/          VAE latents kept between runs (dataset.cache_latents_to_disk)
+  experiments/<name>/     notebook 06's experiment runs (one workspace each)
   reports/                JSON reports of each notebook (dataset_report.json, …)
   figures/                figures saved by headless runs
   executed/               executed notebooks of `lora-nb course`
@@ -71,6 +72,11 @@ class Workspace:
     @property
     def cache(self) -> Path:
         return self.root / "cache"
+
+    @property
+    def experiments(self) -> Path:
+        """Notebook 06's experiment runs, one sub-workspace each."""
+        return self.root / "experiments"
 
     @property
     def lock(self) -> Path:

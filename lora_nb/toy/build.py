@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from lora_nb import LoraNbError
+from lora_nb.tokenizer import write_clip_tokenizer
 from lora_nb.toy import world
 from lora_nb.toy.rich import render_rich_scene
 
@@ -76,8 +77,6 @@ def load_checkpoint(path: Path) -> dict | None:
 
 def build_tokenizer(folder: Path):
     """Write the toy CLIP tokenizer (every caption word, the trigger and class word one token)."""
-    from lora_nb.tokenizer import write_clip_tokenizer
-
     words = list(dict.fromkeys(world.CAPTION_WORDS + [world.TRIGGER, world.CONCEPT_CLASS]))
     return write_clip_tokenizer(words, folder, model_max_length=TOKENIZER_MAX_LENGTH)
 
