@@ -1,7 +1,9 @@
 """The ``lora-nb`` command line: train, inspect, config, course, diagnose.
 
 Errors a learner can fix are printed as one clear message (exit status 2),
-never as a traceback.
+never as a traceback. Each command imports the modules it runs inside its own
+function, so a quick command (``inspect``, ``config``) does not pay for torch and
+diffusers.
 """
 
 from __future__ import annotations

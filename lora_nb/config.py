@@ -631,7 +631,8 @@ class StepsPlan:
 
 
 def plan_steps(folders: list[tuple[int, int]], batch_size: int, epochs: int, save_every: int = 0,
-               with_regularization: bool = False, max_steps: int = 0) -> StepsPlan:
+               with_regularization: bool = False, max_steps: int = 0,
+               steps_of_epochs: list[int] | None = None) -> StepsPlan:
     """The steps math in one place.
 
     ``folders`` is ``[(image_count, repeats), …]``. Steps per epoch =
@@ -639,13 +640,27 @@ def plan_steps(folders: list[tuple[int, int]], batch_size: int, epochs: int, sav
     every training sample with one class image, doubling the samples. Files
     saved: one at every ``save_every``-th epoch before the last, plus the final
     file (``<name>.safetensors``) at the end: 10 epochs, every 2 → 5 files.
+
+    With aspect-ratio buckets a batch holds one bucket only, so an epoch has a partial batch per bucket:
+    ``steps_of_epochs`` gives each epoch's real step count (the trainer lays the batches out in advance).
     """
     images = sum(c for c, _ in folders)
     samples = sum(c * r for c, r in folders) * (2 if with_regularization else 1)
+    if steps_of_epochs is not None:
+        steps_per_epoch = steps_of_epochs[0] if steps_of_epochs else 0
+        ends = [sum(steps_of_epochs[:e + 1]) for e in range(len(steps_of_epochs))]
+        total = ends[-1] if ends else 0
+        if max_steps and max_steps < total:
+            total = max_steps
+            epochs = next(e + 1 for e, end in enumerate(ends) if end >= total)
+        return StepsPlan(images, samples, steps_per_epoch, epochs, total, _saves(epochs, save_every))
     steps_per_epoch = math.ceil(samples / batch_size) if samples else 0
     total = steps_per_epoch * epochs
     if max_steps:
         total = min(total, max_steps)
         epochs = math.ceil(total / steps_per_epoch) if steps_per_epoch else 0
-    saves = (len([e for e in range(1, epochs) if e % save_every == 0]) if save_every else 0) + 1
-    return StepsPlan(images, samples, steps_per_epoch, epochs, total, saves)
+    return StepsPlan(images, samples, steps_per_epoch, epochs, total, _saves(epochs, save_every))
+
+
+def _saves(epochs: int, save_every: int) -> int:
+    return (len([e for e in range(1, epochs) if e % save_every == 0]) if save_every else 0) + 1

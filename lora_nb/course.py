@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lora_nb import LoraNbError
 from lora_nb.notebook import repo_root
-from lora_nb.workspace import open_workspace
+from lora_nb.workspace import Workspace, open_workspace
 
 NOTEBOOK_RE = re.compile(r"^(\d\d[a-z]?)_[\w-]+\.ipynb$")
 
@@ -37,16 +37,16 @@ class CourseSummary:
         return bool(self.runs) and all(r.ok for r in self.runs)
 
     def describe(self) -> str:
-        ws = self.workspace
-        lines = [f"Course workspace: {ws}"]
+        ws = Workspace(self.workspace)
+        lines = [f"Course workspace: {ws.root}"]
         for r in self.runs:
             lines.append(f"  {'ok ' if r.ok else 'FAILED'} {r.name:<18} {r.seconds:6.1f} s  {r.output}")
             if r.error:
                 lines.append(f"         {r.error}")
         finds = {
-            "LoRA files": sorted(str(p) for p in (ws / "lora").glob("*.safetensors")),
-            "sample grids": sorted(str(p) for p in (ws / "figures").glob("*grid*.png")),
-            "diagnosis": [str(ws / "diagnosis.json")] if (ws / "diagnosis.json").exists() else [],
+            "LoRA files": sorted(str(p) for p in ws.lora.glob("*.safetensors")),
+            "sample grids": sorted(str(p) for p in ws.figures.glob("*grid*.png")),
+            "diagnosis": [str(ws.diagnosis)] if ws.diagnosis.exists() else [],
         }
         for label, paths in finds.items():
             if paths:

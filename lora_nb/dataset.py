@@ -9,7 +9,7 @@ count with ``dataset.repeats`` (or 1).
 from __future__ import annotations
 
 import collections
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,8 @@ from lora_nb import LoraNbError
 from lora_nb.captions import add_trigger, read_caption, split_tags
 from lora_nb import folders
 from lora_nb.folders import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS, match_concept_folder
-from lora_nb.images import load_image
+from lora_nb.crop import bucket_for_image, make_buckets
+from lora_nb.images import image_size, load_image
 from lora_nb.workspace import repo_data_dir
 
 
@@ -30,6 +31,7 @@ class Item:
     repeats: int
     folder: str
     is_reg: bool = False
+    size: tuple[int, int] | None = None  # (w, h) this image trains at: its bucket; None = dataset.resolution
 
 
 @dataclass
@@ -170,3 +172,33 @@ def load_training_image(path: Path, size: tuple[int, int], flip: bool = False):
         im = ImageOps.mirror(im)
     arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
     return arr.transpose(2, 0, 1).copy(), (oh, ow), (top, left)
+
+
+# Never enlarge a picture more than this to fill its bucket: a smaller bucket of its own shape instead
+# (crop mode "none" in notebook 02 uses the same limit).
+BUCKET_MAX_UPSCALE = 2.0
+
+
+def assign_buckets(items: list[Item], resolution: tuple[int, int], step: int,
+                   max_upscale: float = BUCKET_MAX_UPSCALE) -> list[Item]:
+    """Each item with ``size`` set to its aspect-ratio bucket (kohya-style buckets of about the area of
+    ``resolution`` in steps of ``step``): nothing of the picture is cropped but the small remainder of
+    rounding its sides to the step. Only the image headers are read."""
+    buckets = make_buckets(resolution, step=step)
+    out = []
+    for it in items:
+        w, h = image_size(it.image)
+        try:
+            size = bucket_for_image(w, h, buckets, max_upscale=max_upscale, step=step)
+        except LoraNbError as exc:
+            raise LoraNbError(f"{it.image}: {exc}") from None
+        out.append(replace(it, size=size))
+    return out
+
+
+def bucket_counts(items: list[Item]) -> dict[tuple[int, int], int]:
+    """Training samples per bucket in one epoch (images × repeats), largest bucket first."""
+    counts: collections.Counter = collections.Counter()
+    for it in items:
+        counts[it.size] += it.repeats
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))

@@ -219,6 +219,18 @@ def normalize_image(img: Image.Image, background: tuple[int, int, int] = (255, 2
     return img, notes
 
 
+def image_size(path: str | Path, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    """``(width, height)`` as :func:`load_image` will return it (EXIF rotation applied), from the header only."""
+    img = open_image(path, str(path), max_pixels)
+    with img:
+        w, h = img.size
+        try:
+            orientation = img.getexif().get(0x0112, 1)
+        except Exception:  # noqa: BLE001 - a broken EXIF block only costs the rotation, as in normalize_image
+            orientation = 1
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
 def load_image(path: str | Path | bytes, background: tuple[int, int, int] = (255, 255, 255),
                max_pixels: int = MAX_PIXELS, name: str | None = None) -> Image.Image:
     """Load any readable image as 8-bit RGB (see :func:`normalize_image`).

@@ -304,7 +304,7 @@ def ss_metadata(family: str, source: str, rank: int, alpha: float, text_encoder_
 
 
 def training_metadata(cfg, plan, tag_frequency: dict, dataset_dirs: dict | None = None,
-                      reg_images: int = 0) -> dict[str, str]:
+                      reg_images: int = 0, buckets: dict | None = None) -> dict[str, str]:
     """The training half of the ``ss_*`` metadata (the settings a run used), as sd-scripts writes it.
 
     ``cfg`` is a :class:`lora_nb.config.Config`, ``plan`` its :class:`lora_nb.config.StepsPlan`,
@@ -350,6 +350,9 @@ def training_metadata(cfg, plan, tag_frequency: dict, dataset_dirs: dict | None 
                                     "resolution": [w, h], "enable_bucket": bool(d.enable_buckets),
                                     "subsets": [{"image_dir": k, **v} for k, v in dirs.items()]}], ensure_ascii=False),
         "ss_tag_frequency": json.dumps(tag_frequency, ensure_ascii=False),
+        **({"ss_bucket_info": json.dumps({"buckets": {str(i): {"resolution": list(b), "count": n}
+                                                      for i, (b, n) in enumerate(buckets.items())}})}
+           if buckets else {}),
         "ss_output_name": cfg.save.output_name,
         "ss_training_comment": "trained with lora-nb",
     }

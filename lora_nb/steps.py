@@ -135,15 +135,16 @@ def prepare_samples(items: list[Item], size: tuple[int, int], model, flip_aug: b
     store = disk_cache if cache else None
     out = []
     for item in tqdm(items, desc=desc if cache else "Loading images", leave=False, disable=len(items) < 8):
-        key = store.key(item.image, size, flips) if store else ""
+        at = item.size or size  # its bucket, or the one training size
+        key = store.key(item.image, at, flips) if store else ""
         stored = store.read(key, len(flips)) if store else None
         pix, lat, tids, encoded = [], [], [], []
         for v, flip in enumerate(flips):
             if stored:
                 mean, std, tid = stored[v]["mean"].to(device), stored[v]["std"].to(device), stored[v]["time_ids"]
             else:
-                arr, orig_hw, crop_tl = load_training_image(item.image, size, flip)
-                tid = sdxl_time_ids(orig_hw, crop_tl, (size[1], size[0]))
+                arr, orig_hw, crop_tl = load_training_image(item.image, at, flip)
+                tid = sdxl_time_ids(orig_hw, crop_tl, (at[1], at[0]))
                 if cache:
                     with torch.no_grad():
                         dist = vae.encode(torch.from_numpy(arr)[None].to(device, vae.dtype)).latent_dist

@@ -38,7 +38,8 @@ from lora_nb import LoraNbError, lora_io, runstate, steps
 from lora_nb.captions import shuffle_caption
 from lora_nb.config import (Config, StepsPlan, check_against_dataset, check_against_model, check_config,
                             parse_resolution, plan_steps, raise_for_errors)
-from lora_nb.dataset import Item, scan_dataset
+from lora_nb.dataset import Item, assign_buckets, bucket_counts, scan_dataset
+from lora_nb.images import image_size
 from lora_nb.fsutil import atomic_path, is_disk_full, remove_stale_temp_files
 from lora_nb.latent_cache import LatentCache
 from lora_nb.models import load_model_of
@@ -175,6 +176,9 @@ def announce_start(s: Session, precision: str) -> None:
                                                       "device": str(s.accelerator.device)}))
     for w in s.warnings:
         s.emit(Event("warning", data={"message": w}))
+    if s.data.buckets:
+        s.emit(Event("info", data={"message": "aspect-ratio buckets (samples per epoch): " +
+                                   describe_buckets(s.data.buckets), "buckets": s.data.buckets}))
     if s.cached.idle:
         s.emit(Event("info", data={"message": "cached: " + ", ".join(type(m).__name__ for m in s.cached.idle) +
                                    " moved off the GPU until sampling"}))
@@ -190,13 +194,15 @@ class TrainingData:
     plan: StepsPlan
     tag_frequency: dict
     warnings: list[str]
+    buckets: dict | None = None  # {(w, h): samples per epoch} with aspect-ratio buckets, else None
 
 
 def load_training_data(cfg: Config) -> TrainingData:
-    """Scan, hold out ``validation_split`` images, find the class images, check, plan — before any heavy work,
-    so a bad dataset fails fast."""
+    """Scan, hold out ``validation_split`` images, find the class images, assign aspect-ratio buckets, check,
+    plan — before any heavy work, so a bad dataset fails fast."""
     d = cfg.dataset
     scan = scan_dataset(d.dir, d.caption_extension, d.repeats, d.trigger_word)
+    warnings = list(scan.warnings)
     items, val_items = split_validation(scan.items, d.validation_split, cfg.training.seed)
     raise_for_errors(check_against_dataset(cfg, len(items), d.dir))
     reg_items: list[Item] = []
@@ -204,11 +210,42 @@ def load_training_data(cfg: Config) -> TrainingData:
         reg_items = scan_dataset(d.reg_dir, d.caption_extension, None, "", is_reg=True).items
         if not reg_items:
             raise LoraNbError(f"dataset.reg_dir={d.reg_dir!r} holds no images: add 10–20 class images or clear the setting.")
+    size = parse_resolution(d.resolution)
+    buckets = None
+    if d.enable_buckets:
+        items, reg_items = assign_buckets(items, size, d.bucket_step), assign_buckets(reg_items, size, d.bucket_step)
+        buckets = bucket_counts(items)
+    else:
+        warnings += crop_warnings(items, size)
     folders = [(sum(1 for it in items if it.folder == f), r) for f, r in
                dict.fromkeys((it.folder, it.repeats) for it in items)]
-    plan = plan_steps(folders, cfg.training.batch_size, cfg.training.epochs, cfg.save.every_n_epochs,
-                      bool(reg_items), cfg.training.max_steps)
-    return TrainingData(items, val_items, reg_items, plan, scan.tag_frequency, list(scan.warnings))
+    data = TrainingData(items, val_items, reg_items, None, scan.tag_frequency, warnings, buckets)
+    per_epoch = ([len(epoch_layout(data, e, cfg.training.seed, cfg.training.batch_size))
+                  for e in range(1, cfg.training.epochs + 1)] if buckets else None)
+    data.plan = plan_steps(folders, cfg.training.batch_size, cfg.training.epochs, cfg.save.every_n_epochs,
+                           bool(reg_items), cfg.training.max_steps, per_epoch)
+    return data
+
+
+def crop_warnings(items: list[Item], size: tuple[int, int]) -> list[str]:
+    """Without buckets every image is cover-resized and centre-cropped to ``size``: say how many lose a side."""
+    target = size[0] / size[1]
+    cut = [it.image.name for it in items if abs(math.log(_aspect(it.image) / target)) > 0.05]
+    if not cut:
+        return []
+    return [f"{len(cut)} of {len(items)} images have another shape than dataset.resolution ({size[0]}x{size[1]}) "
+            f"and are centre-cropped to it (e.g. {cut[0]}). Set dataset.enable_buckets=true to train each whole, "
+            "in its aspect-ratio bucket (crop mode none)."]
+
+
+def _aspect(path: Path) -> float:
+    w, h = image_size(path)
+    return w / h
+
+
+def describe_buckets(buckets: dict) -> str:
+    """The bucket table: ``64x96: 40, 64x64: 30, …`` (samples per epoch)."""
+    return ", ".join(f"{w}x{h}: {n}" for (w, h), n in buckets.items())
 
 
 def split_validation(items: list[Item], n: int, seed: int) -> tuple[list[Item], list[Item]]:
@@ -507,7 +544,8 @@ def open_run(cfg: Config, accelerator, net: PreparedModel, opt: Optimization, da
     files = sorted(ws.lora.glob(f"{cfg.save.output_name}-e*.safetensors")) if start_epoch else []
     dirs = {f: {"n_repeats": r, "img_count": sum(1 for it in data.items if it.folder == f)}
             for f, r in dict.fromkeys((it.folder, it.repeats) for it in data.items)}
-    metadata = dict(lora_io.training_metadata(cfg, data.plan, data.tag_frequency, dirs, len(data.reg_items)),
+    metadata = dict(lora_io.training_metadata(cfg, data.plan, data.tag_frequency, dirs, len(data.reg_items),
+                                              data.buckets),
                     **lora_io.run_metadata(random.SystemRandom().randrange(2**31), round(time.time(), 3)),
                     **lora_io.modelspec_metadata(net.model.family, cfg.save.output_name, net.size,
                                                  net.prediction_type, cfg.dataset.trigger_word))
@@ -542,24 +580,37 @@ def epoch_order(items_repeats: list[int], epoch: int, seed: int) -> list[int]:
     return order
 
 
-def epoch_batches(s: Session, epoch: int):
-    """Yield ``(batch, (gen, cap_rng))`` for one epoch: ``batch`` is a list of this process's samples.
+def epoch_layout(data: TrainingData, epoch: int, seed: int, batch_size: int) -> list[list[tuple[bool, int]]]:
+    """The batches of one epoch as ``[(is_reg, index), …]`` lists, from (seed, epoch) alone (a resumed run
+    replays them). With regularization every training sample is paired with a class sample, as kohya does.
+    With buckets a batch holds one bucket only: each bucket's samples in that order, cut into batches, and
+    the batches shuffled."""
+    order = epoch_order([it.repeats for it in data.items], epoch, seed)
+    combined = [(False, i) for i in order]
+    if data.reg_items:
+        n = len(data.reg_items)
+        reg_order = (epoch_order([1] * n, epoch, seed + 7) * (len(order) // n + 1))[: len(order)]
+        combined = [x for pair in zip(combined, [(True, j) for j in reg_order]) for x in pair]
+    if data.buckets is None:
+        return [combined[i:i + batch_size] for i in range(0, len(combined), batch_size)]
+    groups: dict[tuple[int, int], list] = {}
+    for is_reg, i in combined:
+        groups.setdefault((data.reg_items if is_reg else data.items)[i].size, []).append((is_reg, i))
+    batches = [g[i:i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
+    random.Random(seed * 31_337 + epoch).shuffle(batches)
+    return batches
 
-    The order and the random generators depend on (seed, epoch) alone, so a resumed run replays them. With
-    regularization every training sample is paired with a class sample, as kohya does.
-    """
-    seed, bs = s.cfg.training.seed, s.cfg.training.batch_size
-    samples, reg = s.cached.samples, s.cached.reg_samples
-    order = epoch_order([it.repeats for it in s.data.items], epoch, seed)
-    combined = [samples[i] for i in order]
-    if reg:
-        reg_order = (epoch_order([1] * len(reg), epoch, seed + 7) * (len(order) // len(reg) + 1))[: len(order)]
-        combined = [x for pair in zip(combined, [reg[j] for j in reg_order]) for x in pair]
+
+def epoch_batches(s: Session, epoch: int):
+    """Yield ``(batch, (gen, cap_rng))`` for one epoch: ``batch`` is a list of this process's samples; the
+    random generators, like the order, depend on (seed, epoch) alone."""
+    seed = s.cfg.training.seed
+    sources = {False: s.cached.samples, True: s.cached.reg_samples}
     rngs = (torch.Generator().manual_seed(seed * 1_000_003 + epoch), random.Random(seed * 7_919 + epoch))
     world, rank = s.accelerator.num_processes, s.accelerator.process_index
-    for i in range(0, len(combined), bs):
-        batch = combined[i:i + bs]
-        yield batch[rank::world] or batch[:1], rngs
+    for batch in epoch_layout(s.data, epoch, seed, s.cfg.training.batch_size):
+        mine = batch[rank::world] or batch[:1]
+        yield [sources[is_reg][i] for is_reg, i in mine], rngs
 
 
 def batch_captions(cfg: Config, batch: list[steps.Sample], cap_rng: random.Random) -> list[str]:

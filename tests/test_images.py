@@ -366,3 +366,18 @@ def test_regularization_advice():
     assert im.regularization_advice(15, 20) == []
     assert "10-20" in im.regularization_advice(3, 20)[0]
     assert any("instead of your subject" in w for w in im.regularization_advice(60, 20))
+
+
+def test_a_16_bit_png_in_the_dataset_trains_as_its_grey_not_white(tmp_path):
+    """The trainer loads images through the importer's loader: a 16-bit grey PNG placed straight in the
+    dataset folder keeps its grey level (it used to become almost white)."""
+    import numpy as np
+    from PIL import Image
+
+    from lora_nb.dataset import load_training_image
+
+    path = tmp_path / "grey16.png"
+    Image.fromarray(np.full((64, 64), 32768, dtype=np.uint16)).save(path)
+    assert Image.open(path).mode.startswith("I")
+    arr, _, _ = load_training_image(path, (64, 64))
+    assert abs(float(arr.mean())) < 0.05  # mid grey is 0 in [-1, 1]

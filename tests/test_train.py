@@ -307,3 +307,69 @@ def test_captions_past_the_limit_are_named_in_a_warning(tiny_sd15_dir, tmp_path)
     result = train(cfg, progress=False)
     said = [w for w in result.warnings if "more than 75 tokens" in w]
     assert said and "img1.txt" in said[0] and "img0.txt" not in said[0] and "max_token_length" in said[0]
+
+
+def _three_shape_dataset(root, per_shape=2):
+    """Pictures in three aspect ratios (landscape, square, portrait), a red bar at each picture's left and
+    right edge: a centre crop would cut the bars of the wide ones."""
+    from PIL import Image
+
+    folder = root / "1_sks"
+    folder.mkdir(parents=True)
+    for shape in ((160, 96), (128, 128), (96, 160)):
+        for i in range(per_shape):
+            img = Image.new("RGB", shape, (128, 128, 128))
+            for x in (0, 1, 2, shape[0] - 3, shape[0] - 2, shape[0] - 1):
+                for y in range(shape[1]):
+                    img.putpixel((x, y), (230, 20, 20))
+            name = f"{shape[0]}x{shape[1]}-{i}"
+            img.save(folder / f"{name}.png")
+            (folder / f"{name}.txt").write_text("red bars, gray", encoding="utf-8")
+    return root
+
+
+@pytest.mark.slow
+def test_no_crop_trains_every_picture_whole_in_its_aspect_bucket(tiny_sd15_dir, tmp_path, monkeypatch):
+    """``dataset.enable_buckets`` (crop mode none): three aspect ratios train at three bucket sizes, every batch
+    from one bucket, the latents of each bucket's shape; no picture loses its edges; the bucket table is
+    announced, stored as ``ss_bucket_info`` and the steps math counts one partial batch per bucket."""
+    from lora_nb import steps as steps_module
+    from lora_nb.dataset import load_training_image
+
+    data = _three_shape_dataset(tmp_path / "data")
+    shapes_seen = []
+    real = steps_module.latents_of
+
+    def spy(model, samples, *args, **kwargs):
+        lat = real(model, samples, *args, **kwargs)
+        shapes_seen.append((tuple(lat.shape[2:]), {s.item.size for s in samples}))
+        return lat
+
+    monkeypatch.setattr(steps_module, "latents_of", spy)
+    events = []
+    cfg = make_config(tiny_sd15_dir, data, tmp_path / "ws", **{
+        "dataset.enable_buckets": True, "dataset.bucket_step": 32, "dataset.resolution": "128x128",
+        "training.batch_size": 4, "training.epochs": 1, "dataset.cache_latents": False})
+    result = train(cfg, progress=False, on_event=events.append)
+    buckets = {(160, 96): 2, (128, 128): 2, (96, 160): 2}
+    assert result.plan.total_steps == 3  # 3 buckets of 2 at batch 4: a partial batch each
+    assert len(shapes_seen) == 3 and all(len(sizes) == 1 for _, sizes in shapes_seen)
+    scale = load_base_model(tiny_sd15_dir).vae_scale
+    assert {shape for shape, _ in shapes_seen} == {(h // scale, w // scale) for w, h in buckets}
+    assert any(e.kind == "info" and "aspect-ratio buckets" in e.data["message"] and "160x96: 2" in e.data["message"]
+               for e in events)
+    with safe_open(str(result.final), "pt") as f:
+        info = json.loads(f.metadata()["ss_bucket_info"])
+    assert {tuple(b["resolution"]): b["count"] for b in info["buckets"].values()} == buckets
+    for path in sorted((data / "1_sks").glob("*.png")):
+        w, h = map(int, path.stem.split("-")[0].split("x"))
+        arr, _, crop = load_training_image(path, (w, h))
+        assert crop == (0, 0) and arr[0, :, 0].mean() > 0.5 and arr[0, :, -1].mean() > 0.5, path.name  # bars kept
+
+
+@pytest.mark.slow
+def test_without_buckets_a_picture_of_another_shape_is_said_to_be_cropped(tiny_sd15_dir, tmp_path):
+    data = _three_shape_dataset(tmp_path / "data", per_shape=1)
+    cfg = make_config(tiny_sd15_dir, data, tmp_path / "ws", **{"dataset.resolution": "128x128", "training.epochs": 1})
+    result = train(cfg, progress=False)
+    assert any("2 of 3 images have another shape" in w and "dataset.enable_buckets=true" in w for w in result.warnings)
