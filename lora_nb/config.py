@@ -431,6 +431,12 @@ class _Checks:
         self.problems.append(Problem("warning", setting, msg))
 
 
+MAX_RANK = 1024
+MAX_STEPS = 10_000_000
+ADAPTIVE_LR_OPTIMIZERS = ("Prodigy",)  # optimizers that find the step size and want every group's LR equal
+SYSTEM_DIRS = ("/proc", "/sys", "/dev")
+
+
 def check_config(cfg: Config, cuda_available: bool | None = None) -> list[Problem]:
     """Every problem of ``cfg`` that can be seen without the model or dataset."""
     import torch
@@ -470,11 +476,12 @@ def _check_required(c: _Checks, cfg: Config) -> None:
 
 def _check_network(c: _Checks, n: NetworkConfig) -> None:
     """Rank, alpha, targets, clip skip."""
-    if n.rank <= 0:
-        c.err("network.rank", f"must be a positive whole number (got {n.rank}); 8–32 for styles/characters, 64–128 for realistic.")
-    if n.alpha <= 0:
-        c.err("network.alpha", f"must be positive (got {n.alpha}); rank/2 is usual.")
-    elif n.rank > 0 and n.alpha > n.rank:
+    if n.rank <= 0 or n.rank > MAX_RANK:
+        c.err("network.rank", f"must be a positive whole number, at most {MAX_RANK} (got {n.rank:g}); 8–32 for "
+                              "styles/characters, 64–128 for realistic.")
+    if not math.isfinite(n.alpha) or n.alpha <= 0 or n.alpha > MAX_RANK:
+        c.err("network.alpha", f"must be positive and at most {MAX_RANK} (got {n.alpha:g}); rank/2 is usual.")
+    elif 0 < n.rank <= MAX_RANK and n.alpha > n.rank:
         c.warn("network.alpha", f"alpha {n.alpha:g} > rank {n.rank}: the update is multiplied by {n.alpha / n.rank:.2f}, "
              "like a larger learning rate. Usually alpha ≤ rank (rank/2 is common).")
     if n.unet_targets not in UNET_TARGETS:
@@ -489,6 +496,19 @@ def _check_optimizer(c: _Checks, o: OptimizerConfig) -> None:
         c.err("optimizer.optimizer", f"{o.optimizer!r} is unknown: use one of {', '.join(OPTIMIZERS)}.")
     if o.lr_scheduler not in SCHEDULERS:
         c.err("optimizer.lr_scheduler", f"{o.lr_scheduler!r} is unknown: use one of {', '.join(SCHEDULERS)}.")
+    for name in ("learning_rate", "unet_lr", "text_encoder_lr", "weight_decay", "max_grad_norm", "lr_power"):
+        value = getattr(o, name)
+        if value is not None and (not math.isfinite(value) or abs(value) > 1e3):
+            c.err(f"optimizer.{name}", f"{value!r} is not a usable value: a finite number (LRs are ~1e-4, 1 for "
+                                       "Prodigy).")
+    if o.lr_warmup_steps > MAX_STEPS or o.lr_restarts > 1000:
+        c.err("optimizer.lr_warmup_steps" if o.lr_warmup_steps > MAX_STEPS else "optimizer.lr_restarts",
+              "is far too large: warm-up is a few hundred steps at most, restarts 3–5.")
+    if o.optimizer in ADAPTIVE_LR_OPTIMIZERS and o.text_encoder_lr > 0 and o.text_encoder_lr != o.effective_unet_lr:
+        c.err("optimizer.text_encoder_lr", f"{o.optimizer} finds one step size for all parameters and refuses groups "
+                                           f"with different LRs (UNet {o.effective_unet_lr:g}, text encoder "
+                                           f"{o.text_encoder_lr:g}): set optimizer.learning_rate, unet_lr and "
+                                           "text_encoder_lr all to 1, or text_encoder_lr=0 (text encoder frozen).")
     if o.learning_rate <= 0:
         c.err("optimizer.learning_rate", f"must be positive (got {o.learning_rate:g}); 1e-4 is the usual start (1 for Prodigy).")
     if o.unet_lr is not None and o.unet_lr <= 0:
@@ -510,10 +530,17 @@ def _check_optimizer(c: _Checks, o: OptimizerConfig) -> None:
 
 def _check_training(c: _Checks, t: TrainingConfig, cuda_available: bool) -> None:
     """Epochs, batch, precision (what really runs here), noise settings."""
-    if t.epochs < 1:
-        c.err("training.epochs", f"must be at least 1 (got {t.epochs}).")
-    if t.batch_size < 1:
-        c.err("training.batch_size", f"must be at least 1 (got {t.batch_size}).")
+    if t.epochs < 1 or t.epochs > MAX_STEPS:
+        c.err("training.epochs", f"must be at least 1 and at most {MAX_STEPS} (got {t.epochs:g}); 10–20 is usual.")
+    if t.batch_size < 1 or t.batch_size > 4096:
+        c.err("training.batch_size", f"must be at least 1 and at most 4096 (got {t.batch_size:g}); 1–8 is usual.")
+    if t.max_steps < 0 or t.max_steps > MAX_STEPS:
+        c.err("training.max_steps", f"must be 0 (epochs decide) or a step count up to {MAX_STEPS} (got {t.max_steps:g}).")
+    if not 0 <= t.seed < 2**32:
+        c.err("training.seed", f"must be a whole number from 0 to 4294967295 (got {t.seed:g}).")
+    if not math.isfinite(t.noise_offset) or not math.isfinite(t.min_snr_gamma) or t.noise_offset > 1 or t.min_snr_gamma > 1e3:
+        c.err("training.noise_offset" if not (math.isfinite(t.noise_offset) and t.noise_offset <= 1)
+              else "training.min_snr_gamma", "is out of range: noise_offset 0–0.1, min_snr_gamma 0 or about 5.")
     if t.mixed_precision not in PRECISIONS:
         c.err("training.mixed_precision", f"{t.mixed_precision!r} is unknown: use no, fp16 or bf16.")
     elif t.mixed_precision == "fp16" and not cuda_available:
@@ -534,6 +561,11 @@ def _check_dataset(c: _Checks, d: DatasetConfig) -> None:
         c.err("dataset.caption_dropout", "must be between 0 and 1 (e.g. 0.05).")
     if d.keep_tokens < 0:
         c.err("dataset.keep_tokens", "must be 0 or more.")
+    if d.validation_split < 0:
+        c.err("dataset.validation_split", f"must be 0 (no validation images) or a number of images to hold out "
+                                          f"(got {d.validation_split}).")
+    if d.repeats is not None and d.repeats > 10_000:
+        c.err("dataset.repeats", f"{d.repeats} is far too many: 5–20 is usual.")
     if d.repeats is not None and d.repeats < 1:
         c.err("dataset.repeats", f"must be at least 1 (got {d.repeats}); leave empty to read it from folder names.")
     if not d.caption_extension.startswith("."):
@@ -570,8 +602,16 @@ def _check_sample_and_save(c: _Checks, cfg: Config) -> None:
     bad = [f for f in sv.formats if f not in SAVE_FORMATS]
     if bad or not sv.formats:
         c.err("save.formats", f"{bad or sv.formats} not allowed: use kohya (AUTOMATIC1111/ComfyUI) and/or diffusers.")
-    if not re.fullmatch(r"[\w.\- ]+", sv.output_name or ""):
+    if not re.fullmatch(r"[\w.\- ]+", sv.output_name or "") or not sv.output_name.strip(". "):
         c.err("save.output_name", f"{sv.output_name!r} must be a plain file name (letters, digits, - _ .).")
+    out = Path(str(sv.output_dir)).expanduser()
+    if str(sv.output_dir).strip() and out.exists() and not out.is_dir():
+        c.err("save.output_dir", f"{str(out)!r} is a file: the workspace must be a folder (give a new folder's path).")
+    elif str(sv.output_dir).strip() and any(str(out.resolve()).startswith(sys_dir) for sys_dir in SYSTEM_DIRS):
+        c.err("save.output_dir", f"{str(out)!r} is a system folder: put the workspace in your own folder, e.g. runs/my-lora.")
+    if not 0 <= s.seed < 2**32 or s.steps > 1000 or s.cfg_scale > 100 or s.width < 0 or s.height < 0:
+        c.err("sample.seed" if not 0 <= s.seed < 2**32 else "sample.steps", "is out of range: seed 0–4294967295, "
+              "steps 1–1000 (20–30 usual), cfg_scale up to 100 (5–8 usual), width/height 0 or a size.")
     if cfg.model.family not in ("auto", "sd15", "sdxl"):
         c.err("model.family", f"{cfg.model.family!r} is unknown: use auto, sd15 or sdxl.")
     if cfg.model.prediction_type not in ("auto", "epsilon", "v_prediction"):
@@ -595,13 +635,26 @@ def check_against_model(cfg: Config, size_multiple: int, family: str) -> list[Pr
 def check_against_dataset(cfg: Config, n_images: int, where: str) -> list[Problem]:
     """Problems that need the dataset's size."""
     p = []
-    if n_images == 0:
+    if n_images == 0 and cfg.dataset.validation_split > 0:
+        p.append(Problem("error", "dataset.validation_split", f"holds out {cfg.dataset.validation_split} image(s), "
+                                                              f"which leaves none to train on in {where}: use a "
+                                                              "smaller number (1–2 of 20 is plenty) or 0."))
+    elif n_images == 0:
         p.append(Problem("error", "dataset.dir", f"no training images found in {where}. Put images (png/jpg/webp) there, "
                                                  "in <repeats>_<concept> subfolders or directly."))
     elif cfg.training.batch_size > n_images:
         p.append(Problem("error", "training.batch_size", f"{cfg.training.batch_size} is larger than the dataset "
                                                          f"({n_images} images): use at most {n_images}."))
     return p
+
+
+def check_against_plan(cfg: Config, plan: "StepsPlan") -> list[Problem]:
+    """Problems that need the run's step count: a warm-up longer than the whole run."""
+    if cfg.optimizer.lr_warmup_steps > plan.total_steps:
+        return [Problem("error", "optimizer.lr_warmup_steps", f"{cfg.optimizer.lr_warmup_steps} warm-up steps but the "
+                                                              f"run has only {plan.total_steps}: the LR would never "
+                                                              "reach its value. Use about 5–10% of the steps, or 0.")]
+    return []
 
 
 def raise_for_errors(problems: list[Problem]) -> list[Problem]:

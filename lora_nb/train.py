@@ -36,7 +36,8 @@ import torch
 
 from lora_nb import LoraNbError, lora_io, runstate, steps
 from lora_nb.captions import shuffle_caption
-from lora_nb.config import (Config, StepsPlan, check_against_dataset, check_against_model, check_config,
+from lora_nb.config import (Config, StepsPlan, check_against_dataset, check_against_model, check_against_plan,
+                            check_config,
                             parse_resolution, plan_steps, raise_for_errors)
 from lora_nb.dataset import Item, assign_buckets, bucket_counts, scan_dataset
 from lora_nb.images import image_size
@@ -224,6 +225,7 @@ def load_training_data(cfg: Config) -> TrainingData:
                   for e in range(1, cfg.training.epochs + 1)] if buckets else None)
     data.plan = plan_steps(folders, cfg.training.batch_size, cfg.training.epochs, cfg.save.every_n_epochs,
                            bool(reg_items), cfg.training.max_steps, per_epoch)
+    raise_for_errors(check_against_plan(cfg, data.plan))
     return data
 
 

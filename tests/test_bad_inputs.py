@@ -77,17 +77,27 @@ def test_missing_dataset_folder_is_named(tiny_sd15_dir, tmp_path, capsys):
 
 
 def test_images_only_of_unsupported_types_are_named_with_the_fix(tiny_sd15_dir, tmp_path, capsys):
-    """Only .gif/.tif/.heic/.pdf files: the message says which types were found, names one file and points to
-    the importer that converts them; the files are untouched."""
+    """Only .heic/.pdf/.psd files: the message says which types were found, names one file and points to
+    the importer that converts them; the files are untouched. (.gif and .tif are read by the trainer as by
+    the importer: one list of image types, lora_nb.folders.)"""
     folder = tmp_path / "data" / "5_cat"
-    _image(folder / "a.png").rename(folder / "a.gif")
-    for name in ("b.tif", "c.heic", "notes.pdf"):
+    folder.mkdir(parents=True)
+    for name in ("c.heic", "notes.pdf", "d.psd"):
         (folder / name).write_bytes(b"not really")
     before = _digests(tmp_path / "data")
     line = _train_error(capsys, tmp_path, tiny_sd15_dir, tmp_path / "data")
     assert "holds no image the trainer reads" in line
-    assert ".gif" in line and ".heic" in line and "import_images" in line
+    assert ".heic" in line and ".psd" in line and "import_images" in line
     assert _digests(tmp_path / "data") == before
+
+
+def test_the_trainer_reads_every_type_the_importer_reads_and_names_a_broken_one(tiny_sd15_dir, tmp_path, capsys):
+    folder = tmp_path / "data" / "5_cat"
+    _image(folder / "a.png").rename(folder / "a.gif")  # a PNG under another name still loads
+    assert [it.image.name for it in scan_dataset(tmp_path / "data").items] == ["a.gif"]
+    (folder / "b.tif").write_bytes(b"not really")
+    line = _train_error(capsys, tmp_path, tiny_sd15_dir, tmp_path / "data", **{"training.batch_size": 1})
+    assert "b.tif" in line and "not an image file" in line
 
 
 def test_images_in_a_folder_without_the_repeats_prefix_get_the_rename_fix(tiny_sd15_dir, tmp_path, capsys):
@@ -404,3 +414,45 @@ def test_paths_with_spaces_and_non_ascii_names_through_a_whole_training_run(tiny
         freq = json.loads(f.metadata()["ss_tag_frequency"])
     assert freq["2_sks chat"]["sks"] == 3 and freq["2_sks chat"]["chat roux"] == 1
     assert _digests(root / "dataset ü") == before
+
+
+# Settings refused before any work, each by the CLI with one line naming the setting (and no file written).
+BAD_SETTINGS = [
+    ({"network.rank": 10**20}, "network.rank"),
+    ({"network.alpha": float("inf")}, "network.alpha"),
+    ({"training.seed": 10**23}, "training.seed"),
+    ({"training.max_steps": -5}, "training.max_steps"),
+    ({"training.epochs": 10**9}, "training.epochs"),
+    ({"optimizer.learning_rate": float("nan")}, "optimizer.learning_rate"),
+    ({"optimizer.lr_warmup_steps": 500}, "optimizer.lr_warmup_steps: 500 warm-up steps but the run has only"),
+    ({"optimizer.optimizer": "Prodigy", "optimizer.learning_rate": 1.0, "optimizer.text_encoder_lr": 0.5},
+     "Prodigy finds one step size"),
+    ({"dataset.validation_split": -1}, "dataset.validation_split: must be 0"),
+    ({"dataset.validation_split": 20}, "dataset.validation_split: holds out 20"),
+    ({"save.output_name": ".."}, "save.output_name"),
+    ({"save.output_dir": "/proc/lora-nb"}, "save.output_dir: '/proc/lora-nb' is a system folder"),
+    ({"sample.steps": 0}, "sample.steps"),
+    ({"dataset.max_token_length": 100}, "dataset.max_token_length"),
+]
+
+
+@pytest.mark.parametrize("overrides,fragment", BAD_SETTINGS, ids=[next(iter(o)) + "=" + str(next(iter(o.values())))
+                                                                  for o, _ in BAD_SETTINGS])
+def test_absurd_or_contradictory_settings_are_refused_by_name(tiny_sd15_dir, tiny_dataset, tmp_path, capsys,
+                                                               overrides, fragment):
+    before = _digests(tiny_dataset)
+    cfg = make_config(tiny_sd15_dir, tiny_dataset, tmp_path / "ws")
+    for key, value in overrides.items():  # set directly: some values are ones YAML overrides cannot spell
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, value)
+    line = _cli_error(capsys, "train", cfg.write_yaml(tmp_path / "config.yaml"))
+    assert fragment in line, line
+    assert not (tmp_path / "ws" / "lora").exists() and _digests(tiny_dataset) == before
+
+
+def test_an_output_dir_that_is_a_file_is_refused_before_loading_the_model(tiny_sd15_dir, tiny_dataset, tmp_path,
+                                                                          capsys):
+    target = tmp_path / "a-file"
+    target.write_text("mine")
+    line = _train_error(capsys, tmp_path, tiny_sd15_dir, tiny_dataset, **{"save.output_dir": str(target)})
+    assert "save.output_dir" in line and "is a file" in line and target.read_text() == "mine"
