@@ -544,15 +544,26 @@ def inspect_lora(path: str | Path) -> dict:
     path = Path(path)
     tensors, metadata = read_lora_file(path)
     downs = _down_keys(tensors)
+    if not downs:
+        raise LoraNbError(f"{path} is not a LoRA file: no lora_down/lora_up (or lora_A/lora_B) keys among its "
+                          f"{len(tensors)} tensor(s). (LoHa/LoKr files, hada_*/lokr_* keys, are not read by lora-nb "
+                          "yet; a full model checkpoint is a base model, not a LoRA.)")
     counts: dict[str, int] = {}
     ranks, alphas, problems = set(), set(), []
     for k in downs:
         comp = _component_of(k)
         counts[comp] = counts.get(comp, 0) + 1
-        ranks.add(int(tensors[k].shape[0]))
         module = _module_of(k)
-        if f"{module}.alpha" in tensors:
-            alphas.add(float(tensors[f"{module}.alpha"].float()))
+        shape = tuple(tensors[k].shape)
+        if len(shape) not in (2, 4):
+            problems.append(f"{k} has shape {list(shape)}: a LoRA down weight is [rank, in] or [rank, in, kh, kw]")
+            continue
+        ranks.add(int(shape[0]))
+        alpha = tensors.get(f"{module}.alpha")
+        if alpha is not None and alpha.numel() == 1:
+            alphas.add(float(alpha.float()))
+        elif alpha is not None:
+            problems.append(f"{module}.alpha has {alpha.numel()} values: alpha is one number per module")
         up = tensors.get(_up_key(k))
         if up is not None and not bool(up.float().abs().sum() > 0):
             problems.append(f"all-zero up weight: {module} (this module does nothing; untrained?)")
@@ -585,7 +596,13 @@ def _alphas_from_metadata(metadata: dict[str, str]) -> set[float]:
         packed = json.loads(metadata.get("lora_adapter_metadata", "{}"))
     except json.JSONDecodeError:
         return set()
-    return {float(v) for k, v in packed.items() if k.endswith(".lora_alpha")}
+    if not isinstance(packed, dict):
+        return set()
+    found = set()
+    for k, v in packed.items():
+        if str(k).endswith(".lora_alpha") and isinstance(v, (int, float)) and not isinstance(v, bool):
+            found.add(float(v))
+    return found
 
 
 def _single_or_list(values: set):

@@ -301,3 +301,24 @@ def test_load_errors_name_the_file_and_the_fix(tiny_sd15_dir, tmp_path):
     assert lora_io._loaded_counts(fresh.pipe, "lora") == {}
     # after the failed load, the good file still loads cleanly, and loading twice replaces
     assert lora_io.load_lora(fresh.pipe, good) == lora_io.load_lora(fresh.pipe, good)
+
+
+def test_inspect_says_in_one_line_when_a_file_is_not_a_lora_and_names_odd_tensors(tmp_path, capsys):
+    """A safetensors file without LoRA keys is refused by name (exit 2, no traceback); a down weight of the wrong
+    rank of dimensions, an alpha of several values and adapter metadata of the wrong type are listed as
+    problems, not crashes."""
+    import torch
+    from safetensors.torch import save_file
+
+    from lora_nb import cli
+
+    save_file({"x": torch.zeros(3)}, str(tmp_path / "weights.safetensors"))
+    assert cli.main(["inspect", str(tmp_path / "weights.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "is not a LoRA file: no lora_down/lora_up" in err and "Traceback" not in err
+    save_file({"lora_unet_a.lora_down.weight": torch.ones(4), "lora_unet_a.lora_up.weight": torch.ones(3, 4),
+               "lora_unet_b.lora_down.weight": torch.ones(2, 3), "lora_unet_b.lora_up.weight": torch.ones(3, 2),
+               "lora_unet_b.alpha": torch.ones(2)}, str(tmp_path / "odd.safetensors"),
+              metadata={"lora_adapter_metadata": '["abc"]'})
+    info = lora_io.inspect_lora(tmp_path / "odd.safetensors")
+    assert any("has shape [4]" in p for p in info["problems"]) and any("alpha has 2 values" in p for p in info["problems"])
