@@ -649,11 +649,12 @@ def check_against_dataset(cfg: Config, n_images: int, where: str) -> list[Proble
 
 
 def check_against_plan(cfg: Config, plan: "StepsPlan") -> list[Problem]:
-    """Problems that need the run's step count: a warm-up longer than the whole run."""
+    """Problems that need the run's step count: a warm-up longer than the whole run (a warning: short trial
+    runs, such as notebook 04's step timing, legitimately stop before the warm-up ends)."""
     if cfg.optimizer.lr_warmup_steps > plan.total_steps:
-        return [Problem("error", "optimizer.lr_warmup_steps", f"{cfg.optimizer.lr_warmup_steps} warm-up steps but the "
-                                                              f"run has only {plan.total_steps}: the LR would never "
-                                                              "reach its value. Use about 5–10% of the steps, or 0.")]
+        return [Problem("warning", "optimizer.lr_warmup_steps", f"{cfg.optimizer.lr_warmup_steps} warm-up steps but "
+                                                                f"the run has only {plan.total_steps}: the LR never "
+                                                                "reaches its value. Use about 5–10% of the steps, or 0.")]
     return []
 
 

@@ -39,6 +39,8 @@ PARAMETER_SETTINGS = {
     "mixed_precision": "training.mixed_precision",
     "gradient_checkpointing": "training.gradient_checkpointing",
     "cache_latents_to_disk": "dataset.cache_latents_to_disk",
+    "enable_buckets": "dataset.enable_buckets",
+    "max_token_length": "dataset.max_token_length",
     "save_every_n_epochs": "save.every_n_epochs",
     "save_precision": "save.precision",
     "sample_every_n_epochs": "sample.every_n_epochs",

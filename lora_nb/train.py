@@ -225,7 +225,7 @@ def load_training_data(cfg: Config) -> TrainingData:
                   for e in range(1, cfg.training.epochs + 1)] if buckets else None)
     data.plan = plan_steps(folders, cfg.training.batch_size, cfg.training.epochs, cfg.save.every_n_epochs,
                            bool(reg_items), cfg.training.max_steps, per_epoch)
-    raise_for_errors(check_against_plan(cfg, data.plan))
+    data.warnings += [f"{w.setting}: {w.message}" for w in raise_for_errors(check_against_plan(cfg, data.plan))]
     return data
 
 

@@ -424,7 +424,6 @@ BAD_SETTINGS = [
     ({"training.max_steps": -5}, "training.max_steps"),
     ({"training.epochs": 10**9}, "training.epochs"),
     ({"optimizer.learning_rate": float("nan")}, "optimizer.learning_rate"),
-    ({"optimizer.lr_warmup_steps": 500}, "optimizer.lr_warmup_steps: 500 warm-up steps but the run has only"),
     ({"optimizer.optimizer": "Prodigy", "optimizer.learning_rate": 1.0, "optimizer.text_encoder_lr": 0.5},
      "Prodigy finds one step size"),
     ({"dataset.validation_split": -1}, "dataset.validation_split: must be 0"),
@@ -456,3 +455,11 @@ def test_an_output_dir_that_is_a_file_is_refused_before_loading_the_model(tiny_s
     target.write_text("mine")
     line = _train_error(capsys, tmp_path, tiny_sd15_dir, tiny_dataset, **{"save.output_dir": str(target)})
     assert "save.output_dir" in line and "is a file" in line and target.read_text() == "mine"
+
+
+def test_a_warm_up_longer_than_the_run_is_said(tiny_sd15_dir, tiny_dataset, tmp_path):
+    from lora_nb.train import train
+
+    result = train(make_config(tiny_sd15_dir, tiny_dataset, tmp_path / "ws", **{"optimizer.lr_warmup_steps": 500}),
+                   progress=False)
+    assert any("lr_warmup_steps: 500 warm-up steps but the run has only 4" in w for w in result.warnings)
