@@ -1,6 +1,8 @@
 """Shared fixtures. The whole suite runs offline: hub access is switched off here."""
 
+import json
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -106,3 +108,14 @@ def fault_before_step(monkeypatch):
             monkeypatch.setattr(train_module, "before_step", original)
 
     return installed
+
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+def code_cells(path: Path) -> tuple[list[str], int]:
+    """The source of every code cell, and the index (among them) of the setup cell."""
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    cells = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    params = next(i for i, c in enumerate(cells) if "parameters" in c["metadata"].get("tags", []))
+    return ["".join(c["source"]) for c in cells], params + 1

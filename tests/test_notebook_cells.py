@@ -6,14 +6,13 @@ loops over the files of a folder.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import pytest
+from conftest import NOTEBOOKS, code_cells
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 MAX_LINES = 15
 FORBIDDEN = {
     "a function definition": re.compile(r"^\s*(async\s+)?def\s", re.MULTILINE),
@@ -21,14 +20,6 @@ FORBIDDEN = {
     "a loop over files": re.compile(r"\bfor\b[^\n]*\bin\b[^\n]*\.(glob|rglob|iterdir|listdir|scandir|walk)\("),
     "a listing of files": re.compile(r"\bos\.(listdir|scandir|walk)\("),
 }
-
-
-def code_cells(path: Path) -> tuple[list[str], int]:
-    """The source of every code cell, and the index (among them) of the setup cell."""
-    nb = json.loads(path.read_text(encoding="utf-8"))
-    cells = [c for c in nb["cells"] if c["cell_type"] == "code"]
-    params = next(i for i, c in enumerate(cells) if "parameters" in c["metadata"].get("tags", []))
-    return ["".join(c["source"]) for c in cells], params + 1
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

@@ -3,7 +3,6 @@ and leaves the platform's CUDA torch in place."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -11,17 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import NOTEBOOKS, code_cells
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-
-
-def code_cells(path: Path) -> tuple[list[str], int]:
-    """The source of every code cell, and the index (among them) of the setup cell."""
-    nb = json.loads(path.read_text(encoding="utf-8"))
-    cells = [c for c in nb["cells"] if c["cell_type"] == "code"]
-    params = next(i for i, c in enumerate(cells) if "parameters" in c["metadata"].get("tags", []))
-    return ["".join(c["source"]) for c in cells], params + 1
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
