@@ -101,8 +101,6 @@ def train(cfg: Config, on_event: Callable[[Event], None] | None = None, model=No
     """
     try:
         return _run_phases(cfg, on_event or (lambda e: None), model, resume, progress, batch_log_dir)
-    except runstate.WorkspaceBusy:
-        raise
     except torch.cuda.OutOfMemoryError:
         raise TrainingStopped(out_of_memory_advice(cfg)) from None
     except OSError as exc:
@@ -179,7 +177,8 @@ def announce_start(s: Session, precision: str) -> None:
         s.emit(Event("warning", data={"message": w}))
     if s.data.buckets:
         s.emit(Event("info", data={"message": "aspect-ratio buckets (samples per epoch): " +
-                                   describe_buckets(s.data.buckets), "buckets": s.data.buckets}))
+                                   describe_buckets(s.data.buckets),
+                                   "buckets": {f"{w}x{h}": n for (w, h), n in s.data.buckets.items()}}))
     if s.cached.idle:
         s.emit(Event("info", data={"message": "cached: " + ", ".join(type(m).__name__ for m in s.cached.idle) +
                                    " moved off the GPU until sampling"}))
