@@ -69,6 +69,7 @@ class DatasetConfig:
     cache_dir: str = ""  # where the disk cache lives; empty = <save.output_dir>/cache
     cache_text_embeddings: str = "auto"  # auto / yes / no; auto = when the text encoder is frozen and captions fixed
     validation_split: int = 0  # images held out of training for the fixed-noise validation loss
+    validation_dir: str = ""  # a folder of images never trained on, for the validation loss; empty = none
 
 
 @dataclass
@@ -356,6 +357,7 @@ def _preset_toy() -> Config:
     c.dataset.bucket_step = 8
     c.dataset.max_token_length = 75  # toy captions are ~9 tokens; one chunk of the toy encoder's 16 positions
     c.dataset.reg_dir, c.dataset.prior_loss_weight = "data/toy-reg", 0.3  # without them the zorb leaks into "circle"
+    c.dataset.validation_dir = "data/toy-val"  # 8 zorbs drawn apart from the 20 trained on: the validation loss
     c.network.rank, c.network.alpha = 8, 8.0
     c.optimizer.optimizer, c.optimizer.lr_scheduler = "AdamW", "cosine"
     c.optimizer.learning_rate = 5e-3

@@ -58,7 +58,7 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def scan_dataset(root: str | Path, caption_extension: str = ".txt", repeats: int | None = None,
-                 trigger_word: str = "", is_reg: bool = False) -> DatasetScan:
+                 trigger_word: str = "", is_reg: bool = False, setting: str = "") -> DatasetScan:
     """Find the images, captions and repeats under ``root``.
 
     A missing caption falls back to the trigger word (or the folder's concept
@@ -67,10 +67,12 @@ def scan_dataset(root: str | Path, caption_extension: str = ".txt", repeats: int
     the classic "LoRA does nothing" mistake: it raises a clear error.
     """
     root = resolve_data_path(root)
-    what = "dataset.reg_dir" if is_reg else "dataset.dir"
+    what = setting or ("dataset.reg_dir" if is_reg else "dataset.dir")
     if not root.is_dir():
-        raise LoraNbError(f"{what}={str(root)!r} is not a folder. Point it at the folder holding your "
-                          "<repeats>_<concept> subfolders (notebook 03 writes it into the workspace).")
+        fix = ("Point it at the folder holding your <repeats>_<concept> subfolders (notebook 03 writes it into the "
+               "workspace)." if what == "dataset.dir" else "Point it at a folder of images (in <repeats>_<concept> "
+               "subfolders or directly), or clear the setting.")
+        raise LoraNbError(f"{what}={str(root)!r} is not a folder. {fix}")
     groups: list[tuple[Path, int, str]] = []
     unprefixed: list[str] = []  # subfolders with images but no <repeats>_ prefix: kohya ignores them
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):

@@ -198,13 +198,16 @@ class TrainingData:
 
 
 def load_training_data(cfg: Config) -> TrainingData:
-    """Scan, hold out ``validation_split`` images, find the class images, assign aspect-ratio buckets, check,
-    plan — before any heavy work, so a bad dataset fails fast."""
+    """Scan, hold out ``validation_split`` images (and read ``validation_dir``'s), find the class images, assign
+    aspect-ratio buckets, check, plan — before any heavy work, so a bad dataset fails fast."""
     d = cfg.dataset
     scan = scan_dataset(d.dir, d.caption_extension, d.repeats, d.trigger_word)
     warnings = list(scan.warnings)
     items, val_items = split_validation(scan.items, d.validation_split, cfg.training.seed)
     raise_for_errors(check_against_dataset(cfg, len(items), d.dir))
+    if d.validation_dir:
+        val_items += scan_dataset(d.validation_dir, d.caption_extension, 1, d.trigger_word,
+                                  setting="dataset.validation_dir").items
     reg_items: list[Item] = []
     if d.reg_dir:
         reg_items = scan_dataset(d.reg_dir, d.caption_extension, None, "", is_reg=True).items

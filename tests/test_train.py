@@ -88,6 +88,24 @@ def test_metrics_and_events_report_every_step_and_epoch(tiny_sd15_dir, tiny_data
     assert len(epoch_lines) == 2 and all(l["val_loss"] > 0 for l in epoch_lines)
 
 
+def test_a_validation_folder_gives_the_validation_loss_without_taking_training_images(tiny_sd15_dir, tiny_dataset,
+                                                                                       tmp_path):
+    import shutil
+
+    val = tmp_path / "val" / "1_sks"
+    val.mkdir(parents=True)
+    for name in ("img0", "img1"):
+        shutil.copy(tiny_dataset / "2_sks" / f"{name}.png", val / f"{name}.png")
+        shutil.copy(tiny_dataset / "2_sks" / f"{name}.txt", val / f"{name}.txt")
+    cfg = make_config(tiny_sd15_dir, tiny_dataset, tmp_path / "ws", **{
+        "dataset.validation_dir": str(tmp_path / "val"), "training.epochs": 1})
+    events = []
+    train(cfg, on_event=events.append, progress=False)
+    assert [e.kind for e in events].count("step") == 2  # all 4 training images (× 1 repeat) / batch 2
+    lines = [json.loads(l) for l in (tmp_path / "ws" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["val_loss"] > 0 for l in lines if "val_loss" in l] == [True]
+
+
 def test_captions_that_reach_the_text_encoder_start_with_the_trigger_word(tiny_sd15_dir, tiny_dataset, tmp_path,
                                                                          captions_seen):
     cfg = make_config(tiny_sd15_dir, tiny_dataset, tmp_path / "ws", **{

@@ -12,6 +12,9 @@ Layout written (``<repeats>_<name>`` is the kohya convention)::
 
     <folder>/10_zorb/zorb_000.png + zorb_000.txt ...
     <folder>/truth.json           # every image's truth, for measuring
+
+The validation set (:func:`make_validation_dataset`) is more zorbs from another
+seed, in ``1_zorb/``: never trained on, they give the validation loss.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from lora_nb.toy import world
 
 CONCEPT_SEED = 2024
 REG_SEED = 4048
+VAL_SEED = 6072
 
 
 def concept_scene(index: int, seed: int = CONCEPT_SEED, size: tuple[int, int] = (64, 64),
@@ -105,6 +109,14 @@ def make_regularization_dataset(folder: str | Path, n: int = 20, repeats: int = 
     """Write the regularization set — plain circles, same colours and backgrounds — to ``folder/<repeats>_circle/``."""
     scenes = [concept_scene(i, seed, size, zorb=False) for i in range(n)]
     return write_dataset(folder, scenes, world.CONCEPT_CLASS, repeats, caption_style)
+
+
+def make_validation_dataset(folder: str | Path, n: int = 8, seed: int = VAL_SEED,
+                            size: tuple[int, int] = (64, 64), caption_style: str = "natural") -> Path:
+    """Write ``n`` zorbs drawn apart from the training set (another seed) to ``folder/1_zorb/``: images the
+    LoRA never trains on, for the validation loss (``dataset.validation_dir``)."""
+    scenes = [concept_scene(i, seed, size) for i in range(n)]
+    return write_dataset(folder, scenes, world.TRIGGER, 1, caption_style)
 
 
 def concept_images(n: int = 20, seed: int = CONCEPT_SEED, size: tuple[int, int] = (64, 64)) -> tuple[np.ndarray, list]:
