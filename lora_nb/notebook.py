@@ -38,26 +38,50 @@ class NotebookEnv:
         return p if p.is_absolute() else (self.repo / p)
 
 
-def use_text_progress_bars(min_interval: float = 5.0) -> None:
-    """Make ``tqdm.auto`` (used by lora_nb, diffusers, transformers) print text bars instead of widgets,
-    redrawn at most every ``min_interval`` seconds (an executed notebook keeps every redraw: a
-    1,200-step run at tqdm's default 0.1 s would leave thousands of lines in it).
+# Bars of loading steps that take well under a second and say nothing a learner can act on.
+SILENT_BARS = ("Loading pipeline components", "Loading weights", "Loading checkpoint shards", "Fetching")
+
+
+def summary_line(desc: str, n: int, total: int | None, elapsed: float) -> str | None:
+    """The one line a headless bar leaves when it closes — ``"Caching latents: 20/20 in 0.4 s"`` — or None for
+    a bar without a name (a sampler's steps) and for the loaders of :data:`SILENT_BARS`."""
+    desc = (desc or "").strip().rstrip(":")
+    if not desc or desc.startswith(SILENT_BARS):
+        return None
+    done = f"{n}/{total}" if total else f"{n}"
+    return f"{desc}: {done} in {elapsed:.1f} s"
+
+
+def use_summary_progress_bars(stream=None) -> None:
+    """Make ``tqdm.auto`` (used by lora_nb, diffusers, transformers) draw nothing while it runs and print one
+    :func:`summary_line` when a bar closes: an executed notebook keeps every redraw, so a headless run that
+    drew its bars would bury the lesson under them. ``stream`` defaults to ``sys.stdout`` at print time.
 
     Takes effect for modules imported afterwards: call it before importing them.
     """
+    import io
+
     import tqdm.auto
     import tqdm.std
 
-    class TextBar(tqdm.std.tqdm):
+    class SummaryBar(tqdm.std.tqdm):
         def __init__(self, *args, **kwargs):
-            kwargs.setdefault("mininterval", min_interval)
+            kwargs["file"], kwargs["mininterval"] = io.StringIO(), float("inf")
             super().__init__(*args, **kwargs)
 
-    def text_range(*args, **kwargs):
-        return TextBar(range(*args), **kwargs)
+        def close(self):
+            first = not self.disable and not getattr(self, "_summarised", False)
+            line = summary_line(self.desc, self.n, self.total, self.format_dict["elapsed"]) if first else None
+            self._summarised = True
+            super().close()
+            if line:
+                print(line, file=stream or sys.stdout, flush=True)
 
-    tqdm.auto.tqdm = TextBar
-    tqdm.auto.trange = text_range
+    def summary_range(*args, **kwargs):
+        return SummaryBar(range(*args), **kwargs)
+
+    tqdm.auto.tqdm = SummaryBar
+    tqdm.auto.trange = summary_range
 
 
 # Messages libraries print on import that say nothing about lora-nb's work: (logger, part of the message).
@@ -102,12 +126,12 @@ def setup_notebook(workspace: str, seed: int = 42, use_drive: bool = False, inte
 
     On Colab with ``use_drive`` the workspace lives on Google Drive, so a
     disconnect loses nothing and training resumes from the last save. A headless
-    run (``interactive=False``) uses text progress bars, so executed notebooks
-    carry no widget state.
+    run (``interactive=False``) prints one line per long operation instead of
+    progress bars, so executed notebooks carry no widget state and no redraws.
     """
     quiet_known_noise()
     if not interactive:
-        use_text_progress_bars()
+        use_summary_progress_bars()
     import numpy as np
     import torch
 
