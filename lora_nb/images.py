@@ -85,6 +85,7 @@ class ImportReport:
     dest_dir: str
     imported: list[ImportedImage] = field(default_factory=list)
     skipped: list[SkippedFile] = field(default_factory=list)
+    captions: list[str] = field(default_factory=list)  # caption files written next to their imported image
 
     @property
     def paths(self) -> list[Path]:
@@ -107,7 +108,8 @@ class ImportReport:
 
     def summary(self) -> str:
         """A few lines for the notebook: counts, then each skipped file and its reason."""
-        lines = [f"Imported {len(self.imported)} image(s) from {self.source} into {self.dest_dir}; "
+        captions = f" with {len(self.captions)} caption file(s)" if self.captions else ""
+        lines = [f"Imported {len(self.imported)} image(s){captions} from {self.source} into {self.dest_dir}; "
                  f"skipped {len(self.skipped)} file(s)."]
         converted = [i for i in self.imported if i.converted]
         if converted:
@@ -310,15 +312,10 @@ def _iter_folder(folder: Path):
     """Yield ``(relative name, bytes or None, skip reason or None)`` for each file in a folder."""
     for root, dirs, files in os.walk(folder, followlinks=False):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        image_stems = {os.path.splitext(f)[0] for f in files if f.lower().endswith(IMAGE_EXTENSIONS)}
         for f in sorted(files):
             p = Path(root) / f
             rel = p.relative_to(folder).as_posix()
             if f.startswith("."):
-                continue
-            stem, ext = os.path.splitext(f)
-            if ext.lower() in CAPTION_EXTENSIONS and stem in image_stems:
-                yield rel, None, "not an image: the caption file of an image (notebook 03 writes the captions)"
                 continue
             if p.is_symlink():
                 yield rel, None, "symbolic link (not followed, for safety): copy the real file into the folder"
@@ -472,9 +469,13 @@ def import_images(src: str | Path, dest_dir: str | Path, background: tuple[int, 
     report = ImportReport(source=str(src), dest_dir=str(dest))
     taken: set[str] = set()
     seen_hashes: dict[str, str] = {}
+    captions: dict[str, tuple[str, bytes]] = {}  # source name without extension → (source name, text)
     for name, data, reason in tqdm(entries, total=total, desc="importing", unit="file", disable=not progress):
         if reason is not None:
             report.skipped.append(SkippedFile(name, reason))
+            continue
+        if os.path.splitext(name)[1].lower() in CAPTION_EXTENSIONS:
+            captions[os.path.splitext(name)[0]] = (name, data)
             continue
         try:
             rgb, fmt, notes = _decode_for_import(data, name, background, max_pixels, min_side)
@@ -505,7 +506,31 @@ def import_images(src: str | Path, dest_dir: str | Path, background: tuple[int, 
         if not already_there:  # importing the same files again is a no-op
             _atomic_write_bytes(target, data)
         report.imported.append(ImportedImage(name, str(target), rgb.width, rgb.height, not copy_as_is, notes))
+    _import_captions(report, captions)
     return report
+
+
+def _import_captions(report: ImportReport, captions: dict[str, tuple[str, bytes]]) -> None:
+    """Write each caption file next to the image it belongs to (same stem), under that image's new name; a caption
+    already in the workspace is kept (it may hold your edits); a caption without an image is listed as skipped."""
+    used = set()
+    for img in report.imported:
+        key = os.path.splitext(img.original)[0]
+        if key not in captions:
+            continue
+        used.add(key)
+        name, data = captions[key]
+        target = Path(img.path).with_suffix(os.path.splitext(name)[1].lower())
+        if target.exists() and target.read_bytes() != data:
+            report.skipped.append(SkippedFile(name, f"caption kept: {target.name} already in the workspace differs "
+                                                    "(your edits are not overwritten)"))
+            continue
+        if not target.exists():
+            _atomic_write_bytes(target, data)
+        report.captions.append(str(target))
+    for key, (name, _) in sorted(captions.items()):
+        if key not in used:
+            report.skipped.append(SkippedFile(name, "not an image: a caption file with no imported image of the same name"))
 
 
 # --------------------------------------------------------------------------- audit

@@ -60,7 +60,7 @@ BAD = {  # name -> a word the reason must contain
     "corrupt.jpg": "not an image",
     "truncated.jpg": "truncated",
     "tiny.png": "too small",
-    "notes.txt": "not an image",
+    "notes.txt": "not an image: a caption file",
     "z good copy.jpg": "duplicate",
     "bomb.png": "too large",
     "empty.png": "not an image",
@@ -100,6 +100,8 @@ def awkward_folder(tmp_path_factory) -> Path:
     (src / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
     Image.new("RGB", (20, 20), (10, 200, 30)).save(src / "tiny.png")
     (src / "notes.txt").write_text("my captions go here\n", encoding="utf-8")
+    (src / "good.txt").write_text("astronaut, white suit\n", encoding="utf-8")  # captions travel with their image
+    (src / "sub" / "nested.txt").write_text("horse\n", encoding="utf-8")
     (src / "z good copy.jpg").write_bytes((src / "good.jpg").read_bytes())
     (src / "bomb.png").write_bytes(_huge_png_header(100_000, 100_000))
     (src / "empty.png").write_bytes(b"")
@@ -135,6 +137,19 @@ def test_import_reports_every_bad_file_by_name_and_reason(imported):
     assert "good.jpg" in skipped["z good copy.jpg"]
     assert "bomb.png" in report.summary()
     json.dumps(report.to_dict())
+
+
+def test_captions_are_imported_next_to_their_image_and_edits_are_kept(imported, awkward_folder, tmp_path):
+    _, report, dest = imported
+    assert sorted(Path(c).name for c in report.captions) == ["good.txt", "nested.txt"]
+    assert (dest / "good.txt").read_text(encoding="utf-8") == "astronaut, white suit\n"
+    assert "with 2 caption file(s)" in report.summary() and "good.txt" not in report.skipped_names()
+    again = tmp_path / "again"
+    im.import_images(awkward_folder, again, progress=False)
+    (again / "good.txt").write_text("my edited caption", encoding="utf-8")
+    second = im.import_images(awkward_folder, again, progress=False)
+    assert (again / "good.txt").read_text(encoding="utf-8") == "my edited caption"
+    assert "your edits are not overwritten" in second.skipped_names()["good.txt"]
 
 
 def test_originals_are_byte_identical_after_import(awkward_folder, imported):
