@@ -1,4 +1,4 @@
-"""The ``lora-nb`` command line: train, inspect, config, course, diagnose.
+"""The ``lora-nb`` command line: train, inspect, config, course, diagnose, experiments.
 
 Errors a learner can fix are printed as one clear message (exit status 2),
 never as a traceback. Each command imports the modules it runs inside its own
@@ -91,6 +91,20 @@ def cmd_diagnose(args) -> int:
     return 0
 
 
+def cmd_experiments(args) -> int:
+    import shlex
+    import time as _time
+
+    from lora_nb.remedies import format_table, run_table, write_table
+
+    table = run_table(args.out, seeds=args.seeds, only=args.only, steps=args.steps)
+    command = "lora-nb experiments" + "".join(f" {shlex.quote(a)}" for a in args.argv)
+    js, md = write_table(table, args.report or args.out, command, _time.strftime("%Y-%m-%d"))
+    print(format_table(table, command))
+    print(f"wrote {js} and {md}")
+    return 0
+
+
 def _parse_param(pair: list[str]) -> tuple[str, object]:
     import yaml
 
@@ -133,6 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--only", nargs="*", help="run only these notebooks (e.g. 01 04)")
     r.set_defaults(func=cmd_course)
 
+    e = sub.add_parser("experiments", help="the remedies table: every remedy and folk claim trained and measured "
+                                           "on the toy world over several seeds (resumable)")
+    e.add_argument("--seeds", type=int, default=3, help="training seeds per run (3 or more to tell effects from noise)")
+    e.add_argument("--only", nargs="+", metavar="NAME", help="these runs only (their baselines come along)")
+    e.add_argument("--out", default="runs/experiments", help="folder of the runs (kept; a rerun resumes)")
+    e.add_argument("--report", default="", help="folder for remedies.json / remedies.md (default: --out)")
+    e.add_argument("--steps", type=int, default=20, help="denoising steps of each measured image")
+    e.set_defaults(func=cmd_experiments)
+
     d = sub.add_parser("diagnose", help="over/underfitting diagnosis of a trained workspace")
     d.add_argument("workspace")
     d.add_argument("--json", action="store_true")
@@ -150,6 +173,7 @@ def _raise_terminated(signum, frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[2:] if argv is None else argv[1:])
     from lora_nb.notebook import quiet_known_noise  # each command imports only what it runs (start-up time)
 
     quiet_known_noise()

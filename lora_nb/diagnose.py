@@ -122,6 +122,9 @@ def lora_files(lora_dir: Path, output_name: str) -> list[Path]:
     return files + ([final] if final.exists() else [])
 
 
+EXAMPLES = 6  # generations kept per measured file (first seed), to show what the numbers describe
+
+
 def toy_image_evidence(pipe, training_images: list[np.ndarray], seeds: list[int], steps: int = 20,
                        strength: float = 1.0, prompts: int = 12) -> dict:
     """Fidelity, generalisation, memorization, leakage of what ``pipe`` draws now (toy judge).
@@ -151,7 +154,7 @@ def toy_image_evidence(pipe, training_images: list[np.ndarray], seeds: list[int]
         "leakage": off["zorb"],
         "n_images": on["n"] + off["n"],
         "approximate": False,
-        "examples": [r["image"] for r in on["records"][: min(6, len(on["records"]))]],
+        "examples": [(r["prompt"], r["image"]) for r in on["records"] if r["seed"] == seeds[0]][:EXAMPLES],
     }
 
 
@@ -178,7 +181,7 @@ def generic_image_evidence(pipe, training_images: list[np.ndarray], prompts: lis
         "leakage": float(np.clip(np.mean(sim_off), 0, 1)) if trigger else None,
         "n_images": len(on) + len(off),
         "approximate": True,
-        "examples": on[:6],
+        "examples": list(zip(prompts * len(seeds), on))[:EXAMPLES],
     }
 
 

@@ -451,20 +451,8 @@ def import_images(src: str | Path, dest_dir: str | Path, background: tuple[int, 
     """
     from tqdm.auto import tqdm
 
-    src = Path(src).expanduser()
-    dest = Path(dest_dir).expanduser()
-    if not src.exists():
-        raise LoraNbError(f"{src} does not exist: pass a folder of images or a .zip file.")
-    if src.is_dir():
-        if dest.resolve() == src.resolve() or src.resolve() in dest.resolve().parents:
-            raise LoraNbError(f"dest_dir {dest} is inside the source folder {src}: choose a folder outside it.")
-        entries = _iter_folder(src)
-        total = sum(len(files) for _, _, files in os.walk(src, followlinks=False))
-    elif src.suffix.lower() == ".zip" or zipfile.is_zipfile(src):
-        entries = _iter_zip(src, max_zip_files, max_zip_bytes, max_zip_ratio)
-        total = None
-    else:
-        raise LoraNbError(f"{src} is neither a folder nor a .zip file: pass the folder that holds your images.")
+    src, dest = Path(src).expanduser(), Path(dest_dir).expanduser()
+    entries, total = _entries_of(src, dest, max_zip_files, max_zip_bytes, max_zip_ratio)
     dest.mkdir(parents=True, exist_ok=True)
     report = ImportReport(source=str(src), dest_dir=str(dest))
     taken: set[str] = set()
@@ -508,6 +496,19 @@ def import_images(src: str | Path, dest_dir: str | Path, background: tuple[int, 
         report.imported.append(ImportedImage(name, str(target), rgb.width, rgb.height, not copy_as_is, notes))
     _import_captions(report, captions)
     return report
+
+
+def _entries_of(src: Path, dest: Path, max_zip_files: int, max_zip_bytes: int, max_zip_ratio: int):
+    """``(entries, count or None)`` of a folder or zip to import; refuses a missing source or a destination inside it."""
+    if not src.exists():
+        raise LoraNbError(f"{src} does not exist: pass a folder of images or a .zip file.")
+    if src.is_dir():
+        if dest.resolve() == src.resolve() or src.resolve() in dest.resolve().parents:
+            raise LoraNbError(f"dest_dir {dest} is inside the source folder {src}: choose a folder outside it.")
+        return _iter_folder(src), sum(len(files) for _, _, files in os.walk(src, followlinks=False))
+    if src.suffix.lower() == ".zip" or zipfile.is_zipfile(src):
+        return _iter_zip(src, max_zip_files, max_zip_bytes, max_zip_ratio), None
+    raise LoraNbError(f"{src} is neither a folder nor a .zip file: pass the folder that holds your images.")
 
 
 def _import_captions(report: ImportReport, captions: dict[str, tuple[str, bytes]]) -> None:

@@ -277,14 +277,17 @@ def strength_sweep(pipe, lora_path: str | Path, prompt: SamplePrompt, strengths:
 
 
 def make_grid(images: list, rows: int, cols: int, row_labels: list[str] | None = None,
-              col_labels: list[str] | None = None, background: str = "white"):
+              col_labels: list[str] | None = None, background: str = "white",
+              cell_labels: list[str] | None = None):
     """Paste ``images`` (row by row) into a ``rows`` x ``cols`` grid, with optional labels
-    left of the rows and above the columns. Cells are the size of the largest image."""
+    left of the rows, above the columns and under each image (``cell_labels``, one per image; a
+    label may hold several lines). Cells are the size of the largest image."""
     from PIL import Image, ImageDraw, ImageFont
 
     if rows < 1 or cols < 1 or len(images) > rows * cols:
         raise LoraNbError(f"make_grid: {len(images)} images do not fit {rows} rows x {cols} columns.")
-    for labels, n, what in ((row_labels, rows, "row_labels"), (col_labels, cols, "col_labels")):
+    for labels, n, what in ((row_labels, rows, "row_labels"), (col_labels, cols, "col_labels"),
+                            (cell_labels, len(images), "cell_labels")):
         if labels is not None and len(labels) != n:
             raise LoraNbError(f"make_grid: {what} has {len(labels)} entries for {n} {what.split('_')[0]}s.")
     cell_w = max((im.width for im in images), default=64)
@@ -298,20 +301,31 @@ def make_grid(images: list, rows: int, cols: int, row_labels: list[str] | None =
 
     left = max((text_size(s)[0] for s in row_labels), default=0) + 8 if row_labels else 0
     top = max((text_size(s)[1] for s in col_labels), default=0) + 8 if col_labels else 0
-    grid = Image.new("RGB", (left + cols * cell_w, top + rows * cell_h), background)
+    line_h = text_size("Ag")[1] + 4
+    under = (max(s.count("\n") + 1 for s in cell_labels) * line_h + 6) if cell_labels else 0
+    cell_w = max([cell_w] + [text_size(line)[0] + 8 for s in cell_labels or [] for line in s.split("\n")])
+    pitch = cell_h + under
+    grid = Image.new("RGB", (left + cols * cell_w, top + rows * pitch), background)
     draw = ImageDraw.Draw(grid)
     for i, im in enumerate(images):
         r, c = divmod(i, cols)
-        grid.paste(im.convert("RGB"), (left + c * cell_w, top + r * cell_h))
+        grid.paste(im.convert("RGB"), (left + c * cell_w + (cell_w - im.width) // 2, top + r * pitch))
+        for k, line in enumerate((cell_labels[i] if cell_labels else "").split("\n")):
+            if line:
+                draw.text((left + c * cell_w + 4, top + r * pitch + cell_h + 3 + k * line_h), line, fill="black",
+                          font=font)
     for r, s in enumerate(row_labels or []):
-        draw.text((4, top + r * cell_h + (cell_h - text_size(s)[1]) // 2), s, fill="black", font=font)
+        draw.text((4, top + r * pitch + (cell_h - text_size(s)[1]) // 2), s, fill="black", font=font)
     for c, s in enumerate(col_labels or []):
         draw.text((left + c * cell_w + (cell_w - text_size(s)[0]) // 2, 4), s, fill="black", font=font)
     return grid
 
 
-def sample_grid_from_folder(samples_dir: str | Path, scale: int = 1):
-    """The epoch × prompt grid of the previews written during training (``e0002-p01.png`` …).
+def sample_grid_from_folder(samples_dir: str | Path, scale: int = 1, prompts: list[str] | None = None,
+                            label=None, epochs: list[int] | None = None):
+    """The epoch × prompt grid of the previews written during training (``e0002-p01.png`` …), each enlarged
+    ``scale`` times (nearest neighbour); only ``epochs`` when given. With ``prompts`` (the sample prompt lines)
+    and ``label(prompt text, image)``, a verdict is written under each preview.
 
     Returns ``(grid image, epochs, prompt indices)``; ``None`` when there are no previews.
     """
@@ -324,13 +338,39 @@ def sample_grid_from_folder(samples_dir: str | Path, scale: int = 1):
             found[(int(m.group(1)), int(m.group(2)))] = p
     if not found:
         return None
-    epochs = sorted({e for e, _ in found})
-    prompts = sorted({i for _, i in found})
-    images = []
-    for e in epochs:
-        for i in prompts:
+    shown = sorted({e for e, _ in found if epochs is None or e in epochs})
+    if not shown:
+        return None
+    columns = sorted({i for _, i in found})
+    images, labels = [], []
+    for e in shown:
+        for i in columns:
             img = Image.open(found[(e, i)]).convert("RGB") if (e, i) in found else Image.new("RGB", (64, 64))
+            if label and prompts and i < len(prompts):
+                labels.append(label(re.split(r"\s--", prompts[i])[0], img))
             images.append(img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img)
-    grid = make_grid(images, len(epochs), len(prompts), row_labels=[f"epoch {e}" for e in epochs],
-                     col_labels=[f"prompt {i + 1}" for i in prompts])
-    return grid, epochs, prompts
+    grid = make_grid(images, len(shown), len(columns), row_labels=[f"epoch {e}" for e in shown],
+                     col_labels=[f"prompt {i + 1}" for i in columns],
+                     cell_labels=labels if labels and len(labels) == len(images) else None)
+    return grid, shown, columns
+
+
+def labelled_rows(rows: dict[str, list], label=None, cell: int = 192):
+    """A grid with one row per entry of ``rows`` (``{row label: [(prompt text, image), …]}``), the images enlarged
+    by a whole factor (nearest neighbour) to about ``cell`` pixels; ``label(prompt text, image)``, when given,
+    writes a verdict under each image (the toy judge's: :func:`lora_nb.toy.quality.judge_label`)."""
+    from PIL import Image
+
+    if not rows or not any(rows.values()):
+        raise LoraNbError("labelled_rows: no images to show.")
+    cols = max(len(v) for v in rows.values())
+    images, labels = [], []
+    for examples in rows.values():
+        for i in range(cols):
+            prompt, img = examples[i] if i < len(examples) else ("", None)
+            img = Image.fromarray(img) if img is not None and not hasattr(img, "convert") else img
+            img = img.convert("RGB") if img is not None else Image.new("RGB", (64, 64), "white")
+            scale = max(1, cell // max(img.size))
+            labels.append(label(prompt, img) if label and prompt else "")
+            images.append(img.resize((img.width * scale, img.height * scale), Image.NEAREST))
+    return make_grid(images, len(rows), cols, row_labels=list(rows), cell_labels=labels if label else None)

@@ -40,15 +40,19 @@ def strength_prompt(cfg, text: str = "", **overrides):
     return replace(prompt, **overrides)
 
 
-def strength_grid(pipe, files: list[str | Path], prompt, levels: list[float], cell: int = 256):
+def strength_grid(pipe, files: list[str | Path], prompt, levels: list[float], cell: int = 256, label=None):
     """One row per LoRA file, one column per strength, the same prompt and seed everywhere; each image
-    enlarged by a whole factor to about ``cell`` pixels. The pipeline is left as it was."""
+    enlarged by a whole factor (nearest neighbour) to about ``cell`` pixels. ``label(prompt text, image)``, when
+    given, writes a verdict under each image (the toy judge's: :func:`lora_nb.toy.quality.judge_label`). The
+    pipeline is left as it was."""
     files = [Path(f) for f in files]
     if not files:
         raise LoraNbError("strength_grid: no LoRA files to compare (train first: notebook 05).")
     scale = max(1, cell // max(prompt.width, prompt.height))
-    images = []
-    for f in files:
-        images += [im.resize((im.width * scale, im.height * scale)) for im in strength_sweep(pipe, f, prompt, levels)]
+    from PIL import Image
+
+    raw = [im for f in files for im in strength_sweep(pipe, f, prompt, levels)]
+    images = [im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in raw]
     return make_grid(images, len(files), len(levels), row_labels=[f.stem for f in files],
-                     col_labels=[f"strength {s:g}" for s in levels])
+                     col_labels=[f"strength {s:g}" for s in levels],
+                     cell_labels=[label(prompt.prompt, im) for im in raw] if label else None)

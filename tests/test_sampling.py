@@ -145,6 +145,20 @@ def test_make_grid_places_images_and_leaves_room_for_labels():
         s.make_grid(images, 2, 3, row_labels=["x"])
 
 
+def test_make_grid_writes_a_label_under_each_image():
+    from PIL import Image
+
+    images = [Image.new("RGB", (32, 24), c) for c in ("red", "green")]
+    plain = s.make_grid(images, 1, 2)
+    labelled = s.make_grid(images, 1, 2, cell_labels=["zorb: yes\nred ok", "zorb: no\ngreen ok"])
+    assert labelled.height > plain.height + 20  # two lines of text under the images
+    strip = np.asarray(labelled)[26:, :, :]
+    assert (strip < 100).all(axis=2).any()  # dark text drawn on the white strip
+    assert labelled.getpixel((labelled.width // 4, 5)) == (255, 0, 0)  # the image still on top, centred
+    with pytest.raises(LoraNbError, match="cell_labels has 1 entries for 2"):
+        s.make_grid(images, 1, 2, cell_labels=["x"])
+
+
 def test_strength_sweep_goes_from_base_model_to_full_lora(pipe, tiny_sd15_dir, tmp_path):
     """Strength 0 reproduces the base model, 1 the LoRA, 0.5 lies between; the pipeline is left without the LoRA."""
     from lora_nb import lora_io

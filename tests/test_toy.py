@@ -126,6 +126,17 @@ def test_parse_prompt():
     assert quality.parse_prompt("blue square, gray background")["background"] == "gray"
 
 
+def test_judge_label_says_what_the_judge_read_against_the_prompt():
+    from PIL import Image
+
+    zorb = world.sample_scene(3, 0, shape="circle", colour="red", background="skyblue", zorb=True)
+    image = Image.fromarray(world.render_scene(zorb))
+    assert quality.judge_label("a red zorb circle on a skyblue background", image) == "zorb: yes\nred ok / skyblue ok"
+    plain = world.sample_scene(3, 1, shape="circle", colour="green", background="beige")
+    label = quality.judge_label("a red zorb circle on a skyblue background", world.render_scene(plain))
+    assert label == "zorb: no\ngreen, not red / beige, not skyblue"
+
+
 def test_measure_generations_on_a_tiny_pipeline(tiny_sd15_dir):
     from lora_nb.models import load_base_model
 

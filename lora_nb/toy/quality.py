@@ -102,3 +102,34 @@ def measure_generations(pipe, prompts: list[str], seeds: list[int],
     result["zorb"] = sum(bool(r["got"]["zorb"]) for r in records) / len(records)
     result["records"] = records
     return result
+
+
+def judgement_label(want: dict, got: dict) -> str:
+    """The judge's reading of one image, as the lines printed under it in a grid: whether it is a zorb, then
+    the colour and background it shows, each marked ``ok`` or with what the prompt asked::
+
+        zorb: yes
+        red ok · skyblue ok
+    """
+    lines = [f"zorb: {'yes' if got.get('zorb') else 'no'}"]
+    parts = []
+    for key in ("colour", "background"):
+        seen = got.get(key) or "?"
+        if want.get(key) is None:
+            parts.append(seen)
+        else:
+            parts.append(f"{seen} ok" if seen == want[key] else f"{seen}, not {want[key]}")
+    lines.append(" / ".join(parts))
+    return "\n".join(lines)
+
+
+def judge_prompt_image(prompt: str, image) -> dict:
+    """``{"want", "got", "label"}`` for one generated image of ``prompt`` (a PIL image or uint8 array)."""
+    want = parse_prompt(prompt)
+    got = judge_mod.judge_image(np.asarray(image.convert("RGB") if hasattr(image, "convert") else image))
+    return {"want": want, "got": got, "label": judgement_label(want, got)}
+
+
+def judge_label(prompt: str, image) -> str:
+    """The label a grid prints under a generated toy image: :func:`judgement_label` of what the judge read."""
+    return judge_prompt_image(prompt, image)["label"]

@@ -1,0 +1,269 @@
+"""The remedies table: every remedy the course names, measured on the toy world over several training seeds.
+
+Each remedy is one change to a baseline that is in the regime it addresses — the overfit remedies start from a
+deliberately overfit run, the underfit remedies from a deliberately underfit one, the folk claims from the
+course's own run — and every run is trained with ``training.seed`` = 0, 1, 2, … and measured by the toy judge on
+its final file. A remedy "worked" only when the difference between the means exceeds the spread between seeds
+(the range, max − min, of either run); otherwise the table says "no difference this experiment can resolve".
+
+``lora-nb experiments [--seeds N] [--only NAME …]`` trains what is missing (each run's files kept under
+``<out>/<run>/seed-<n>/``, so an interrupted table resumes) and writes ``remedies.json`` and ``remedies.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lora_nb import LoraNbError
+from lora_nb.config import Config, preset
+from lora_nb.fsutil import write_text_atomic
+
+MEASURES = ("fidelity", "generalisation", "memorization", "leakage")
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str
+    regime: str  # "overfit", "underfit" or "folk": which baseline it changes (or "baseline")
+    what: str  # one line: what differs from its baseline
+    overrides: dict = field(default_factory=dict)  # on top of the baseline's
+    goal: str = ""  # the measure that says whether it worked, and its direction: "+fidelity", "-memorization"
+
+
+def _lr(cfg: Config, factor: float) -> dict:
+    return {"optimizer.learning_rate": cfg.optimizer.learning_rate * factor,
+            "optimizer.text_encoder_lr": cfg.optimizer.text_encoder_lr * factor}
+
+
+def baselines(course: Config, few_dir: str) -> dict[str, dict]:
+    """The three baselines' overrides of the course's toy preset: the course itself, an overfit run (3 images,
+    no class images, 3× the LR, 1,500 steps) and an underfit one (a tenth of the LR, 300 steps)."""
+    return {
+        "folk": {},
+        "overfit": {"dataset.dir": few_dir, "dataset.repeats": 10, "dataset.reg_dir": "", "training.batch_size": 3,
+                    "training.epochs": 150, **_lr(course, 3.0)},
+        "underfit": {"training.epochs": 6, **_lr(course, 0.1)},
+    }
+
+
+def remedy_runs(course: Config, few_dir: str, varied_dir: str) -> list[Run]:
+    """Every run of the table (baselines first), each differing from its baseline in the one respect named."""
+    b = baselines(course, few_dir)
+    over, under = b["overfit"], b["underfit"]
+    r, a = course.network.rank, course.network.alpha
+    runs = [
+        Run("course", "baseline", "the course's toy preset (notebook 05's run)", {}),
+        Run("overfit", "baseline", "3 images × 10 repeats, no class images, 3× the LR, 150 epochs", over),
+        Run("underfit", "baseline", "a tenth of the LR, 6 epochs", under),
+        # overfit remedies: each must bring prompt adherence back (and copying down)
+        Run("overfit-lower-lr", "overfit", "a third of the learning rate", {**over, **_lr(course, 1.0)},
+            "+generalisation"),
+        Run("overfit-fewer-epochs", "overfit", "a fifth of the epochs (30)", {**over, "training.epochs": 30},
+            "+generalisation"),
+        Run("overfit-fewer-repeats", "overfit", "2 repeats instead of 10 (a fifth of the steps)",
+            {**over, "dataset.repeats": 2}, "+generalisation"),
+        Run("overfit-lower-rank", "overfit", f"rank {max(1, r // 4)}, alpha {a / 4:g} (a quarter of the capacity)",
+            {**over, "network.rank": max(1, r // 4), "network.alpha": a / 4}, "+generalisation"),
+        Run("overfit-higher-alpha", "overfit", f"alpha {a * 4:g} at rank {r} (folk: 'raise alpha against "
+            "overfitting')", {**over, "network.alpha": a * 4}, "+generalisation"),
+        Run("overfit-reg-images", "overfit", "with the 20 class images (prior loss weight 0.3)",
+            {**over, "dataset.reg_dir": course.dataset.reg_dir or "data/toy-reg", "dataset.prior_loss_weight": 0.3},
+            "+generalisation"),
+        Run("overfit-varied-data", "overfit", "60 varied images instead of 3, 1 repeat, 75 epochs (the same steps)",
+            {**over, "dataset.dir": varied_dir, "dataset.repeats": 1, "training.epochs": 75}, "+generalisation"),
+        # underfit remedies: each must bring the subject in (fidelity up)
+        Run("underfit-higher-lr", "underfit", f"10× the LR (back to {course.optimizer.learning_rate:g})",
+            {**under, **_lr(course, 1.0)}, "+fidelity"),
+        Run("underfit-more-epochs", "underfit", "4× the epochs (24)", {**under, "training.epochs": 24}, "+fidelity"),
+        Run("underfit-more-repeats", "underfit", "4× the repeats (40)", {**under, "dataset.repeats": 40}, "+fidelity"),
+        Run("underfit-higher-rank", "underfit", f"rank {r * 4}, alpha {a:g} (4× the capacity, relatively lower "
+            "alpha)", {**under, "network.rank": r * 4}, "+fidelity"),
+        Run("underfit-lower-alpha", "underfit", f"alpha {a / 4:g} at rank {r} (a quarter of the scale)",
+            {**under, "network.alpha": a / 4}, "+fidelity"),
+        Run("underfit-weaker-reg", "underfit", f"prior loss weight 0.1 instead of {course.dataset.prior_loss_weight:g}",
+            {**under, "dataset.prior_loss_weight": 0.1}, "+fidelity"),
+        Run("underfit-more-data", "underfit", "60 varied images instead of 20, 2 epochs (the same steps)",
+            {**under, "dataset.dir": varied_dir, "training.epochs": 2}, "+fidelity"),
+        # folk claims, against the course's run
+        Run("folk-alpha-x4", "folk", f"alpha {a * 4:g} (4× alpha: 'raise alpha, learn less')",
+            {"network.alpha": a * 4}, "-fidelity"),
+        Run("folk-lr-x4", "folk", "4× the learning rate (what 4× alpha should resemble)", _lr(course, 4.0),
+            "-fidelity"),
+        Run("folk-repeats-vs-epochs", "folk", "5 repeats × 48 epochs instead of 10 × 24 (same steps)",
+            {"dataset.repeats": 5, "training.epochs": 48}, "-fidelity"),
+        Run("folk-no-reg", "folk", "no class images ('regularization keeps it general')", {"dataset.reg_dir": ""},
+            "+leakage"),
+    ]
+    return runs
+
+
+# --------------------------------------------------------------------------- running
+
+def data_dirs(out: Path) -> tuple[Path, Path]:
+    """Where the table's two extra datasets live: 3 zorbs (the overfit baseline) and 60 (the "more data" runs)."""
+    return out / "data" / "zorb-3", out / "data" / "zorb-60"
+
+
+def prepare_data(out: Path) -> None:
+    """Write the datasets of :func:`data_dirs` once (drawn by the toy world, like the bundled ones)."""
+    from lora_nb.toy import concept
+
+    few, varied = data_dirs(out)
+    if not (few / "truth.json").exists():
+        concept.make_concept_dataset(few, n=3, repeats=10)
+    if not (varied / "truth.json").exists():
+        concept.make_concept_dataset(varied, n=60, repeats=10)
+
+
+def run_config(course: Config, run: Run, seed: int, folder: Path) -> Config:
+    """The config of one run and training seed: the course's, the run's overrides, no previews, one final file."""
+    return course.with_overrides({**run.overrides, "training.seed": seed, "save.output_dir": str(folder),
+                                  "sample.every_n_epochs": 0, "save.every_n_epochs": 0, "save.save_state": False})
+
+
+def measure_run(cfg: Config, folder: Path, sample_seeds: list[int], steps: int) -> dict:
+    """Train (unless its final file exists) and measure one run; ``measures.json`` is written last (atomic), so a
+    run without it is redone."""
+    from lora_nb.diagnose import diagnose_run
+    from lora_nb.train import train
+    from lora_nb.workspace import Workspace
+
+    done = folder / "measures.json"
+    if done.exists():
+        return json.loads(done.read_text(encoding="utf-8"))
+    start = time.time()
+    if not Workspace(folder).lora_file(cfg.save.output_name).exists():
+        train(cfg, progress=False, resume=False)
+    seconds = time.time() - start
+    d = diagnose_run(folder, seeds=sample_seeds, steps=steps, write=True, progress=False, only_final=True)
+    e = d["epochs"][-1]
+    result = {**{k: e["images"].get(k) for k in MEASURES}, "verdict": e["verdict"], "train_seconds": round(seconds),
+              "n_images": e["images"]["n_images"], "steps": _steps_of(folder)}
+    write_text_atomic(done, json.dumps(result, indent=1))
+    return result
+
+
+def _steps_of(folder: Path) -> int | None:
+    metrics = folder / "metrics.jsonl"
+    if not metrics.exists():
+        return None
+    steps = [json.loads(line).get("step", 0) for line in metrics.read_text(encoding="utf-8").splitlines() if line]
+    return max(steps, default=None)
+
+
+def select_runs(runs: list[Run], only: list[str] | None) -> list[Run]:
+    """``only`` runs (with the baselines they are compared with); every run when ``only`` is empty."""
+    if not only:
+        return runs
+    names = {r.name for r in runs}
+    unknown = [n for n in only if n not in names]
+    if unknown:
+        raise LoraNbError(f"--only {' '.join(unknown)}: no such run. Runs: {', '.join(sorted(names))}.")
+    base_of = {"overfit": "overfit", "underfit": "underfit", "folk": "course"}
+    keep = set(only) | {base_of[r.regime] for r in runs if r.name in only and r.regime in base_of}
+    return [r for r in runs if r.name in keep]
+
+
+def run_table(out: str | Path, seeds: int = 3, only: list[str] | None = None, sample_seeds: list[int] | None = None,
+              steps: int = 20, course: Config | None = None, log=print) -> dict:
+    """Train and measure every selected run at training seeds 0 … ``seeds``−1 (resuming what exists), and return
+    the table: ``{"runs": {name: {"seeds": {seed: measures}, "mean": …, "spread": …}}, "rows": [...]}``."""
+    if seeds < 1:
+        raise LoraNbError(f"--seeds {seeds}: use at least 1 (3 or more to tell a remedy from noise).")
+    out = Path(out)
+    course = course or preset("toy")
+    few, varied = data_dirs(out)
+    runs = select_runs(remedy_runs(course, str(few), str(varied)), only)
+    prepare_data(out)
+    table: dict = {"runs": {}, "seeds": list(range(seeds)), "sample_seeds": sample_seeds or [0, 1], "steps": steps}
+    for run in runs:
+        per_seed = {}
+        for seed in range(seeds):
+            folder = out / run.name / f"seed-{seed}"
+            t = time.time()
+            per_seed[seed] = measure_run(run_config(course, run, seed, folder), folder, table["sample_seeds"], steps)
+            m = per_seed[seed]
+            log(f"{run.name} seed {seed}: fidelity {m['fidelity']:.2f}, generalisation {m['generalisation']:.2f}, "
+                f"memorization {m['memorization']:.2f}, leakage {m['leakage']:.2f} ({time.time() - t:.0f} s)")
+        table["runs"][run.name] = {"regime": run.regime, "what": run.what, "goal": run.goal,
+                                   "seeds": per_seed, **summarise(per_seed)}
+    table["rows"] = conclude(table["runs"])
+    return table
+
+
+def summarise(per_seed: dict) -> dict:
+    """Mean and spread (max − min over seeds) of each measure."""
+    mean, spread = {}, {}
+    for k in MEASURES:
+        values = [m[k] for m in per_seed.values() if m.get(k) is not None]
+        mean[k] = statistics.fmean(values) if values else None
+        spread[k] = (max(values) - min(values)) if len(values) > 1 else None
+    return {"mean": mean, "spread": spread, "n": len(per_seed)}
+
+
+def conclude(runs: dict) -> list[dict]:
+    """One row per remedy: the goal measure's baseline and remedy means, their spreads, and the conclusion."""
+    base_of = {"overfit": "overfit", "underfit": "underfit", "folk": "course"}
+    rows = []
+    for name, r in runs.items():
+        if r["regime"] not in base_of or base_of[r["regime"]] not in runs:
+            continue
+        base = runs[base_of[r["regime"]]]
+        sign, measure = (1 if r["goal"][0] == "+" else -1), r["goal"][1:]
+        b, v = base["mean"][measure], r["mean"][measure]
+        spreads = [s for s in (base["spread"][measure], r["spread"][measure]) if s is not None]
+        spread = max(spreads) if spreads else None
+        diff = v - b
+        if spread is None or min(base["n"], r["n"]) < 2:
+            verdict = "one seed: no spread to compare with (run with --seeds 3)"
+        elif abs(diff) <= spread:
+            verdict = "no difference this experiment can resolve"
+        elif diff * sign > 0:
+            verdict = "worked" if r["regime"] != "folk" else "the claim held"
+        else:
+            verdict = "made it worse" if r["regime"] != "folk" else "the opposite of the claim"
+        rows.append({"run": name, "regime": r["regime"], "what": r["what"], "measure": measure,
+                     "baseline": base_of[r["regime"]], "baseline_mean": b, "mean": v, "difference": diff,
+                     "spread": spread, "n": r["n"], "conclusion": verdict})
+    return rows
+
+
+def format_table(table: dict, command: str = "", date: str = "") -> str:
+    """The table as Markdown: every run's means ± spread, then each remedy's conclusion."""
+    lines = ["# Remedies and folk claims, measured on the toy world", ""]
+    if command:
+        lines += [f"Reproduce: `{command}`" + (f" (run {date})" if date else ""), ""]
+    lines += [f"Training seeds {table['seeds']}; each final file judged on 12 colour × background prompts × sample "
+              f"seeds {table['sample_seeds']} with the trigger word and the same without it (DDIM {table['steps']} "
+              "steps, CFG 5). Values are the mean over training seeds, ± half the range between them.", "",
+              "| run | regime | what differs | fidelity | generalisation | memorization | leakage |",
+              "|---|---|---|---|---|---|---|"]
+    for name, r in table["runs"].items():
+        cells = [_pm(r["mean"][k], r["spread"][k]) for k in MEASURES]
+        lines.append(f"| {name} | {r['regime']} | {r['what']} | " + " | ".join(cells) + " |")
+    lines += ["", "| remedy | against | measure | baseline | remedy | difference | spread between seeds | "
+              "conclusion |", "|---|---|---|---|---|---|---|---|"]
+    for row in table["rows"]:
+        spread = f"{row['spread']:.2f}" if row["spread"] is not None else "–"
+        lines.append(f"| {row['run']} | {row['baseline']} | {row['measure']} | {row['baseline_mean']:.2f} | "
+                     f"{row['mean']:.2f} | {row['difference']:+.2f} | {spread} | {row['conclusion']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _pm(mean, spread) -> str:
+    if mean is None:
+        return "–"
+    return f"{mean:.2f}" + (f" ± {spread / 2:.2f}" if spread is not None else "")
+
+
+def write_table(table: dict, out: str | Path, command: str, date: str) -> tuple[Path, Path]:
+    """``remedies.json`` and ``remedies.md`` in ``out`` (atomic)."""
+    out = Path(out)
+    js, md = out / "remedies.json", out / "remedies.md"
+    write_text_atomic(js, json.dumps({**table, "command": command, "date": date}, indent=1, default=str))
+    write_text_atomic(md, format_table(table, command, date))
+    return js, md
