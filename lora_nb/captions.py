@@ -14,6 +14,7 @@ from __future__ import annotations
 import codecs
 import collections
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -64,9 +65,23 @@ def dedupe_tags(caption: str) -> str:
     return join_tags(out)
 
 
+def trigger_leads(caption: str, trigger: str) -> bool:
+    """Whether ``trigger`` leads the caption (C11): it is the first tag, or a word of the first tag — a sentence
+    caption ("a red zorb circle on a black background") places it where it reads, before the class word."""
+    tags = split_tags(caption)
+    if not tags:
+        return False
+    words = re.findall(r"[\w'-]+", tags[0].lower())
+    return _key(tags[0]) == _key(trigger) or trigger.strip().lower() in words
+
+
 def add_trigger(caption: str, trigger: str) -> str:
-    """Put the trigger word first (C11), removing any other occurrence of it."""
+    """Put the trigger word first (C11), removing any other occurrence of it; a caption it already leads
+    (:func:`trigger_leads`: first tag, or a word of a leading sentence) is left as it is."""
     trigger = _check_tag(trigger, "trigger")
+    if trigger_leads(caption, trigger):
+        first, *rest = split_tags(caption)
+        return join_tags([first] + [t for t in rest if _key(t) != _key(trigger)])
     return join_tags([trigger] + [t for t in split_tags(caption) if _key(t) != _key(trigger)])
 
 

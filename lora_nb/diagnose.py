@@ -200,7 +200,7 @@ def verdict(images: dict, base: dict | None, val: dict | None, t: Thresholds = T
             over.append(f"prompt adherence fell from {base['generalisation']:.0%} to {images['generalisation']:.0%}")
     if images.get("leakage") is not None and images["leakage"] > t.leakage_max:
         over.append(f"the subject leaks into {images['leakage']:.0%} of images without the trigger word")
-    if val and val.get("rise") is not None and val["rise"] > t.val_rise:
+    if val and val.get("rise") is not None and val["rise"] > t.val_rise and val.get("after_best", True):
         over.append(f"validation loss {val['rise']:.0%} above its best (epoch {val['best_epoch']})")
     if over and (not under or len(over) >= len(under)):
         return "overfit", over + under
@@ -243,6 +243,12 @@ def is_toy(cfg) -> bool:
     src = str(cfg.model.source)
     return src == "toy" or (Path(src) / "toy_build.json").exists() or \
         (Path(src).exists() and Path(src).resolve() == toy_model_dir().resolve())
+
+
+def grid_judge(cfg):
+    """The function that writes a verdict under each image of a grid for this run's model: the toy judge's
+    (:func:`lora_nb.toy.quality.judge_label`) on the toy model; None for real models (no judge knows the truth)."""
+    return quality.judge_label if is_toy(cfg) else None
 
 
 def diagnose_run(workspace: str | Path, seeds: list[int] | None = None, steps: int = 20,
@@ -290,7 +296,8 @@ def diagnose_run(workspace: str | Path, seeds: list[int] | None = None, steps: i
         vloss = losses["epochs"].get(epoch, {}).get("val_loss")
         if vloss is not None and losses["best_val_loss"]:
             val = {"val_loss": vloss, "best_epoch": losses["best_val_epoch"],
-                   "rise": (vloss - losses["best_val_loss"]) / losses["best_val_loss"]}
+                   "rise": (vloss - losses["best_val_loss"]) / losses["best_val_loss"],
+                   "after_best": epoch > losses["best_val_epoch"]}  # above the best *before* it = still learning
         label, reasons = verdict(images, base, val, thresholds)
         epochs.append({"epoch": epoch, "file": str(path), "verdict": label, "reasons": reasons,
                        "images": {k: v for k, v in images.items() if k != "examples"}, "validation": val,
@@ -317,6 +324,37 @@ def diagnose_workspace(workspace: str | Path, **kwargs) -> dict:
     result = diagnose_run(workspace, **kwargs)
     result.pop("_examples", None)
     return result
+
+
+def loss_versus_judge(result: dict) -> str:
+    """What the validation loss said against what the judge saw: its best epoch next to the recommended one,
+    and the lesson this run supports (computed from the numbers, not written in advance)."""
+    loss, rec = result["loss"], result["recommended"]
+    if loss.get("best_val_epoch") is None:
+        return ("No validation loss in this run: set dataset.validation_dir (or validation_split) to get the one "
+                "loss curve that compares across epochs.")
+    vals = {e: v["val_loss"] for e, v in loss["epochs"].items() if v.get("val_loss") is not None}
+    best, first, last = loss["best_val_epoch"], vals[min(vals)], vals[max(vals)]
+    lowest = vals[best]
+    text = (f"Validation loss: {first:.4f} after epoch {min(vals)}, lowest {lowest:.4f} at epoch {best}, "
+            f"{last:.4f} at the end ({(last - lowest) / lowest:+.1%} from its lowest).")
+    if rec is None:
+        return text
+    judged = int(rec["epoch"])
+    fid = {e["epoch"]: e["images"]["fidelity"] for e in result["epochs"]}
+    text += f" The judge recommends epoch {judged} (the subject in {fid[judged]:.0%} of trigger-word images)."
+    at_judged = vals.get(judged)
+    if best == judged:
+        text += " Both point to the same epoch: here the loss curve and the images agree."
+    elif at_judged is not None and (at_judged - lowest) / lowest <= 0.05:
+        text += (f" At epoch {judged} the validation loss is {(at_judged - lowest) / lowest:.1%} above its lowest: "
+                 f"the curve is flat from there on, so the loss cannot tell epochs {min(best, judged)}–"
+                 f"{max(best, judged)} apart, while the images still changed. Read the loss for the trend (is it "
+                 "still falling? turning up?), the images for the choice.")
+    else:
+        text += (f" They disagree by {abs(best - judged)} epochs: the loss scores every pixel's noise, the judge "
+                 "what a viewer sees; when they differ, trust the images.")
+    return text
 
 
 def format_diagnosis(result: dict) -> str:

@@ -159,10 +159,17 @@ def setup_notebook(workspace: str, seed: int = 42, use_drive: bool = False, inte
     return env
 
 
-def show(fig_or_image, env: NotebookEnv | None = None, name: str | None = None):
+def save_figure(fig_or_image, env: NotebookEnv, name: str):
+    """Save a matplotlib figure or PIL image under the workspace's figures/ without displaying it (for a plot
+    already on screen, such as the live training loss); returns the path."""
+    return show(fig_or_image, env, name, display_it=False)
+
+
+def show(fig_or_image, env: NotebookEnv | None = None, name: str | None = None, display_it: bool = True):
     """Display a matplotlib figure or PIL image inline, and save it under the workspace's figures/."""
     from IPython.display import display
 
+    path = None
     if env is not None and name:
         path = env.workspace.figure(name)
         with atomic_path(path) as tmp:
@@ -170,6 +177,8 @@ def show(fig_or_image, env: NotebookEnv | None = None, name: str | None = None):
                 tmp.write_bytes(png_bytes(fig_or_image))
             else:
                 fig_or_image.save(tmp, format="PNG")
+    if not display_it:
+        return path
     if hasattr(fig_or_image, "savefig"):
         from IPython.display import Image as PngImage
 

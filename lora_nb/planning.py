@@ -297,3 +297,47 @@ class SettingsPanel:
         print("\n".join(report.lines()))
         self.last_report = report
         return report
+
+
+# Why each value of the toy preset differs from the real presets: a learner sees the toy's numbers first and
+# must not take them for a recommendation for SD1.5 / SDXL.
+TOY_REASONS = {
+    "resolution": "the toy model draws 64x64 pictures (16x16 latents); SD1.5 learned 512, SDXL 1024",
+    "repeats x epochs": "48 pictures x 10 repeats, paired with as many class images, / batch 8 x 10 epochs = "
+                        "1,200 steps: minutes on a CPU",
+    "batch size": "8 (half of it class images): a CPU takes 8 toy pictures at once; at 512 px a GPU's memory "
+                  "usually allows 1-2",
+    "UNet LR": "chosen by trial on the toy (docs/toy-world.md); SD's 1e-4 is tuned for an 860 M-parameter UNet, "
+               "the toy's has 1.7 M",
+    "text-encoder LR": "0.4 of the UNet LR; the real presets use 1/2",
+    "rank / alpha": "alpha = rank gives the small toy LoRA its whole update; rank 16 / alpha 8 was not better "
+                    "(docs/toy-world.md)",
+    "optimizer": "8-bit AdamW needs a GPU (bitsandbytes); on a CPU the plain AdamW it imitates",
+    "scheduler": "the same cosine as the anime preset: 1,200 steps leave no room for restarts",
+    "mixed precision": "CPUs train in fp32; fp16/bf16 is for GPUs",
+    "min-SNR gamma": "gamma 1 weights the noisy steps that decide the zorb's eyes more (docs/toy-world.md: "
+                     "eyes in 0.50 of 48 generations at gamma 5, about 0.6 at gamma 1)",
+    "class images": "without them the zorb leaks into plain 'circle' prompts (docs/toy-world.md: 25-75% of "
+                    "them, against 0-4% with)",
+    "clip skip": "the toy text encoder has 3 layers; skipping one would leave 2",
+}
+
+
+def preset_rows(names: tuple[str, ...] = ("anime", "realistic", "toy")) -> list[dict]:
+    """The presets side by side, one row per setting, with why the toy's value differs (:data:`TOY_REASONS`)."""
+    from lora_nb.config import preset
+
+    cfgs = {n: preset(n) for n in names}
+
+    def values(c: Config) -> dict:
+        o, n, t, d = c.optimizer, c.network, c.training, c.dataset
+        return {"resolution": d.resolution, "repeats x epochs": f"{d.repeats} x {t.epochs}",
+                "batch size": str(t.batch_size), "UNet LR": f"{o.effective_unet_lr:g}",
+                "text-encoder LR": f"{o.text_encoder_lr:g}", "rank / alpha": f"{n.rank} / {n.alpha:g}",
+                "optimizer": o.optimizer, "scheduler": o.lr_scheduler, "mixed precision": t.mixed_precision,
+                "min-SNR gamma": f"{t.min_snr_gamma:g}", "class images": "yes" if d.reg_dir else "no",
+                "clip skip": str(n.clip_skip)}
+
+    table = {n: values(c) for n, c in cfgs.items()}
+    return [{"setting": s, **{n: table[n][s] for n in names}, "why the toy differs": TOY_REASONS.get(s, "")}
+            for s in table[names[0]]]

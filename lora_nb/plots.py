@@ -136,15 +136,21 @@ class LivePlot:
 
 
 class TrainingMonitor(LivePlot):
-    """What notebook 05 shows while training: the live loss plot, each epoch's sample previews, saved files."""
+    """What notebook 05 shows while training: the live loss plot, each epoch's sample previews (enlarged
+    ``scale`` times; ``samples=False`` leaves them to the grid shown after training), saved files."""
+
+    def __init__(self, every: int = 5, title: str = "Training loss", samples: bool = True, scale: int = 3):
+        super().__init__(every, title)
+        self.samples, self.scale = samples, scale
 
     def __call__(self, event) -> None:
         super().__call__(event)
-        if event.kind == "sample":
+        if event.kind == "sample" and self.samples:
             from IPython.display import display
             from PIL import Image
 
             images = [Image.open(p).convert("RGB") for p in event.data["paths"]]
+            images = [im.resize((im.width * self.scale, im.height * self.scale), Image.NEAREST) for im in images]
             display(make_grid(images, 1, len(images), row_labels=[f"epoch {event.epoch}"]))
         elif event.kind == "save":
             print(f"saved {event.data['path']}")

@@ -2,7 +2,7 @@
 
 Each remedy is one change to a baseline that is in the regime it addresses — the overfit remedies start from a
 deliberately overfit run, the underfit remedies from a deliberately underfit one, the folk claims from the
-course's own run — and every run is trained with ``training.seed`` = 0, 1, 2, … and measured by the toy judge on
+baseline of the regime they speak of — and every run is trained with ``training.seed`` = 0, 1, 2, … and measured by the toy judge on
 its final file. A remedy "worked" only when the difference between the means exceeds the spread between seeds
 (the range, max − min, of either run); otherwise the table says "no difference this experiment can resolve".
 
@@ -12,6 +12,7 @@ its final file. A remedy "worked" only when the difference between the means exc
 
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
 import time
@@ -28,7 +29,7 @@ MEASURES = ("fidelity", "generalisation", "memorization", "leakage")
 @dataclass(frozen=True)
 class Run:
     name: str
-    regime: str  # "overfit", "underfit" or "folk": which baseline it changes (or "baseline")
+    regime: str  # "overfit" or "underfit": which baseline it changes (or "baseline")
     what: str  # one line: what differs from its baseline
     overrides: dict = field(default_factory=dict)  # on top of the baseline's
     goal: str = ""  # the measure that says whether it worked, and its direction: "+fidelity", "-memorization"
@@ -39,90 +40,103 @@ def _lr(cfg: Config, factor: float) -> dict:
             "optimizer.text_encoder_lr": cfg.optimizer.text_encoder_lr * factor}
 
 
+OVERFIT_EPOCHS = 60  # 3 images × 10 repeats / batch 3 = 10 steps an epoch: 600 steps
+
+
 def baselines(course: Config, few_dir: str) -> dict[str, dict]:
-    """The three baselines' overrides of the course's toy preset: the course itself, an overfit run (3 images,
-    no class images, 3× the LR, 1,500 steps) and an underfit one (a tenth of the LR, 300 steps)."""
+    """The two baselines' overrides of the course's toy preset: an overfit run (3 images, no class images, 600
+    steps at the course's LR: at 3× it the pictures burn into noise instead of copying) and an underfit one (a
+    tenth of the LR, one epoch)."""
     return {
-        "folk": {},
         "overfit": {"dataset.dir": few_dir, "dataset.repeats": 10, "dataset.reg_dir": "", "training.batch_size": 3,
-                    "training.epochs": 150, **_lr(course, 3.0)},
-        "underfit": {"training.epochs": 6, **_lr(course, 0.1)},
+                    "training.epochs": OVERFIT_EPOCHS},
+        "underfit": {"training.epochs": 1, **_lr(course, 0.1)},
     }
 
 
 def remedy_runs(course: Config, few_dir: str, varied_dir: str) -> list[Run]:
-    """Every run of the table (baselines first), each differing from its baseline in the one respect named."""
+    """Every run of the table (baselines first), each differing from its baseline in the one respect named.
+
+    The folk claims are rows too, in the regime they are about: "raise alpha against overfitting"
+    (``overfit-higher-alpha``), "lower the repeats to avoid rigid results" (``overfit-repeats-vs-epochs``: the
+    same steps), "class images keep the model general" (``overfit-reg-images``)."""
     b = baselines(course, few_dir)
     over, under = b["overfit"], b["underfit"]
     r, a = course.network.rank, course.network.alpha
-    runs = [
-        Run("course", "baseline", "the course's toy preset (notebook 05's run)", {}),
-        Run("overfit", "baseline", "3 images × 10 repeats, no class images, 3× the LR, 150 epochs", over),
-        Run("underfit", "baseline", "a tenth of the LR, 6 epochs", under),
+    n = _images_in(course.dataset.dir)
+    varied_epochs = max(1, round(OVERFIT_EPOCHS * 3 * 10 / (2 * n)))  # 2n images × 1 repeat / batch 3: same steps
+    plus, more = "+generalisation", "+fidelity"
+    return [
+        Run("overfit", "baseline", f"3 images × 10 repeats, no class images, {OVERFIT_EPOCHS} epochs", over),
+        Run("underfit", "baseline", "a tenth of the LR, 1 epoch", under),
         # overfit remedies: each must bring prompt adherence back (and copying down)
-        Run("overfit-lower-lr", "overfit", "a third of the learning rate", {**over, **_lr(course, 1.0)},
-            "+generalisation"),
-        Run("overfit-fewer-epochs", "overfit", "a fifth of the epochs (30)", {**over, "training.epochs": 30},
-            "+generalisation"),
+        Run("overfit-lower-lr", "overfit", "a third of the learning rate", {**over, **_lr(course, 1 / 3)}, plus),
+        Run("overfit-fewer-epochs", "overfit", f"a fifth of the epochs ({OVERFIT_EPOCHS // 5})",
+            {**over, "training.epochs": OVERFIT_EPOCHS // 5}, plus),
         Run("overfit-fewer-repeats", "overfit", "2 repeats instead of 10 (a fifth of the steps)",
-            {**over, "dataset.repeats": 2}, "+generalisation"),
+            {**over, "dataset.repeats": 2}, plus),
+        Run("overfit-repeats-vs-epochs", "overfit", f"5 repeats × {OVERFIT_EPOCHS * 2} epochs (the same steps; folk: "
+            "'lower the repeats to avoid rigid results')", {**over, "dataset.repeats": 5,
+                                                           "training.epochs": OVERFIT_EPOCHS * 2}, plus),
         Run("overfit-lower-rank", "overfit", f"rank {max(1, r // 4)}, alpha {a / 4:g} (a quarter of the capacity)",
-            {**over, "network.rank": max(1, r // 4), "network.alpha": a / 4}, "+generalisation"),
+            {**over, "network.rank": max(1, r // 4), "network.alpha": a / 4}, plus),
         Run("overfit-higher-alpha", "overfit", f"alpha {a * 4:g} at rank {r} (folk: 'raise alpha against "
-            "overfitting')", {**over, "network.alpha": a * 4}, "+generalisation"),
-        Run("overfit-reg-images", "overfit", "with the 20 class images (prior loss weight 0.3)",
-            {**over, "dataset.reg_dir": course.dataset.reg_dir or "data/toy-reg", "dataset.prior_loss_weight": 0.3},
-            "+generalisation"),
-        Run("overfit-varied-data", "overfit", "60 varied images instead of 3, 1 repeat, 75 epochs (the same steps)",
-            {**over, "dataset.dir": varied_dir, "dataset.repeats": 1, "training.epochs": 75}, "+generalisation"),
+            "overfitting')", {**over, "network.alpha": a * 4}, plus),
+        Run("overfit-reg-images", "overfit", "with the class images (prior loss weight 0.3; folk: 'class images keep "
+            "it general')", {**over, "dataset.reg_dir": course.dataset.reg_dir or "data/toy-reg",
+                             "dataset.prior_loss_weight": 0.3}, plus),
+        Run("overfit-varied-data", "overfit", f"{2 * n} varied images instead of 3, 1 repeat, {varied_epochs} epochs "
+            "(about the same steps)", {**over, "dataset.dir": varied_dir, "dataset.repeats": 1,
+                                        "training.epochs": varied_epochs}, plus),
         # underfit remedies: each must bring the subject in (fidelity up)
-        Run("underfit-higher-lr", "underfit", f"10× the LR (back to {course.optimizer.learning_rate:g})",
-            {**under, **_lr(course, 1.0)}, "+fidelity"),
-        Run("underfit-more-epochs", "underfit", "4× the epochs (24)", {**under, "training.epochs": 24}, "+fidelity"),
-        Run("underfit-more-repeats", "underfit", "4× the repeats (40)", {**under, "dataset.repeats": 40}, "+fidelity"),
+        Run("underfit-higher-lr", "underfit", f"10× the LR (the course's {course.optimizer.learning_rate:g})",
+            {**under, **_lr(course, 1.0)}, more),
+        Run("underfit-more-epochs", "underfit", "3 epochs instead of 1", {**under, "training.epochs": 3}, more),
+        Run("underfit-more-repeats", "underfit", "30 repeats instead of 10", {**under, "dataset.repeats": 30}, more),
         Run("underfit-higher-rank", "underfit", f"rank {r * 4}, alpha {a:g} (4× the capacity, relatively lower "
-            "alpha)", {**under, "network.rank": r * 4}, "+fidelity"),
+            "alpha)", {**under, "network.rank": r * 4}, more),
         Run("underfit-lower-alpha", "underfit", f"alpha {a / 4:g} at rank {r} (a quarter of the scale)",
-            {**under, "network.alpha": a / 4}, "+fidelity"),
+            {**under, "network.alpha": a / 4}, more),
         Run("underfit-weaker-reg", "underfit", f"prior loss weight 0.1 instead of {course.dataset.prior_loss_weight:g}",
-            {**under, "dataset.prior_loss_weight": 0.1}, "+fidelity"),
-        Run("underfit-more-data", "underfit", "60 varied images instead of 20, 2 epochs (the same steps)",
-            {**under, "dataset.dir": varied_dir, "training.epochs": 2}, "+fidelity"),
-        # folk claims, against the course's run
-        Run("folk-alpha-x4", "folk", f"alpha {a * 4:g} (4× alpha: 'raise alpha, learn less')",
-            {"network.alpha": a * 4}, "-fidelity"),
-        Run("folk-lr-x4", "folk", "4× the learning rate (what 4× alpha should resemble)", _lr(course, 4.0),
-            "-fidelity"),
-        Run("folk-repeats-vs-epochs", "folk", "5 repeats × 48 epochs instead of 10 × 24 (same steps)",
-            {"dataset.repeats": 5, "training.epochs": 48}, "-fidelity"),
-        Run("folk-no-reg", "folk", "no class images ('regularization keeps it general')", {"dataset.reg_dir": ""},
-            "+leakage"),
+            {**under, "dataset.prior_loss_weight": 0.1}, more),
+        Run("underfit-more-data", "underfit", f"{2 * n} varied images × 5 repeats instead of {n} × 10 (the same "
+            "steps)", {**under, "dataset.dir": varied_dir, "dataset.repeats": 5}, more),
     ]
-    return runs
 
 
 # --------------------------------------------------------------------------- running
 
+def _images_in(dataset_dir: str) -> int:
+    from lora_nb.dataset import scan_dataset
+
+    return len(scan_dataset(dataset_dir).items)
+
+
 def data_dirs(out: Path) -> tuple[Path, Path]:
-    """Where the table's two extra datasets live: 3 zorbs (the overfit baseline) and 60 (the "more data" runs)."""
-    return out / "data" / "zorb-3", out / "data" / "zorb-60"
+    """Where the table's two extra datasets live: 3 zorbs (the overfit baseline) and twice the course's number
+    (the "more data" runs)."""
+    return out / "data" / "zorb-3", out / "data" / "zorb-more"
 
 
-def prepare_data(out: Path) -> None:
-    """Write the datasets of :func:`data_dirs` once (drawn by the toy world, like the bundled ones)."""
+def prepare_data(out: Path, n: int) -> None:
+    """Write the datasets of :func:`data_dirs` once (drawn by the toy world, like the bundled ones; the larger one
+    holds ``n`` images: the bundled set's first ones and more)."""
     from lora_nb.toy import concept
 
     few, varied = data_dirs(out)
     if not (few / "truth.json").exists():
         concept.make_concept_dataset(few, n=3, repeats=10)
     if not (varied / "truth.json").exists():
-        concept.make_concept_dataset(varied, n=60, repeats=10)
+        concept.make_concept_dataset(varied, n=n, repeats=10)
 
 
-def run_config(course: Config, run: Run, seed: int, folder: Path) -> Config:
-    """The config of one run and training seed: the course's, the run's overrides, no previews, one final file."""
+def run_config(course: Config, run: Run, seed: int, folder: Path, max_steps: int | None = None) -> Config:
+    """The config of one run and training seed: the course's, the run's overrides, no previews, one final file
+    (and at most ``max_steps`` steps, for quick runs)."""
+    cap = {"training.max_steps": max_steps} if max_steps else {}
     return course.with_overrides({**run.overrides, "training.seed": seed, "save.output_dir": str(folder),
-                                  "sample.every_n_epochs": 0, "save.every_n_epochs": 0, "save.save_state": False})
+                                  "sample.every_n_epochs": 0, "save.every_n_epochs": 0, "save.save_state": False,
+                                  **cap})
 
 
 def measure_run(cfg: Config, folder: Path, sample_seeds: list[int], steps: int) -> dict:
@@ -133,18 +147,56 @@ def measure_run(cfg: Config, folder: Path, sample_seeds: list[int], steps: int) 
     from lora_nb.workspace import Workspace
 
     done = folder / "measures.json"
+    settings = hashlib.sha256(cfg.to_yaml().encode()).hexdigest()[:16]
     if done.exists():
-        return json.loads(done.read_text(encoding="utf-8"))
+        kept = json.loads(done.read_text(encoding="utf-8"))
+        if kept.get("settings") == settings:
+            return kept
     start = time.time()
-    if not Workspace(folder).lora_file(cfg.save.output_name).exists():
-        train(cfg, progress=False, resume=False)
+    final = Workspace(folder).lora_file(cfg.save.output_name)
+    if not final.exists() or _settings_of(folder) != settings:
+        train(cfg, progress=False, resume=False)  # an earlier run with other settings is archived by the trainer
     seconds = time.time() - start
     d = diagnose_run(folder, seeds=sample_seeds, steps=steps, write=True, progress=False, only_final=True)
     e = d["epochs"][-1]
-    result = {**{k: e["images"].get(k) for k in MEASURES}, "verdict": e["verdict"], "train_seconds": round(seconds),
-              "n_images": e["images"]["n_images"], "steps": _steps_of(folder)}
+    save_examples(folder, d["_examples"][e["epoch"]])
+    result = {**{k: e["images"].get(k) for k in MEASURES}, "verdict": e["verdict"], "reasons": e["reasons"],
+              "train_seconds": round(seconds),
+              "n_images": e["images"]["n_images"], "steps": _steps_of(folder), "settings": settings}
     write_text_atomic(done, json.dumps(result, indent=1))
     return result
+
+
+def save_examples(folder: Path, examples: list) -> None:
+    """Keep a run's example generations (``[(prompt, image)]``) as ``examples/NN.png`` + ``examples.json``."""
+    from PIL import Image
+
+    from lora_nb.fsutil import atomic_path
+
+    (folder / "examples").mkdir(exist_ok=True)
+    for i, (_, img) in enumerate(examples):
+        with atomic_path(folder / "examples" / f"{i:02d}.png") as tmp:
+            Image.fromarray(img).save(tmp, format="PNG")
+    write_text_atomic(folder / "examples.json", json.dumps([p for p, _ in examples]))
+
+
+def load_examples(folder: str | Path) -> list:
+    """``[(prompt, PIL image)]`` kept by :func:`save_examples` (empty when the run has none)."""
+    from PIL import Image
+
+    folder = Path(folder)
+    if not (folder / "examples.json").exists():
+        return []
+    prompts = json.loads((folder / "examples.json").read_text(encoding="utf-8"))
+    return [(p, Image.open(folder / "examples" / f"{i:02d}.png").convert("RGB")) for i, p in enumerate(prompts)]
+
+
+def _settings_of(folder: Path) -> str | None:
+    """The settings hash of the run trained in ``folder`` (its train_config.yaml), or None."""
+    from lora_nb.workspace import Workspace
+
+    path = Workspace(folder).train_config
+    return hashlib.sha256(Config.load(path).to_yaml().encode()).hexdigest()[:16] if path.exists() else None
 
 
 def _steps_of(folder: Path) -> int | None:
@@ -163,29 +215,32 @@ def select_runs(runs: list[Run], only: list[str] | None) -> list[Run]:
     unknown = [n for n in only if n not in names]
     if unknown:
         raise LoraNbError(f"--only {' '.join(unknown)}: no such run. Runs: {', '.join(sorted(names))}.")
-    base_of = {"overfit": "overfit", "underfit": "underfit", "folk": "course"}
+    base_of = {"overfit": "overfit", "underfit": "underfit"}
     keep = set(only) | {base_of[r.regime] for r in runs if r.name in only and r.regime in base_of}
     return [r for r in runs if r.name in keep]
 
 
 def run_table(out: str | Path, seeds: int = 3, only: list[str] | None = None, sample_seeds: list[int] | None = None,
-              steps: int = 20, course: Config | None = None, log=print) -> dict:
+              steps: int = 20, course: Config | None = None, max_steps: int | None = None, log=print) -> dict:
     """Train and measure every selected run at training seeds 0 … ``seeds``−1 (resuming what exists), and return
-    the table: ``{"runs": {name: {"seeds": {seed: measures}, "mean": …, "spread": …}}, "rows": [...]}``."""
+    the table: ``{"runs": {name: {"seeds": {seed: measures}, "mean": …, "spread": …}}, "rows": [...]}``.
+    ``max_steps`` caps every run (quick runs; the table records it)."""
     if seeds < 1:
         raise LoraNbError(f"--seeds {seeds}: use at least 1 (3 or more to tell a remedy from noise).")
     out = Path(out)
     course = course or preset("toy")
     few, varied = data_dirs(out)
     runs = select_runs(remedy_runs(course, str(few), str(varied)), only)
-    prepare_data(out)
-    table: dict = {"runs": {}, "seeds": list(range(seeds)), "sample_seeds": sample_seeds or [0, 1], "steps": steps}
+    prepare_data(out, 2 * _images_in(course.dataset.dir))
+    table: dict = {"runs": {}, "seeds": list(range(seeds)), "sample_seeds": sample_seeds or [0, 1], "steps": steps,
+                   "max_steps": max_steps}
     for run in runs:
         per_seed = {}
         for seed in range(seeds):
             folder = out / run.name / f"seed-{seed}"
             t = time.time()
-            per_seed[seed] = measure_run(run_config(course, run, seed, folder), folder, table["sample_seeds"], steps)
+            cfg = run_config(course, run, seed, folder, max_steps)
+            per_seed[seed] = measure_run(cfg, folder, table["sample_seeds"], steps)
             m = per_seed[seed]
             log(f"{run.name} seed {seed}: fidelity {m['fidelity']:.2f}, generalisation {m['generalisation']:.2f}, "
                 f"memorization {m['memorization']:.2f}, leakage {m['leakage']:.2f} ({time.time() - t:.0f} s)")
@@ -207,7 +262,7 @@ def summarise(per_seed: dict) -> dict:
 
 def conclude(runs: dict) -> list[dict]:
     """One row per remedy: the goal measure's baseline and remedy means, their spreads, and the conclusion."""
-    base_of = {"overfit": "overfit", "underfit": "underfit", "folk": "course"}
+    base_of = {"overfit": "overfit", "underfit": "underfit"}
     rows = []
     for name, r in runs.items():
         if r["regime"] not in base_of or base_of[r["regime"]] not in runs:
@@ -223,9 +278,9 @@ def conclude(runs: dict) -> list[dict]:
         elif abs(diff) <= spread:
             verdict = "no difference this experiment can resolve"
         elif diff * sign > 0:
-            verdict = "worked" if r["regime"] != "folk" else "the claim held"
+            verdict = "worked"
         else:
-            verdict = "made it worse" if r["regime"] != "folk" else "the opposite of the claim"
+            verdict = "made it worse"
         rows.append({"run": name, "regime": r["regime"], "what": r["what"], "measure": measure,
                      "baseline": base_of[r["regime"]], "baseline_mean": b, "mean": v, "difference": diff,
                      "spread": spread, "n": r["n"], "conclusion": verdict})

@@ -20,7 +20,7 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(ROOT / "data"), help="folder that receives toy-concept/, toy-reg/ and toy-val/")
-    p.add_argument("--n", type=int, default=20, help="images per set")
+    p.add_argument("--n", type=int, default=48, help="images per set (concept and regularization)")
     p.add_argument("--caption-style", default="natural", choices=("natural", "tags"))
     args = p.parse_args(argv)
     data = Path(args.data)

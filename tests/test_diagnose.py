@@ -23,8 +23,27 @@ def test_copying_leaking_or_ignoring_the_prompt_is_overfit():
     assert verdict(_images(0.9, leakage=0.6), BASE, None)[0] == "overfit"
     label, reasons = verdict(_images(0.9, generalisation=0.4), BASE, None)
     assert label == "overfit" and "85%" in reasons[0] and "40%" in reasons[0]
-    val = {"val_loss": 0.2, "best_epoch": 2, "rise": 0.3}
+    val = {"val_loss": 0.2, "best_epoch": 2, "rise": 0.3, "after_best": True}
     assert verdict(_images(0.9), BASE, val)[0] == "overfit"
+    still_learning = {**val, "after_best": False}  # above the best before reaching it: not a sign of overfitting
+    assert verdict(_images(0.9), BASE, still_learning)[0] == "good"
+
+
+def test_the_validation_loss_is_read_against_the_judges_epoch():
+    from lora_nb.diagnose import loss_versus_judge
+
+    def result(vals, judged):
+        return {"loss": {"epochs": {e: {"val_loss": v} for e, v in vals.items()},
+                         "best_val_epoch": min(vals, key=vals.get)},
+                "recommended": {"epoch": judged}, "epochs": [{"epoch": judged, "images": {"fidelity": 0.6}}]}
+
+    flat = loss_versus_judge(result({1: 0.036, 4: 0.030, 7: 0.0272, 10: 0.0284}, 10))
+    assert "lowest 0.0272 at epoch 7" in flat and "4.4% above its lowest" in flat and "cannot tell epochs 7–10" in flat
+    same = loss_versus_judge(result({2: 0.04, 4: 0.03, 6: 0.035}, 4))
+    assert "Both point to the same epoch" in same
+    apart = loss_versus_judge(result({2: 0.02, 4: 0.03, 6: 0.04}, 6))
+    assert "disagree by 4 epochs" in apart
+    assert loss_versus_judge({"loss": {"best_val_epoch": None}, "recommended": None}).startswith("No validation loss")
 
 
 def test_present_general_and_not_copied_is_good():

@@ -86,11 +86,11 @@ def test_extend_report_adds_keys_and_keeps_the_rest(tmp_path):
 def test_find_pictures_uses_the_folder_or_says_it_falls_back_to_the_bundled_set(tmp_path):
     env = make_env(tmp_path)
     folder, pictures, note = find_pictures(env, env.workspace.processed, "notebook 02 writes them")
-    assert folder == TOY / "10_zorb" and len(pictures) == 20
+    assert folder == TOY / "10_zorb" and len(pictures) == 48
     assert note.startswith(f"No pictures in {env.workspace.processed} (notebook 02 writes them): using the bundled")
     shutil.copytree(TOY / "10_zorb", env.workspace.processed)
     folder, pictures, note = find_pictures(env, env.workspace.processed)
-    assert folder == env.workspace.processed and len(pictures) == 20 and note.startswith("20 picture(s) in")
+    assert folder == env.workspace.processed and len(pictures) == 48 and note.startswith("48 picture(s) in")
 
 
 # --------------------------------------------------------------------------- load_training_config

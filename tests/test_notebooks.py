@@ -155,14 +155,17 @@ def test_notebook_06_diagnoses_the_run_and_prints_the_measured_experiments(tmp_p
     text = printed(nb)
     diagnosis = json.loads((ws / "diagnosis.json").read_text())
     assert f"Verdict for this run: {diagnosis['verdict'].upper()}" in text
-    assert set(diagnosis["experiments"]) == {"this run", "underfit", "overfit"}
-    assert diagnosis["experiments"]["underfit"]["verdict"] == "underfit"
-    assert diagnosis["experiments"]["overfit"]["verdict"] == "overfit"
+    runs = {row["run"].split(",")[0]: row for row in diagnosis["experiments"]}
+    assert set(runs) == {"underfit run", "this run", "overfit run"}
+    assert runs["underfit run"]["verdict"] == "underfit"  # labelled by the thresholds, with the reasons printed
+    for row in diagnosis["experiments"]:
+        assert f"{row['run']}: {row['verdict']}, because {row['because']}" in text
     chosen = next(e for e in diagnosis["epochs"] if e["epoch"] == diagnosis["recommended"]["epoch"])
     assert chosen["verdict"] != "overfit"  # the default run is not overfit at the epoch it recommends
-    for claim in ("alpha", "regularization"):
-        assert f"[{claim}]" in text and diagnosis["folk_claims"][claim] in text  # printed as measured
-    for fig in ("06_loss", "06_measures", "06_strength_grid"):
+    live = diagnosis["live_remedies"]
+    assert [r["run"] for r in live] == ["underfit-higher-lr"] and live[0]["conclusion"].startswith("one seed")
+    assert "Rerun here (one training seed)" in text and "Committed table" in text
+    for fig in ("06_loss", "06_measures", "06_strength_grid", "06_fit_trio"):
         assert (ws / "figures" / f"{fig}.png").exists(), fig
     assert "DreamBooth checkpoint" in text
 

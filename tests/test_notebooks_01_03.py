@@ -58,10 +58,13 @@ def course(tmp_path_factory):
 def test_01_imports_audits_and_reports(course):
     ws = course["ws"]
     report = json.loads((ws / "reports" / "dataset_report.json").read_text(encoding="utf-8"))
-    assert report["imported"] == 20 and report["audit"]["count"] == 20
-    assert len([p for p in (ws / "source").iterdir() if p.suffix == ".png"]) == 20
+    assert report["imported"] == 48 and report["audit"]["count"] == 48
+    assert len([p for p in (ws / "source").iterdir() if p.suffix == ".png"]) == 48
     assert course["bundled_before"] == course["bundled_after"], "the originals must never change"
-    assert all("caption file" in why for why in report["skipped"].values())
+    assert report["skipped"] == {}  # the bundled captions come along with their pictures, not as skipped files
+    assert (ws / "source" / "zorb_000.txt").read_text(encoding="utf-8").startswith("a red zorb circle")
+    faults = " ".join(report["audit_demo"])
+    assert "blurry" in faults and "smaller than the 64x64 target" in faults and "exact duplicates" in faults
     # the audit measured every image, at the toy target, and nothing is called blurry in the sharp toy set
     assert report["audit"]["target"] == [64, 64]
     assert not any(a["blurry"] for a in report["audit"]["images"])
@@ -73,7 +76,7 @@ def test_01_imports_audits_and_reports(course):
     assert "duplicate" in demo["ok_copy.jpg"] and "not an image" in demo["notes.txt"]
     assert "originals unchanged: True" in _outputs_text(course["outs"]["01"])
     reg = report["regularization"]
-    assert reg["count"] == 20 and Path(reg["folder"]).name == "1_circle"
+    assert reg["count"] == 48 and Path(reg["folder"]).name == "1_circle"
     for fig in ("01_imported", "01_sharpness", "01_regularization", "01_awkward_imported"):
         assert (ws / "figures" / f"{fig}.png").is_file(), fig
 
@@ -82,9 +85,9 @@ def test_02_crops_to_the_toy_size_and_measures_retention(course):
     ws = course["ws"]
     report = json.loads((ws / "reports" / "crop_report.json").read_text(encoding="utf-8"))
     assert report["mode"] == "focus" and report["resolution"] == [64, 64]
-    assert report["written"] == 20 and report["sizes"] == {"64x64": 20}
+    assert report["written"] == 48 and report["sizes"] == {"64x64": 48}
     processed = sorted((ws / "processed").glob("*.png"))
-    assert len(processed) == 20 and all(Image.open(p).size == (64, 64) for p in processed)
+    assert len(processed) == 48 and all(Image.open(p).size == (64, 64) for p in processed)
     rows = {r["set"]: r for r in report["retention"]}
     off = rows["toy world, zorb off-centre"]
     assert off["focus"] >= 0.95 and off["center"] < off["focus"] - 0.3
@@ -99,14 +102,14 @@ def test_03_writes_captions_with_the_trigger_first_where_the_trainer_reads(cours
     report = json.loads((ws / "reports" / "tagging_report.json").read_text(encoding="utf-8"))
     folder = ws / "dataset" / "10_zorb"
     images = sorted(folder.glob("*.png"))
-    assert len(images) == 20
+    assert len(images) == 48
     for img in images:
         caption = img.with_suffix(".txt").read_text(encoding="utf-8")
         tags = [t.strip() for t in caption.split(",")]
         assert tags[0] == "zorb", caption
         assert "black eyes" not in tags and len(tags) == len(set(tags))
         assert report["captions"][img.name] == caption
-    assert report["caption_check"]["captioned"] == 20 and not report["caption_check"]["warnings"]
+    assert report["caption_check"]["captioned"] == 48 and not report["caption_check"]["warnings"]
     at = report["threshold_sweep"]["at_0.6"]
     assert at["oracle"]["precision"] > 0.85 and at["oracle"]["recall"] > 0.85
     noisy = report["threshold_sweep"]["sweeps"]["noisy"]
@@ -122,7 +125,7 @@ def test_03_alone_falls_back_to_the_bundled_set(tmp_path):
                        trigger_word="sks", repeats=3, remove="", add="toy picture", tagger="toy-noisy")
     assert "using the bundled" in _outputs_text(out)
     captions = [p.read_text(encoding="utf-8") for p in sorted((ws / "dataset" / "3_sks").glob("*.txt"))]
-    assert len(captions) == 20
+    assert len(captions) == 48
     # default caption_style "sentence": the edited tags as a toy sentence, the trigger as the subject's name
     # (a caption the noisy tagger left without an object or background tag stays in tag form, trigger first)
     bad = [c for c in captions if not ((c.startswith("a ") and " sks " in c) or c.startswith("sks, "))

@@ -30,7 +30,7 @@ def test_each_remedy_starts_from_a_baseline_in_its_regime():
         if r.regime == "baseline":
             continue
         assert r.goal[0] in "+-" and r.goal[1:] in ("fidelity", "generalisation", "memorization", "leakage")
-        base = runs[{"overfit": "overfit", "underfit": "underfit", "folk": "course"}[r.regime]]
+        base = runs[r.regime]
         changed = {k for k in set(r.overrides) | set(base.overrides) if r.overrides.get(k) != base.overrides.get(k)}
         assert changed, r.name
     assert runs["overfit"].overrides["dataset.reg_dir"] == "" and runs["overfit"].overrides["dataset.dir"] == "few"
@@ -38,8 +38,8 @@ def test_each_remedy_starts_from_a_baseline_in_its_regime():
 
 
 def test_only_brings_the_baseline_along_and_unknown_names_are_refused():
-    picked = [r.name for r in select_runs(_runs(), ["overfit-lower-lr", "folk-no-reg"])]
-    assert picked == ["course", "overfit", "overfit-lower-lr", "folk-no-reg"]
+    picked = [r.name for r in select_runs(_runs(), ["overfit-lower-lr", "underfit-more-data"])]
+    assert picked == ["overfit", "underfit", "overfit-lower-lr", "underfit-more-data"]
     with pytest.raises(LoraNbError, match="--only nope: no such run"):
         select_runs(_runs(), ["nope"])
 
@@ -51,7 +51,7 @@ def _measures(values):
 def test_a_remedy_works_only_beyond_the_spread_between_seeds():
     def table(base, remedy, regime="underfit", goal="+fidelity"):
         runs = {"underfit": {"regime": "baseline", "what": "", "goal": "", **summarise(_measures(base))},
-                "course": {"regime": "baseline", "what": "", "goal": "", **summarise(_measures(base))},
+                "overfit": {"regime": "baseline", "what": "", "goal": "", **summarise(_measures(base))},
                 "r": {"regime": regime, "what": "x", "goal": goal, **summarise(_measures(remedy))}}
         return conclude(runs)[0]
 
@@ -60,7 +60,7 @@ def test_a_remedy_works_only_beyond_the_spread_between_seeds():
     assert worked["difference"] == pytest.approx(0.5)
     assert table([0.10, 0.30, 0.20], [0.35, 0.25, 0.30])["conclusion"] == "no difference this experiment can resolve"
     assert table([0.60, 0.65, 0.70], [0.10, 0.15, 0.20])["conclusion"] == "made it worse"
-    assert table([0.6, 0.6, 0.6], [0.1, 0.1, 0.1], "folk", "-fidelity")["conclusion"] == "the claim held"
+    assert table([0.6, 0.6, 0.6], [0.1, 0.1, 0.1], "overfit", "-fidelity")["conclusion"] == "worked"
     assert table([0.6], [0.1])["conclusion"].startswith("one seed")
 
 
@@ -75,6 +75,10 @@ def test_the_table_trains_measures_and_resumes(tmp_path):
     assert row["run"] == "underfit-higher-lr" and row["n"] == 2 and row["measure"] == "fidelity"
     saved = json.loads((tmp_path / "underfit" / "seed-1" / "measures.json").read_text())
     assert 0 <= saved["fidelity"] <= 1 and saved["n_images"] == 24
+    from lora_nb.remedies import load_examples
+
+    examples = load_examples(tmp_path / "underfit" / "seed-1")
+    assert len(examples) == 6 and "zorb" in examples[0][0] and examples[0][1].size == (64, 64)
     cfg = (tmp_path / "underfit" / "seed-1" / "train_config.yaml").read_text()
     assert "seed: 1" in cfg
     lora = tmp_path / "underfit" / "seed-1" / "lora" / "lora.safetensors"

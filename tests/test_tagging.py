@@ -216,6 +216,15 @@ def test_edits():
         cap.add_trigger("a", "  ")
 
 
+def test_a_sentence_that_names_the_trigger_is_led_by_it_and_left_as_written():
+    sentence = "a red zorb circle on a black background"
+    assert cap.trigger_leads(sentence, "zorb") and cap.add_trigger(sentence, "zorb") == sentence
+    assert cap.add_trigger(sentence + ", zorb", "zorb") == sentence  # a second mention is dropped
+    assert not cap.trigger_leads("a red circle, zorb", "zorb")
+    assert cap.add_trigger("a red circle, zorb", "zorb") == "zorb, a red circle"
+    assert not cap.trigger_leads("a red zorbish circle", "zorb")  # a word, not a part of one
+
+
 def test_shuffle_keeps_the_first_tokens():
     c = "sks, woman, smile, red dress, outdoors, hat"
     rng = random.Random(0)

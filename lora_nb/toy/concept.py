@@ -1,8 +1,9 @@
 """The zorb concept dataset and its regularization set, in the kohya folder convention.
 
 The **zorb** is a round creature with two large black eyes: a circle
-(30–38 px across in a 64×64 image) with eyes 8–10 px wide — features large
-enough to survive the toy VAE. The toy base model never saw it nor its
+(36–46 px across in a 64×64 image) with eyes 12–16 px wide — 3–4 pixels of
+the toy VAE's 16×16 latents, large enough for a LoRA to learn (smaller eyes, 8–10
+px, were learned in about half of the generations: docs/toy-world.md). The toy base model never saw it nor its
 trigger word. The dataset draws it in every colour, on every background, at
 many sizes and positions (the "diversified samples" lesson); the
 regularization set holds plain circles of the same colours and backgrounds
@@ -46,7 +47,7 @@ def concept_scene(index: int, seed: int = CONCEPT_SEED, size: tuple[int, int] = 
     style = "gradient" if index % 5 == 4 else "plain"
     kind = None if zorb else world.CONCEPT_CLASS
     return world.sample_scene(seed, index, size, shape=kind, colour=colour, background=background,
-                              background_style=style, zorb=zorb, size_range=(30, 38))
+                              background_style=style, zorb=zorb, size_range=world.ZORB_SIZES)
 
 
 def caption_for(scene: world.ToyScene, style: str = "natural") -> str:
@@ -93,7 +94,7 @@ def write_dataset(folder: str | Path, scenes: list[world.ToyScene], name: str, r
     return sub
 
 
-def make_concept_dataset(folder: str | Path, n: int = 20, repeats: int = 10, seed: int = CONCEPT_SEED,
+def make_concept_dataset(folder: str | Path, n: int = 48, repeats: int = 10, seed: int = CONCEPT_SEED,
                          size: tuple[int, int] = (64, 64), caption_style: str = "natural") -> Path:
     """Write the zorb dataset (``n`` images) to ``folder/<repeats>_zorb/``; returns that subfolder.
 
@@ -104,7 +105,7 @@ def make_concept_dataset(folder: str | Path, n: int = 20, repeats: int = 10, see
     return write_dataset(folder, scenes, world.TRIGGER, repeats, caption_style)
 
 
-def make_regularization_dataset(folder: str | Path, n: int = 20, repeats: int = 1, seed: int = REG_SEED,
+def make_regularization_dataset(folder: str | Path, n: int = 48, repeats: int = 1, seed: int = REG_SEED,
                                 size: tuple[int, int] = (64, 64), caption_style: str = "natural") -> Path:
     """Write the regularization set — plain circles, same colours and backgrounds — to ``folder/<repeats>_circle/``."""
     scenes = [concept_scene(i, seed, size, zorb=False) for i in range(n)]
@@ -119,7 +120,7 @@ def make_validation_dataset(folder: str | Path, n: int = 8, seed: int = VAL_SEED
     return write_dataset(folder, scenes, world.TRIGGER, 1, caption_style)
 
 
-def concept_images(n: int = 20, seed: int = CONCEPT_SEED, size: tuple[int, int] = (64, 64)) -> tuple[np.ndarray, list]:
+def concept_images(n: int = 48, seed: int = CONCEPT_SEED, size: tuple[int, int] = (64, 64)) -> tuple[np.ndarray, list]:
     """The concept set in memory: uint8 images (n, H, W, 3) and their scenes (no files written)."""
     scenes = [concept_scene(i, seed, size) for i in range(n)]
     return np.stack([world.render_scene(s) for s in scenes]), scenes

@@ -63,6 +63,7 @@ CONCEPT_CLASS = "circle"
 """The class the concept belongs to (its regularization images are plain circles)."""
 
 EYE_COLOUR = (15, 15, 15)
+ZORB_SIZES = (36, 46)  # a zorb's diameter in pixels: its eyes (0.68 × the radius wide) are 12–16 px, 3–4 latent pixels
 EYES_TAG = "black eyes"
 
 CAPTION_WORDS = (
@@ -168,7 +169,7 @@ def sample_scene(seed: int, index: int = 0, size: tuple[int, int] = (64, 64), *,
     style = background_style or BACKGROUND_STYLES[rng.integers(len(BACKGROUND_STYLES))]
     angle = float(rng.uniform(0, np.pi))
     period = int(rng.integers(6, 12))
-    first_range = (max(size_range[0], 30), max(size_range[1], 38)) if zorb else size_range
+    first_range = (max(size_range[0], ZORB_SIZES[0]), max(size_range[1], ZORB_SIZES[1])) if zorb else size_range
     first = sample_object(rng, width, height, kind="circle" if zorb else shape, colour=colour,
                           size_range=first_range, zorb=zorb)
     objects = [first]
@@ -223,7 +224,7 @@ def draw_shape(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, size:
 def eye_positions(obj: ToyObject) -> list[tuple[float, float, float]]:
     """Centres and radius (x, y, r) of a zorb's two eyes, in pixels."""
     r = obj.size / 2
-    er = 0.27 * r
+    er = 0.34 * r
     return [(obj.cx - 0.40 * r, obj.cy - 0.18 * r, er), (obj.cx + 0.40 * r, obj.cy - 0.18 * r, er)]
 
 
