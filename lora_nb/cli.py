@@ -97,8 +97,16 @@ def cmd_experiments(args) -> int:
 
     from lora_nb.remedies import format_table, run_table, write_table
 
-    table = run_table(args.out, seeds=args.seeds, only=args.only, steps=args.steps)
-    command = "lora-nb experiments" + "".join(f" {shlex.quote(a)}" for a in args.argv)
+    table = run_table(args.out, seeds=args.seeds, only=args.only, steps=args.steps, measured_only=args.measured_only)
+    shown, skip = [], False  # the command that reproduces the table: without the options that only report
+    for a in args.argv:
+        if skip or a == "--measured-only" or a.startswith("--report="):
+            skip = False
+            continue
+        skip = a == "--report"
+        if not skip:
+            shown.append(a)
+    command = "lora-nb experiments" + "".join(f" {shlex.quote(a)}" for a in shown)
     js, md = write_table(table, args.report or args.out, command, _time.strftime("%Y-%m-%d"))
     print(format_table(table, command))
     print(f"wrote {js} and {md}")
@@ -154,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default="runs/experiments", help="folder of the runs (kept; a rerun resumes)")
     e.add_argument("--report", default="", help="folder for remedies.json / remedies.md (default: --out)")
     e.add_argument("--steps", type=int, default=20, help="denoising steps of each measured image")
+    e.add_argument("--measured-only", action="store_true", help="train nothing: the table of the runs measured so far")
     e.set_defaults(func=cmd_experiments)
 
     d = sub.add_parser("diagnose", help="over/underfitting diagnosis of a trained workspace")

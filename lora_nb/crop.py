@@ -556,7 +556,7 @@ def before_after_grid(pairs: list[tuple[Image.Image, CropResult]], cell: int = 2
     """
     if not pairs:
         raise LoraNbError("before_after_grid got nothing to show: pass [(original, crop_image(...)), ...].")
-    pad, text_h = 6, (14 if labels else 0)
+    pad, text_h = 6, (40 if labels else 0)  # three lines: mode, method, size (a long name is never cut)
     grid = Image.new("RGB", (2 * cell + 3 * pad, len(pairs) * (cell + text_h + pad) + pad), background)
     draw = ImageDraw.Draw(grid)
     for row, (orig, res) in enumerate(pairs):
@@ -567,9 +567,9 @@ def before_after_grid(pairs: list[tuple[Image.Image, CropResult]], cell: int = 2
         grid.paste(right, (2 * pad + cell + (cell - right.width) // 2, y + text_h + (cell - right.height) // 2))
         if labels:
             draw.text((pad, y), f"{orig.width}x{orig.height}", fill=(230, 230, 230))
-            how = f"{res.mode} ({res.method})" if res.method else res.mode
-            draw.text((2 * pad + cell, y), f"{how} -> {res.image.width}x{res.image.height}"[:48],
-                      fill=(230, 230, 230))
+            lines = [res.mode] + ([f"({res.method})"] if res.method else []) + [f"-> {res.image.width}x{res.image.height}"]
+            for k, line in enumerate(lines):
+                draw.text((2 * pad + cell, y + 13 * k), line, fill=(230, 230, 230))
     return grid
 
 
@@ -591,14 +591,16 @@ def toy_crop_set(n: int = 60, seed: int = 0, off_centre: float = 0.15,
 
     The truth box is the zorb's drawn box (known exactly). "Off-centre": the
     zorb's centre is at least ``off_centre`` of the canvas away from the middle
-    along the side the crop cuts. Backgrounds are plain, gradient or striped.
+    along the side the crop cuts. Backgrounds are plain, gradient or striped. The zorbs are 24–34 px across,
+    smaller than every crop window of the layouts, so a crop that loses one is the crop's fault.
     """
 
     out: list[CropSample] = []
     index = 0
     while len(out) < n:
         canvas, target = layouts[len(out) % len(layouts)]
-        scene = world.sample_scene(seed, index, canvas, zorb=True, background_style=None)
+        scene = world.sample_scene(seed, index, canvas, zorb=True, background_style=None, size_range=(24, 34),
+                                   zorb_sizes=(24, 34))
         index += 1
         obj = scene.objects[0]
         cw, _ = window_size(canvas, target)

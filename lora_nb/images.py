@@ -804,7 +804,11 @@ def contact_sheet(images, cols: int = 10, cell: int = 96, labels: list[str] | No
         raise LoraNbError("contact_sheet got no images.")
     cols = max(1, min(cols, len(imgs)))
     rows = -(-len(imgs) // cols)
-    text_h = 12 if labels else 0
+    import textwrap
+
+    # labels wrap onto as many lines as the longest needs (none is cut): about 6 px per character
+    wrapped = [textwrap.wrap(str(t), max(4, cell // 6), break_long_words=True) or [""] for t in labels or []]
+    text_h = 12 * max((len(w) for w in wrapped), default=0)
     sheet = Image.new("RGB", (cols * (cell + 4) + 4, rows * (cell + text_h + 4) + 4), background)
     draw = ImageDraw.Draw(sheet)
     for i, im in enumerate(imgs):
@@ -814,6 +818,6 @@ def contact_sheet(images, cols: int = 10, cell: int = 96, labels: list[str] | No
         th = im.convert("RGB").resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), resample)
         x, y = 4 + c * (cell + 4), 4 + r * (cell + text_h + 4)
         sheet.paste(th, (x + (cell - th.width) // 2, y + (cell - th.height) // 2))
-        if labels:
-            draw.text((x, y + cell + 1), str(labels[i])[: max(4, cell // 6)], fill=(60, 60, 60))
+        for k, line in enumerate(wrapped[i] if labels else []):
+            draw.text((x, y + cell + 1 + 12 * k), line, fill=(60, 60, 60))
     return sheet

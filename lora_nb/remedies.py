@@ -65,11 +65,13 @@ def remedy_runs(course: Config, few_dir: str, varied_dir: str) -> list[Run]:
     r, a = course.network.rank, course.network.alpha
     n = _images_in(course.dataset.dir)
     varied_epochs = max(1, round(OVERFIT_EPOCHS * 3 * 10 / (2 * n)))  # 2n images × 1 repeat / batch 3: same steps
-    plus, more = "+generalisation", "+fidelity"
+    # The overfit baseline is overfit by its leakage (the zorb drawn without the trigger word): that is the measure
+    # its remedies must bring down; the underfit baseline lacks the subject: its remedies must bring fidelity up.
+    plus, more = "-leakage", "+fidelity"
     return [
         Run("overfit", "baseline", f"3 images × 10 repeats, no class images, {OVERFIT_EPOCHS} epochs", over),
         Run("underfit", "baseline", "a tenth of the LR, 1 epoch", under),
-        # overfit remedies: each must bring prompt adherence back (and copying down)
+        # overfit remedies: each must bring the leakage down
         Run("overfit-lower-lr", "overfit", "a third of the learning rate", {**over, **_lr(course, 1 / 3)}, plus),
         Run("overfit-fewer-epochs", "overfit", f"a fifth of the epochs ({OVERFIT_EPOCHS // 5})",
             {**over, "training.epochs": OVERFIT_EPOCHS // 5}, plus),
@@ -221,31 +223,38 @@ def select_runs(runs: list[Run], only: list[str] | None) -> list[Run]:
 
 
 def run_table(out: str | Path, seeds: int = 3, only: list[str] | None = None, sample_seeds: list[int] | None = None,
-              steps: int = 20, course: Config | None = None, max_steps: int | None = None, log=print) -> dict:
+              steps: int = 20, course: Config | None = None, max_steps: int | None = None, log=print,
+              measured_only: bool = False) -> dict:
     """Train and measure every selected run at training seeds 0 … ``seeds``−1 (resuming what exists), and return
     the table: ``{"runs": {name: {"seeds": {seed: measures}, "mean": …, "spread": …}}, "rows": [...]}``.
-    ``max_steps`` caps every run (quick runs; the table records it)."""
+    ``max_steps`` caps every run (quick runs; the table records it). ``measured_only`` trains nothing and
+    reports the runs measured so far (while another process is still filling the table)."""
     if seeds < 1:
         raise LoraNbError(f"--seeds {seeds}: use at least 1 (3 or more to tell a remedy from noise).")
     out = Path(out)
     course = course or preset("toy")
     few, varied = data_dirs(out)
     runs = select_runs(remedy_runs(course, str(few), str(varied)), only)
-    prepare_data(out, 2 * _images_in(course.dataset.dir))
+    if not measured_only:
+        prepare_data(out, 2 * _images_in(course.dataset.dir))
     table: dict = {"runs": {}, "seeds": list(range(seeds)), "sample_seeds": sample_seeds or [0, 1], "steps": steps,
                    "max_steps": max_steps}
     for run in runs:
         per_seed = {}
         for seed in range(seeds):
             folder = out / run.name / f"seed-{seed}"
+            if measured_only and not (folder / "measures.json").exists():
+                table.setdefault("missing", []).append(f"{run.name} seed {seed}")
+                continue
             t = time.time()
             cfg = run_config(course, run, seed, folder, max_steps)
             per_seed[seed] = measure_run(cfg, folder, table["sample_seeds"], steps)
             m = per_seed[seed]
             log(f"{run.name} seed {seed}: fidelity {m['fidelity']:.2f}, generalisation {m['generalisation']:.2f}, "
                 f"memorization {m['memorization']:.2f}, leakage {m['leakage']:.2f} ({time.time() - t:.0f} s)")
-        table["runs"][run.name] = {"regime": run.regime, "what": run.what, "goal": run.goal,
-                                   "seeds": per_seed, **summarise(per_seed)}
+        if per_seed:
+            table["runs"][run.name] = {"regime": run.regime, "what": run.what, "goal": run.goal,
+                                       "seeds": per_seed, **summarise(per_seed)}
     table["rows"] = conclude(table["runs"])
     return table
 
@@ -300,6 +309,8 @@ def format_table(table: dict, command: str = "", date: str = "") -> str:
     for name, r in table["runs"].items():
         cells = [_pm(r["mean"][k], r["spread"][k]) for k in MEASURES]
         lines.append(f"| {name} | {r['regime']} | {r['what']} | " + " | ".join(cells) + " |")
+    if table.get("missing"):
+        lines += ["", f"Not measured yet ({len(table['missing'])} runs): " + ", ".join(table["missing"]) + "."]
     lines += ["", "| remedy | against | measure | baseline | remedy | difference | spread between seeds | "
               "conclusion |", "|---|---|---|---|---|---|---|---|"]
     for row in table["rows"]:

@@ -63,6 +63,7 @@ def make_config(model_dir, dataset_dir, workspace, **overrides):
     cfg.dataset.trigger_word = "sks"
     cfg.dataset.repeats = 1
     cfg.dataset.reg_dir = ""  # the toy preset's regularization circles are for the toy model
+    cfg.dataset.validation_dir = ""  # so are its held-out zorbs
     cfg.training.batch_size = 2
     cfg.training.epochs = 2
     cfg.optimizer.optimizer = "AdamW"

@@ -176,5 +176,5 @@ def test_crop_folder_and_grid(tmp_path):
     img = Image.fromarray(skdata.astronaut())
     pairs = [(img, cr.crop_image(img, (512, 768), m)) for m in cr.MODES]
     grid = cr.before_after_grid(pairs, cell=128)
-    assert grid.size == (2 * 128 + 18, 3 * (128 + 14 + 6) + 6)
+    assert grid.size == (2 * 128 + 18, 3 * (128 + 40 + 6) + 6)  # three label lines above each row
     assert cr.draw_boxes(img, [(10, 10, 100, 100)]).getpixel((10, 50)) == (255, 40, 40)

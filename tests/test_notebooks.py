@@ -72,6 +72,20 @@ def test_parameters_cell_is_literal_only_and_setup_cell_is_shared(path):
     assert setup == reference.cells[reference.cells.index(ref_params) + 1].source
 
 
+def test_notebook_04s_worked_example_is_the_sum_the_toy_preset_prints():
+    """The text's worked example uses the numbers the default course prints for the toy preset."""
+    from lora_nb.config import preset
+    from lora_nb.dataset import scan_dataset
+    from lora_nb.planning import report_settings
+
+    nb = nbformat.read(ROOT / "notebooks" / "04_parameters.ipynb", as_version=4)
+    text = " ".join(" ".join(c.source.split()) for c in nb.cells if c.cell_type == "markdown")
+    cfg = preset("toy")
+    plan = report_settings(cfg, scan_dataset(cfg.dataset.dir)).plan
+    assert (plan.steps_per_epoch, plan.total_steps) == (120, 1200)
+    assert "48 pictures × repeat 10 = 480, paired = 960 samples, / batch 8 = 120 steps per epoch; × 10 epochs = 1,200" in text
+
+
 @pytest.mark.slow
 def test_notebook_04_reports_the_worked_example_for_the_realistic_preset(tmp_path):
     nb = run_notebook("04_parameters.ipynb", tmp_path, workspace=str(tmp_path / "ws"), preset="realistic",
@@ -83,12 +97,12 @@ def test_notebook_04_reports_the_worked_example_for_the_realistic_preset(tmp_pat
     assert "training.gradient_checkpointing True recompute activations" in words
     assert "dataset.cache_latents_to_disk False" in words and "optimizer.optimizer AdamW8bit" in words
     assert "no CUDA GPU here" in text
-    assert "20 images" in text
-    assert "steps per epoch: ceil(200 / batch 1) = 200" in text
-    assert "total steps: 200 × 10 epochs = 2000" in text
+    assert "48 images" in text
+    assert "steps per epoch: ceil(480 / batch 1) = 480" in text
+    assert "total steps: 480 × 10 epochs = 4800" in text
     assert "LoRA files saved: 5" in text
     report = json.loads((tmp_path / "ws" / "reports" / "parameters.json").read_text())
-    assert (report["steps_per_epoch"], report["total_steps"], report["files_saved"]) == (200, 2000, 5)
+    assert (report["steps_per_epoch"], report["total_steps"], report["files_saved"]) == (480, 4800, 5)
     assert (tmp_path / "ws" / "config.yaml").exists() and (tmp_path / "ws" / "figures" / "04_lr_schedule.png").exists()
     saved = Config.load(tmp_path / "ws" / "config.yaml")
     assert saved.training.gradient_checkpointing is True and saved.dataset.cache_latents_to_disk is False

@@ -8,7 +8,7 @@ import pytest
 
 from lora_nb import LoraNbError
 from lora_nb.config import preset
-from lora_nb.remedies import conclude, remedy_runs, run_config, run_table, select_runs, summarise
+from lora_nb.remedies import conclude, format_table, remedy_runs, run_config, run_table, select_runs, summarise
 
 
 def _runs():
@@ -86,3 +86,8 @@ def test_the_table_trains_measures_and_resumes(tmp_path):
     again = run_table(tmp_path, seeds=2, only=["underfit-higher-lr"], sample_seeds=[0], steps=4, course=course,
                       log=lambda _: None)
     assert lora.stat().st_mtime_ns == before and again["rows"] == table["rows"]
+    so_far = run_table(tmp_path, seeds=3, only=["underfit-higher-lr"], sample_seeds=[0], steps=4, course=course,
+                       log=lambda _: None, measured_only=True)  # trains nothing: says what is missing
+    assert so_far["missing"] == ["underfit seed 2", "underfit-higher-lr seed 2"]
+    assert not (tmp_path / "underfit" / "seed-2").exists()
+    assert "Not measured yet (2 runs)" in format_table(so_far)

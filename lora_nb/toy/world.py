@@ -144,7 +144,8 @@ def _boxes_overlap(a: ToyObject, b: ToyObject, margin: int = 2) -> bool:
 def sample_scene(seed: int, index: int = 0, size: tuple[int, int] = (64, 64), *,
                  shape: str | None = None, colour: str | None = None, background: str | None = None,
                  background_style: str | None = "plain", second_object_p: float = 0.0,
-                 zorb: bool = False, size_range: tuple[int, int] = (20, 40)) -> ToyScene:
+                 zorb: bool = False, size_range: tuple[int, int] = (20, 40),
+                 zorb_sizes: tuple[int, int] = ZORB_SIZES) -> ToyScene:
     """Draw the truth of image ``index`` of the world ``seed``.
 
     ``size`` is (width, height), one of :data:`SIZES` (any size ≥ 48 px works).
@@ -153,7 +154,7 @@ def sample_scene(seed: int, index: int = 0, size: tuple[int, int] = (64, 64), *,
     ``"gradient"``, ``"striped"``, or ``None`` for a random one. With
     probability ``second_object_p`` a second, non-overlapping object is added
     (when it fits). ``zorb=True`` makes the first object the concept: a circle
-    with two black eyes.
+    with two black eyes, ``zorb_sizes`` px across at least.
     """
     width, height = int(size[0]), int(size[1])
     if min(width, height) < 48:
@@ -169,7 +170,7 @@ def sample_scene(seed: int, index: int = 0, size: tuple[int, int] = (64, 64), *,
     style = background_style or BACKGROUND_STYLES[rng.integers(len(BACKGROUND_STYLES))]
     angle = float(rng.uniform(0, np.pi))
     period = int(rng.integers(6, 12))
-    first_range = (max(size_range[0], ZORB_SIZES[0]), max(size_range[1], ZORB_SIZES[1])) if zorb else size_range
+    first_range = (max(size_range[0], zorb_sizes[0]), max(size_range[1], zorb_sizes[1])) if zorb else size_range
     first = sample_object(rng, width, height, kind="circle" if zorb else shape, colour=colour,
                           size_range=first_range, zorb=zorb)
     objects = [first]
