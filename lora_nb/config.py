@@ -162,6 +162,7 @@ class Config:
     @classmethod
     def from_yaml(cls, text: str, where: str = "config") -> "Config":
         try:
+            _refuse_alias_bombs(text, where)
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
@@ -385,6 +386,35 @@ def preset(name: str) -> Config:
 
 
 # ---------------------------------------------------------------------------- validation
+
+MAX_YAML_VALUES = 100_000  # a full config holds about 80; aliases that expand beyond this are an attack or a mistake
+
+
+def _refuse_alias_bombs(text: str, where: str) -> None:
+    """Count the values ``text`` would expand to, aliases followed, on the composed node graph (where an alias is
+    one shared node, so counting costs what the text costs), and refuse before anything is expanded."""
+    if "*" not in text:
+        return
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    sizes: dict[int, int] = {}
+
+    def size(node) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        sizes[id(node)] = 1  # a cycle counts once, not forever
+        if isinstance(node, yaml.SequenceNode):
+            n = 1 + sum(size(v) for v in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            n = 1 + sum(size(k) + size(v) for k, v in node.value)
+        else:
+            n = 1
+        sizes[id(node)] = n
+        return n
+
+    if root is not None and size(root) > MAX_YAML_VALUES:
+        raise ConfigError(f"{where}: its YAML aliases (*name) expand to more than {MAX_YAML_VALUES:,} values (a "
+                          "config holds about 80): remove the aliases, or write the values out.")
+
 
 @dataclass
 class Problem:

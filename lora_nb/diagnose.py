@@ -361,6 +361,10 @@ def format_diagnosis(result: dict) -> str:
     lines = [f"Diagnosis of {result['workspace']}" + (" (approximate measures: no judge for this model)"
                                                       if result["approximate"] else " (toy judge)")]
     b = result["base"]
+    per = b.get("n_images", 0) // 2
+    lines.append(f"  each measure below: {per} generations with the trigger word and {per} without, seeds "
+                 f"{result['seeds']}; a share of {per} images is uncertain by about "
+                 f"±{(0.25 / max(per, 1)) ** 0.5:.0%} (one standard error at 50%), and other seeds can differ more")
     lines.append(f"  base model:  fidelity {b['fidelity']:.0%}  leakage {_pct(b.get('leakage'))}  "
                  f"adherence {_pct(b.get('generalisation'))}")
     for e in result["epochs"]:

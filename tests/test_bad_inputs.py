@@ -464,3 +464,17 @@ def test_a_warm_up_longer_than_the_run_is_said(tiny_sd15_dir, tiny_dataset, tmp_
     result = train(make_config(tiny_sd15_dir, tiny_dataset, tmp_path / "ws", **{"optimizer.lr_warmup_steps": 500}),
                    progress=False)
     assert any("lr_warmup_steps: 500 warm-up steps but the run has only 4" in w for w in result.warnings)
+
+
+def test_a_yaml_alias_bomb_is_refused_before_it_expands(tmp_path, capsys):
+    import resource
+
+    levels = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+    for prev, name in zip("abcdefg", "bcdefgh"):
+        levels.append(f"{name}: &{name} [{', '.join([f'*{prev}'] * 10)}]")
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(levels) + "\nsample:\n  prompts: *h\n", encoding="utf-8")  # 10^8 values if expanded
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    line = _cli_error(capsys, "train", path)
+    assert "YAML aliases (*name) expand to more than 100,000 values" in line and len(line) < 300
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # kB: nothing was expanded

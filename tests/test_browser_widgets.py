@@ -150,7 +150,7 @@ def test_notebook_04_widgets_update_the_printed_steps_in_chromium(chromium, play
     realistic = _expected_total_line("realistic")
     worked_example = _expected_total_line("realistic", repeats=10)
     assert len({first, fewer_repeats, realistic, worked_example}) == 4
-    assert worked_example == "total steps: 200 × 10 epochs = 2000"  # the course's 20 × 10 × 10
+    assert worked_example == "total steps: 480 × 10 epochs = 4800"  # the 48 bundled pictures × 10 repeats × 10 epochs
 
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch_persistent_context(
