@@ -22,6 +22,7 @@ from pathlib import Path
 from lora_nb import LoraNbError
 from lora_nb.config import Config, preset
 from lora_nb.fsutil import write_text_atomic
+from lora_nb.workspace import Workspace
 
 MEASURES = ("fidelity", "generalisation", "memorization", "leakage")
 
@@ -146,10 +147,9 @@ def measure_run(cfg: Config, folder: Path, sample_seeds: list[int], steps: int) 
     run without it is redone."""
     from lora_nb.diagnose import diagnose_run
     from lora_nb.train import train
-    from lora_nb.workspace import Workspace
 
     done = folder / "measures.json"
-    settings = hashlib.sha256(cfg.to_yaml().encode()).hexdigest()[:16]
+    settings = _settings_hash(cfg)
     if done.exists():
         kept = json.loads(done.read_text(encoding="utf-8"))
         if kept.get("settings") == settings:
@@ -193,20 +193,22 @@ def load_examples(folder: str | Path) -> list:
     return [(p, Image.open(folder / "examples" / f"{i:02d}.png").convert("RGB")) for i, p in enumerate(prompts)]
 
 
+def _settings_hash(cfg: Config) -> str:
+    """What identifies a run's settings: a changed setting retrains, an unchanged one reuses the run."""
+    return hashlib.sha256(cfg.to_yaml().encode()).hexdigest()[:16]
+
+
 def _settings_of(folder: Path) -> str | None:
     """The settings hash of the run trained in ``folder`` (its train_config.yaml), or None."""
-    from lora_nb.workspace import Workspace
-
     path = Workspace(folder).train_config
-    return hashlib.sha256(Config.load(path).to_yaml().encode()).hexdigest()[:16] if path.exists() else None
+    return _settings_hash(Config.load(path)) if path.exists() else None
 
 
 def _steps_of(folder: Path) -> int | None:
-    metrics = folder / "metrics.jsonl"
-    if not metrics.exists():
-        return None
-    steps = [json.loads(line).get("step", 0) for line in metrics.read_text(encoding="utf-8").splitlines() if line]
-    return max(steps, default=None)
+    """The last step the run in ``folder`` logged."""
+    from lora_nb.diagnose import read_metrics
+
+    return max((r.get("step", 0) for r in read_metrics(Workspace(folder).metrics)), default=None)
 
 
 def select_runs(runs: list[Run], only: list[str] | None) -> list[Run]:
