@@ -38,6 +38,26 @@ def fit_trio(diagnosis: dict, cfg: Config, scratch: str | Path, sample_seeds: li
     return rows, measures
 
 
+BASELINE_OF_TRIO = {"underfit run": "underfit", "overfit run": "overfit"}
+
+
+def rerun_against_committed(trio: list[dict], committed: dict | None) -> list[str]:
+    """One line per baseline of the table that :func:`fit_trio` just trained (training seed 0): its measures here
+    next to the committed table's seed-0 run of the same baseline. Equal settings give equal numbers up to the
+    machine's arithmetic; other settings (a changed workspace config, other sample seeds) differ by design."""
+    lines = []
+    for row in trio:
+        name = BASELINE_OF_TRIO.get(row["run"])
+        if name is None:
+            continue
+        then = ((committed or {}).get("runs", {}).get(name, {}).get("seeds", {}) or {}).get("0")
+        here = " · ".join(f"{k} {row[k]:.2f}" for k in MEASURES if row.get(k) is not None)
+        table = " · ".join(f"{k} {then[k]:.2f}" for k in MEASURES if then and then.get(k) is not None)
+        lines.append(f"{name} (training seed 0), here:      {here}")
+        lines.append(f"{name} (training seed 0), the table: {table or 'not in the committed table'}")
+    return lines
+
+
 def definitions(t: Thresholds = Thresholds()) -> str:
     """The course's definitions of the labels, with the thresholds the verdict uses."""
     return (f"underfit: the subject appears in fewer than {t.fidelity_min:.0%} of trigger-word images. "

@@ -206,15 +206,24 @@ def unet_conditioning(pooled, time_ids, dtype=None) -> dict:
     return {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
 
 
-def loss_weights(noise_scheduler, timesteps, gamma: float, prediction_type: str) -> torch.Tensor:
-    """Min-SNR-γ weights per sample (1 when γ is 0)."""
-    if not gamma:
-        return torch.ones_like(timesteps, dtype=torch.float32)
+def loss_weights(noise_scheduler, timesteps, gamma: float, prediction_type: str,
+                 debiased: bool = False) -> torch.Tensor:
+    """Per-sample loss weights: min-SNR-γ (off when γ is 0) times, with ``debiased``, the debiased-estimation
+    weight (Yu et al. 2023, arXiv 2310.08442; sd-scripts' ``--debiased_estimation_loss``): 1/√SNR for
+    epsilon prediction, 1/(SNR+1) for v-prediction, with SNR capped at 1000 so timestep 0 stays finite."""
+    weights = torch.ones_like(timesteps, dtype=torch.float32)
+    if not gamma and not debiased:
+        return weights
     from diffusers.training_utils import compute_snr
 
-    snr = compute_snr(noise_scheduler, timesteps)
-    clipped = torch.minimum(snr, torch.full_like(snr, gamma))
-    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+    snr = compute_snr(noise_scheduler, timesteps).float()
+    if gamma:
+        clipped = torch.minimum(snr, torch.full_like(snr, gamma))
+        weights = clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+    if debiased:
+        capped = torch.clamp(snr, max=1000.0)
+        weights = weights * (1 / (capped + 1) if prediction_type == "v_prediction" else 1 / torch.sqrt(capped))
+    return weights
 
 
 def diffusion_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

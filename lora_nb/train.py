@@ -653,7 +653,7 @@ def training_step(s: Session, batch: list[steps.Sample], rngs, epoch: int) -> di
                         **steps.unet_conditioning(pooled, time_ids, net.weight_dtype)).sample
         per_sample = steps.diffusion_loss(pred, target)
         per_sample = per_sample * steps.loss_weights(net.noise_scheduler, timesteps, cfg.training.min_snr_gamma,
-                                                     net.prediction_type).to(device)
+                                                     net.prediction_type, cfg.training.debiased_estimation).to(device)
         per_sample = torch.where(is_reg, per_sample * cfg.dataset.prior_loss_weight, per_sample)
         loss = per_sample.mean()
         acc.backward(loss)

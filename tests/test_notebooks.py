@@ -165,7 +165,8 @@ def test_notebook_06_diagnoses_the_run_and_prints_the_measured_experiments(tmp_p
     ws = tmp_path / "ws"
     train(preset("toy").with_overrides({"save.output_dir": str(ws), "training.max_steps": 120,
                                         "save.every_n_epochs": 2, "sample.every_n_epochs": 0}), progress=False)
-    nb = run_notebook("06_diagnosis.ipynb", tmp_path, workspace=str(ws), quick=True, seeds=1, sample_steps=12)
+    nb = run_notebook("06_diagnosis.ipynb", tmp_path, workspace=str(ws), quick=True, seeds=1, sample_steps=12,
+                      live_remedy="underfit-higher-lr")
     text = printed(nb)
     diagnosis = json.loads((ws / "diagnosis.json").read_text())
     assert f"Verdict for this run: {diagnosis['verdict'].upper()}" in text
@@ -179,6 +180,7 @@ def test_notebook_06_diagnoses_the_run_and_prints_the_measured_experiments(tmp_p
     live = diagnosis["live_remedies"]
     assert [r["run"] for r in live] == ["underfit-higher-lr"] and live[0]["conclusion"].startswith("one seed")
     assert "Rerun here (one training seed)" in text and "Committed table" in text
+    assert "Rerun here (the baselines of section 6)" in text and "overfit (training seed 0), the table:" in text
     for fig in ("06_loss", "06_measures", "06_strength_grid", "06_fit_trio"):
         assert (ws / "figures" / f"{fig}.png").exists(), fig
     assert "DreamBooth checkpoint" in text
