@@ -11,7 +11,7 @@ course: setup
 	$(VENV)/bin/lora-nb course --workspace runs/course
 
 test: setup
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q --durations=15
 
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks
