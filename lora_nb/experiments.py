@@ -72,6 +72,16 @@ def committed_table(path: str | Path) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
+def describe_committed(committed: dict | None) -> str:
+    """The committed table's heading (date, command, seeds) and its rows, or how to make it when it is missing."""
+    if not committed:
+        return "docs/remedies.json is missing: run `lora-nb experiments` to make the table."
+    missing = committed.get("missing") or []
+    head = (f"Committed table ({committed['date']}, `{committed['command']}`, training seeds {committed['seeds']}"
+            + (f"; {len(missing)} runs not measured yet, listed in docs/remedies.md" if missing else "") + "):")
+    return head + "\n" + format_rows(committed)
+
+
 def format_rows(table: dict) -> str:
     """One line per remedy: its goal measure against the baseline, with the spread between seeds and the verdict."""
     lines = []
