@@ -86,7 +86,8 @@ def cmd_course(args) -> int:
 def cmd_diagnose(args) -> int:
     from lora_nb.diagnose import diagnose_workspace, format_diagnosis
 
-    result = diagnose_workspace(args.workspace)
+    chosen = {k: v for k, v in (("dino", args.dino), ("clip", args.clip)) if v}  # unset: lora_nb.embedders' defaults
+    result = diagnose_workspace(args.workspace, **chosen)
     print(json.dumps(result, indent=2, default=str) if args.json else format_diagnosis(result))
     return 0
 
@@ -168,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("diagnose", help="over/underfitting diagnosis of a trained workspace")
     d.add_argument("workspace")
     d.add_argument("--json", action="store_true")
+    d.add_argument("--dino", help="real models: the DINO model, a hub id or a local folder (default facebook/dinov2-small)")
+    d.add_argument("--clip", help="real models: the CLIP model, a hub id or a local folder "
+                                  "(default openai/clip-vit-base-patch32)")
     d.set_defaults(func=cmd_diagnose)
     return p
 

@@ -12,8 +12,11 @@ For a trained workspace this gathers two kinds of evidence per saved epoch:
   (the subject appears without the trigger word).
 
 On the toy world the image measures come from the toy judge, which knows the
-truth. On real models they are approximations from generic image similarity
-(small blurred-image correlation), and are labelled as such.
+truth. On real models they are the field's embedding measures (docs/diagnosis.md):
+DINO and CLIP-I similarity to the training images, CLIP-T similarity to the prompt
+(:mod:`lora_nb.embedders`), each mapped onto the same 0–1 fields the verdict reads.
+When DINO or CLIP cannot be loaded, they fall back to generic image similarity
+(small blurred-image correlation), labelled approximate with the reason.
 
 A verdict per epoch (underfit / good / overfit) follows from thresholds that
 are arguments, with the numbers behind it, the recommended file, and the
@@ -33,6 +36,7 @@ import torch
 from lora_nb import LoraNbError
 from lora_nb.config import Config, parse_resolution
 from lora_nb.dataset import Item, load_training_image, scan_dataset
+from lora_nb.embedders import DEFAULT_CLIP, DEFAULT_DINO, cosine_matrix, embed_images, embed_texts, find_embedders
 from lora_nb.fsutil import write_text_atomic
 from lora_nb.lora_io import load_lora
 from lora_nb.models import load_model_of, toy_model_dir
@@ -44,13 +48,23 @@ from lora_nb.workspace import Workspace
 
 @dataclass
 class Thresholds:
-    """Where the verdicts change. Shares are 0–1."""
+    """Where the verdicts change. Shares are 0–1.
+
+    On real models (DINO + CLIP, docs/diagnosis.md) the same numbers read: fidelity and leakage are shares of
+    generations whose mean DINO similarity to the training images reaches ``subject_dino`` × the training
+    images' similarity to one another; memorization is the mean nearest-training-image DINO similarity;
+    generalisation is CLIP-T relative to the base model's (1.0 = as prompt-faithful as the base), so
+    ``generalisation_drop`` 0.25 is CLIP-T falling a quarter below the base model's.
+    """
 
     fidelity_min: float = 0.5  # below: the subject is missing too often → underfit
     memorization_max: float = 0.93  # mean nearest-training-image similarity above this → copying → overfit
     generalisation_drop: float = 0.25  # prompt adherence falling this far below the base model → overfit
     leakage_max: float = 0.25  # subject appearing without the trigger word this often → overfit
     val_rise: float = 0.10  # validation loss this much (relative) above its best → overfit sign
+    # real models: a generation shows the subject when its mean DINO similarity to the training images reaches
+    # this share of theirs to one another (DreamBooth 0.863 of it, textual inversion 0.735: Ruiz et al. 2023)
+    subject_dino: float = 0.8
 
 
 REMEDIES = {
@@ -153,7 +167,7 @@ def toy_image_evidence(pipe, training_images: list[np.ndarray], seeds: list[int]
         "memorization_max": float(np.max(mem)) if mem else 0.0,
         "leakage": off["zorb"],
         "n_images": on["n"] + off["n"],
-        "approximate": False,
+        "approximate": False, "measures": "toy judge",
         "examples": [(r["prompt"], r["image"]) for r in on["records"] if r["seed"] == seeds[0]][:EXAMPLES],
     }
 
@@ -168,7 +182,7 @@ def generic_image_evidence(pipe, training_images: list[np.ndarray], prompts: lis
     Generalisation is not measured (None): look at the sample grid.
     """
 
-    bare = [re.sub(rf"\b{re.escape(trigger)}\b,?\s*", "", p).strip() or "a photo" for p in prompts] if trigger else prompts
+    bare = [strip_trigger(p, trigger) for p in prompts]
     on = [img for _, _, img in quality.generate(pipe, prompts, seeds, steps=steps, size=size)]
     off = [img for _, _, img in quality.generate(pipe, bare, seeds, steps=steps, size=size)]
     sim_on = [judge.memorization_score(i, training_images)["score"] for i in on]
@@ -180,8 +194,87 @@ def generic_image_evidence(pipe, training_images: list[np.ndarray], prompts: lis
         "memorization_max": float(np.max(sim_on)),
         "leakage": float(np.clip(np.mean(sim_off), 0, 1)) if trigger else None,
         "n_images": len(on) + len(off),
-        "approximate": True,
+        "approximate": True, "measures": "approximate",
         "examples": list(zip(prompts * len(seeds), on))[:EXAMPLES],
+    }
+
+
+def strip_trigger(prompt: str, trigger: str) -> str:
+    """``prompt`` without the trigger word (and its comma): what the prompt asks for in words CLIP knows."""
+    if not trigger:
+        return prompt
+    return re.sub(rf"\b{re.escape(trigger)}\b,?\s*", "", prompt).strip(" ,") or "a photo"
+
+
+# Prompt variations for CLIP-T: a setting or a style added to the run's own prompts, as DreamBench does
+PROMPT_VARIATIONS = ("on a beach", "in a snowy forest", "as an oil painting")
+
+
+def vary_prompts(prompts: list[str], variations: tuple[str, ...] = PROMPT_VARIATIONS) -> list[str]:
+    """The run's prompts, then each variation added to one of them in turn."""
+    return list(prompts) + [f"{prompts[i % len(prompts)]}, {v}" for i, v in enumerate(variations)]
+
+
+# DreamBooth (Ruiz et al. 2023, Table 1) on Stable Diffusion: DINO 0.668, CLIP-I 0.803, CLIP-T 0.305;
+# textual inversion 0.569 / 0.780 / 0.255; real images of the subject among themselves DINO 0.774, CLIP-I 0.885.
+DREAMBOOTH_SD = {"dino": 0.668, "clip_i": 0.803, "clip_t": 0.305}
+
+
+def reference_embeddings(embedders, training_images: list[np.ndarray]) -> dict:
+    """The training images' DINO and CLIP embeddings, and their mean DINO similarity to one another
+    (1.0 for a single image): the ceiling a generation of the subject is measured against."""
+    if not training_images:
+        raise LoraNbError("The diagnosis needs at least one training image: dataset.dir holds none.")
+    dino = embed_images(embedders, training_images, "dino")
+    sims = cosine_matrix(dino, dino)
+    n = len(training_images)
+    self_sim = float((sims.sum() - np.trace(sims)) / (n * (n - 1))) if n > 1 else 1.0
+    return {"dino": dino, "clip": embed_images(embedders, training_images, "clip"), "dino_self": self_sim}
+
+
+def embedding_image_evidence(pipe, embedders, reference: dict, prompts: list[str], trigger: str, seeds: list[int],
+                             size: tuple[int, int], steps: int = 20, base: dict | None = None,
+                             t: Thresholds = Thresholds()) -> dict:
+    """The field's measures for real models (docs/diagnosis.md) of what ``pipe`` draws now: ``prompts`` (with
+    the trigger word) at every seed, and again without the trigger word, measured by :func:`embedding_measures`."""
+    texts = [strip_trigger(p, trigger) for p in prompts]
+    on = [img for _, _, img in quality.generate(pipe, prompts, seeds, steps=steps, size=size)]
+    off = [img for _, _, img in quality.generate(pipe, texts, seeds, steps=steps, size=size)] if trigger else []
+    return {**embedding_measures(embedders, reference, on, [texts[i % len(texts)] for i in range(len(on))], off,
+                                 base, t),
+            "examples": list(zip(prompts * len(seeds), on))[:EXAMPLES]}
+
+
+def embedding_measures(embedders, reference: dict, on: list[np.ndarray], texts: list[str], off: list[np.ndarray],
+                       base: dict | None = None, t: Thresholds = Thresholds()) -> dict:
+    """DINO, CLIP-I and CLIP-T of generations, on the 0–1 fields the verdict reads.
+
+    ``on``: generations with the trigger word, ``texts[i]`` the prompt of ``on[i]`` without it; ``off``:
+    generations without the trigger word (empty when the run has none). fidelity = share of ``on`` whose mean
+    DINO similarity to the training images reaches ``t.subject_dino`` × the training images' similarity to one
+    another; memorization = mean (and max) nearest-training-image DINO similarity of ``on``; generalisation =
+    CLIP-T relative to ``base``'s; leakage = share of ``off`` showing the subject, above the base model's share.
+    ``base`` None: these are the base model's own generations (generalisation 1, leakage 0).
+    """
+    present_min = t.subject_dino * reference["dino_self"]
+    dino_on = cosine_matrix(embed_images(embedders, on, "dino"), reference["dino"])
+    clip_on = embed_images(embedders, on, "clip")
+    clip_t = float(np.mean(np.sum(clip_on.numpy() * embed_texts(embedders, texts).numpy(), axis=1)))
+    nearest = dino_on.max(axis=1)
+    dino_off = cosine_matrix(embed_images(embedders, off, "dino"), reference["dino"]).mean(axis=1) if off else None
+    shown_off = float(np.mean(dino_off >= present_min)) if off else None
+    leakage = None
+    if off:
+        leakage = max(0.0, shown_off - (base.get("subject_without_trigger") or 0.0)) if base else 0.0
+    return {
+        "fidelity": float(np.mean(dino_on.mean(axis=1) >= present_min)),
+        "generalisation": clip_t / base["clip_t"] if base else 1.0,
+        "memorization": float(np.mean(nearest)), "memorization_max": float(np.max(nearest)),
+        "leakage": leakage, "n_images": len(on) + len(off), "approximate": False, "measures": "dino+clip",
+        "dino": float(np.mean(dino_on)), "clip_i": float(np.mean(cosine_matrix(clip_on, reference["clip"]))),
+        "clip_t": clip_t,
+        "dino_without_trigger": float(np.mean(dino_off)) if off else None, "subject_without_trigger": shown_off,
+        "dino_training": reference["dino_self"], "dino_subject_min": present_min,
     }
 
 
@@ -251,11 +344,37 @@ def grid_judge(cfg):
     return quality.judge_label if is_toy(cfg) else None
 
 
+def image_measures(cfg, pipe, seeds: list[int], steps: int, thresholds: Thresholds, dino: str, clip: str):
+    """``(measure, how, reason)``: ``measure(pipe, base)`` gives one file's image evidence (``base`` None for
+    the base model itself); ``how`` is "toy judge", "dino+clip" or "approximate"; ``reason`` says why the
+    measures are approximate (None when they are not)."""
+    training = load_training_images(cfg)
+    size = parse_resolution(cfg.dataset.resolution)
+    trigger = cfg.dataset.trigger_word
+    prompts = [re.split(r"\s--", p)[0] for p in cfg.sample.prompts] or [trigger or "a photo"]
+    if is_toy(cfg):
+        return (lambda p, base: toy_image_evidence(p, training, seeds, steps)), "toy judge", None
+    embedders, reason = find_embedders(dino, clip, pipe.device)
+    if embedders is None:
+        reason = f"{reason}; measures are the approximation"
+
+        def approximate(p, base):
+            return {**generic_image_evidence(p, training, prompts, trigger, seeds, size, steps),
+                    "approximate_reason": reason}
+
+        return approximate, "approximate", reason
+    reference = reference_embeddings(embedders, training)
+    varied = vary_prompts(prompts)
+    return (lambda p, base: embedding_image_evidence(p, embedders, reference, varied, trigger, seeds, size, steps,
+                                                     base, thresholds)), "dino+clip", None
+
+
 def diagnose_run(workspace: str | Path, seeds: list[int] | None = None, steps: int = 20,
                  thresholds: Thresholds = Thresholds(), write: bool = True, progress: bool = True,
-                 only_final: bool = False) -> dict:
+                 only_final: bool = False, dino: str = DEFAULT_DINO, clip: str = DEFAULT_CLIP) -> dict:
     """Measure every saved epoch of the run in ``workspace`` (or its final file only) and
-    return (and write) ``diagnosis.json``."""
+    return (and write) ``diagnosis.json``. On real models ``dino`` and ``clip`` name the embedders
+    (hub ids or local folders, :mod:`lora_nb.embedders`); without them the measures are approximate."""
     from tqdm.auto import tqdm
 
 
@@ -275,23 +394,15 @@ def diagnose_run(workspace: str | Path, seeds: list[int] | None = None, steps: i
     losses = loss_evidence(records)
     final_epoch = max(losses["epochs"]) if losses["epochs"] else cfg.training.epochs
     toy = is_toy(cfg)
-    training = load_training_images(cfg)
     model = load_model_of(cfg.model)
     model.pipe.set_progress_bar_config(disable=True)
-    size = parse_resolution(cfg.dataset.resolution)
-
-    def measure(pipe):
-        if toy:
-            return toy_image_evidence(pipe, training, seeds, steps)
-        prompts = [re.split(r"\s--", p)[0] for p in cfg.sample.prompts] or [cfg.dataset.trigger_word or "a photo"]
-        return generic_image_evidence(pipe, training, prompts, cfg.dataset.trigger_word, seeds, size, steps)
-
-    base = measure(model.pipe)
+    measure, how, reason = image_measures(cfg, model.pipe, seeds, steps, thresholds, dino, clip)
+    base = measure(model.pipe, None)
     epochs = []
     for path in tqdm(files, desc="Measuring saved epochs", disable=not progress):
         epoch = epoch_of_file(path, final_epoch)
         load_lora(model.pipe, path, adapter_name="diagnose")
-        images = measure(model.pipe)
+        images = measure(model.pipe, base)
         val = None
         vloss = losses["epochs"].get(epoch, {}).get("val_loss")
         if vloss is not None and losses["best_val_loss"]:
@@ -305,7 +416,10 @@ def diagnose_run(workspace: str | Path, seeds: list[int] | None = None, steps: i
     chosen = recommend(epochs)
     run_verdict = overall_verdict(epochs, chosen)
     result = {
-        "workspace": str(ws.root), "toy_judge": toy, "approximate": not toy, "seeds": seeds,
+        "workspace": str(ws.root), "toy_judge": toy, "approximate": how == "approximate", "measures": how,
+        "approximate_reason": reason,
+        "embedders": {"dino": str(dino), "clip": str(clip)} if how == "dino+clip" else None,
+        "seeds": seeds,
         "thresholds": asdict(thresholds), "loss": losses,
         "base": {k: v for k, v in base.items() if k != "examples"},
         "epochs": [{k: v for k, v in e.items() if k != "examples"} for e in epochs],
@@ -358,21 +472,29 @@ def loss_versus_judge(result: dict) -> str:
 
 
 def format_diagnosis(result: dict) -> str:
-    lines = [f"Diagnosis of {result['workspace']}" + (" (approximate measures: no judge for this model)"
-                                                      if result["approximate"] else " (toy judge)")]
+    """The diagnosis as text: how it was measured (the reason when approximate), the base model, every epoch
+    with its verdict and reasons (and DINO / CLIP-I / CLIP-T where measured), the file to use, the remedies."""
+    how = result.get("measures", "toy judge" if result.get("toy_judge") else "approximate")
+    header = {"toy judge": " (toy judge)", "dino+clip": " (DINO + CLIP measures)"}
+    lines = [f"Diagnosis of {result['workspace']}" + header.get(how, " (approximate measures: no judge for this model)")]
+    if result.get("approximate_reason"):
+        lines.append(f"  {result['approximate_reason']}")
     b = result["base"]
     per = b.get("n_images", 0) // 2
     lines.append(f"  each measure below: {per} generations with the trigger word and {per} without, seeds "
                  f"{result['seeds']}; a share of {per} images is uncertain by about "
                  f"±{(0.25 / max(per, 1)) ** 0.5:.0%} (one standard error at 50%), and other seeds can differ more")
+    if how == "dino+clip":
+        lines += describe_embedding_measures(result)
     lines.append(f"  base model:  fidelity {b['fidelity']:.0%}  leakage {_pct(b.get('leakage'))}  "
-                 f"adherence {_pct(b.get('generalisation'))}")
+                 f"adherence {_pct(b.get('generalisation'))}" + _embedding_figures(b))
     for e in result["epochs"]:
         im = e["images"]
         val = e["validation"]["val_loss"] if e.get("validation") else None
         lines.append(f"  epoch {e['epoch']:>3}: {e['verdict']:<8} fidelity {im['fidelity']:.0%}  "
                      f"adherence {_pct(im.get('generalisation'))}  memorization {im['memorization']:.2f}  "
-                     f"leakage {_pct(im.get('leakage'))}" + (f"  val loss {val:.4f}" if val is not None else ""))
+                     f"leakage {_pct(im.get('leakage'))}" + (f"  val loss {val:.4f}" if val is not None else "")
+                     + _embedding_figures(im))
         for r in e["reasons"]:
             lines.append(f"             - {r}")
     lines.append(f"Verdict: {result['verdict']}")
@@ -381,6 +503,26 @@ def format_diagnosis(result: dict) -> str:
     for r in result["remedies"]:
         lines.append(f"  remedy: {r['remedy']}  ({r['setting']}: {r['change']})")
     return "\n".join(lines)
+
+
+def describe_embedding_measures(result: dict) -> list[str]:
+    """How the DINO + CLIP figures map onto the fields, with DreamBooth's published values to read them by."""
+    b, emb, t = result["base"], result.get("embedders") or {}, result.get("thresholds", {})
+    ref = DREAMBOOTH_SD
+    return [
+        f"  DINO {emb.get('dino', '?')}, CLIP {emb.get('clip', '?')}: fidelity / leakage = share of generations "
+        f"with mean DINO similarity ≥ {b['dino_subject_min']:.2f} ({t.get('subject_dino', 0.8):g} × the training "
+        f"images' {b['dino_training']:.2f} to one another); adherence = CLIP-T relative to the base model's; "
+        "memorization = mean nearest-training-image DINO similarity",
+        f"  DreamBooth on Stable Diffusion (Ruiz et al. 2023): DINO {ref['dino']}, CLIP-I {ref['clip_i']}, "
+        f"CLIP-T {ref['clip_t']}",
+    ]
+
+
+def _embedding_figures(images: dict) -> str:
+    if images.get("dino") is None:
+        return ""
+    return f"\n{'':13}DINO {images['dino']:.3f}  CLIP-I {images['clip_i']:.3f}  CLIP-T {images['clip_t']:.3f}"
 
 
 def _pct(v) -> str:
