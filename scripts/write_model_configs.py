@@ -72,7 +72,6 @@ def write_text_encoder(folder: Path, values: dict, with_projection: bool) -> Non
 
     cfg = CLIPTextConfig(**values)
     cfg.architectures = ["CLIPTextModelWithProjection" if with_projection else "CLIPTextModel"]
-    cfg.dtype = "float32"
     folder.mkdir(parents=True, exist_ok=True)
     cfg.to_json_file(str(folder / "config.json"))
 
