@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from lora_nb import LoraNbError
+from lora_nb import LoraNbError, checkpoints
 from lora_nb.workspace import repo_data_dir
 from lora_nb.tokenizer import write_clip_tokenizer
 
@@ -88,12 +88,12 @@ def _tiny_vae():
     )
 
 
-def _tiny_text_encoder(tokenizer, with_projection: bool = False):
+def _tiny_text_encoder(tokenizer, with_projection: bool = False, width: int = 32):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     cfg = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=5,
-        num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length, projection_dim=32,
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=37, num_hidden_layers=5,
+        num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length, projection_dim=width,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, hidden_act="gelu",
     )
@@ -127,8 +127,11 @@ def build_tiny_sd15(folder: str | Path, seed: int = 0, prediction_type: str = "e
     return folder
 
 
-def build_tiny_sdxl(folder: str | Path, seed: int = 0) -> Path:
-    """Build a tiny random SDXL-architecture pipeline (two text encoders, time ids) and save it."""
+def build_tiny_sdxl(folder: str | Path, seed: int = 0, text_encoder_2_width: int = 32) -> Path:
+    """Build a tiny random SDXL-architecture pipeline (two text encoders, time ids) and save it.
+
+    ``text_encoder_2_width`` other than 32 gives the two text encoders different widths, as in SDXL
+    (a single-file checkpoint tells them apart by width)."""
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
     folder = Path(folder)
@@ -139,12 +142,13 @@ def build_tiny_sdxl(folder: str | Path, seed: int = 0) -> Path:
         sample_size=32, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=2,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
-        use_linear_projection=True, transformer_layers_per_block=(1, 2), cross_attention_dim=64,
+        use_linear_projection=True, transformer_layers_per_block=(1, 2), cross_attention_dim=32 + text_encoder_2_width,
         addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=80, norm_num_groups=32,
+        projection_class_embeddings_input_dim=text_encoder_2_width + 6 * 8, norm_num_groups=32,
     )
     pipe = StableDiffusionXLPipeline(
-        vae=_tiny_vae(), text_encoder=_tiny_text_encoder(tok), text_encoder_2=_tiny_text_encoder(tok2, True),
+        vae=_tiny_vae(), text_encoder=_tiny_text_encoder(tok),
+        text_encoder_2=_tiny_text_encoder(tok2, True, text_encoder_2_width),
         tokenizer=tok, tokenizer_2=tok2, unet=unet, scheduler=_tiny_scheduler(),
     )
     pipe.save_pretrained(folder)
@@ -169,14 +173,7 @@ def detect_family_of_folder(folder: Path) -> str:
 
 def detect_family_of_checkpoint(path: Path) -> str:
     """Read only the tensor names of a single-file checkpoint and tell SD1.x from SDXL."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-    except Exception as exc:  # noqa: BLE001 - any parse failure means "not a checkpoint"
-        raise LoraNbError(f"{path} is not a readable .safetensors checkpoint ({exc}).") from None
-    return _family_from_keys(keys, path)
+    return _family_from_keys(checkpoints.read_shapes(path), path)
 
 
 def _family_from_keys(keys, path: Path) -> str:
@@ -200,7 +197,7 @@ def looks_like_hub_id(source: str) -> bool:
 
 
 def load_base_model(source: str | Path, family: str = "auto", dtype: torch.dtype = torch.float32,
-                    allow_pickle: bool = False) -> BaseModel:
+                    allow_pickle: bool = False, single_file_config: str | Path | None = None) -> BaseModel:
     """Load a base model from ``source``.
 
     ``source`` is ``"toy"`` (the bundled toy model), a local diffusers folder, a
@@ -208,6 +205,10 @@ def load_base_model(source: str | Path, family: str = "auto", dtype: torch.dtype
     as ``stable-diffusion-v1-5/stable-diffusion-v1-5``. ``family`` is ``auto``,
     ``sd15`` or ``sdxl``. Pickle checkpoints (``.ckpt``/``.pt``) need
     ``allow_pickle=True`` because unpickling can run arbitrary code.
+
+    A single file is read with the shipped SD1.5/SDXL configuration (no download), or with
+    ``single_file_config`` (a diffusers folder or hub id) when given; its scheduler predicts
+    ``v_prediction`` when the file carries the ``v_pred`` marker.
     """
     if family not in ("auto",) + FAMILIES:
         raise LoraNbError(f"model_family={family!r} is not known: use 'auto', 'sd15' or 'sdxl'.")
@@ -234,7 +235,7 @@ def load_base_model(source: str | Path, family: str = "auto", dtype: torch.dtype
             raise LoraNbError(f"Could not load the diffusers model in {path}: {exc}") from None
         return BaseModel(pipe, fam, str(path))
     if path.is_file():
-        return _load_single_file(path, family, dtype, allow_pickle)
+        return _load_single_file(path, family, dtype, allow_pickle, single_file_config)
     if looks_like_hub_id(src):
         return _load_from_hub(src, family, dtype)
     raise LoraNbError(
@@ -297,7 +298,7 @@ def load_vae(source: str | Path, base_config=None, dtype: torch.dtype = torch.fl
                       "fix the path, or clear model.vae to use the model's own VAE.")
 
 
-def _load_single_file(path: Path, family: str, dtype, allow_pickle: bool) -> BaseModel:
+def _load_single_file(path: Path, family: str, dtype, allow_pickle: bool, config) -> BaseModel:
     suffix = path.suffix.lower()
     if suffix in (".ckpt", ".pt", ".pth", ".bin"):
         if not allow_pickle:
@@ -311,17 +312,19 @@ def _load_single_file(path: Path, family: str, dtype, allow_pickle: bool) -> Bas
         from safetensors.torch import save_file
 
         tensors = load_pickle_checkpoint(path)
-        fam = family if family != "auto" else _family_from_keys(tensors, path)
+        shapes = checkpoints.shapes_of(tensors)
+        fam = family if family != "auto" else _family_from_keys(shapes, path)
         # diffusers gets the tensors as a .safetensors file: nothing of the pickle reaches its loader
         with tempfile.TemporaryDirectory(prefix="lora-nb-ckpt-") as tmp:
             converted = Path(tmp) / (path.stem + ".safetensors")
             save_file(tensors, str(converted))
             del tensors
-            return _from_single_file(converted, fam, dtype, shown=path)
+            return _from_single_file(converted, fam, dtype, path, shapes, config)
     elif suffix != ".safetensors":
         raise LoraNbError(f"{path} is not a model checkpoint (expected .safetensors, or a diffusers folder).")
-    fam = family if family != "auto" else detect_family_of_checkpoint(path)
-    return _from_single_file(path, fam, dtype, shown=path)
+    shapes = checkpoints.read_shapes(path)
+    fam = family if family != "auto" else _family_from_keys(shapes, path)
+    return _from_single_file(path, fam, dtype, path, shapes, config)
 
 
 def load_pickle_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
@@ -354,17 +357,39 @@ def load_pickle_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _from_single_file(path: Path, fam: str, dtype, shown: Path) -> BaseModel:
-    cls = _pipeline_class(fam)
+def _from_single_file(path: Path, fam: str, dtype, shown: Path, shapes: dict, config) -> BaseModel:
+    """Load the checkpoint at ``path`` (named ``shown`` to the learner) with the configuration folder
+    ``config``, else the shipped one of ``fam`` when the layout is the standard one; tokenizers from
+    :func:`lora_nb.checkpoints.load_tokenizers`."""
+    unusual = checkpoints.unusual_layout(shapes, fam) if config is None else ""
+    if config is None and not unusual:
+        config = checkpoints.shipped_config_dir(fam)
+    kwargs = {}
+    if config is not None and Path(config).is_dir():
+        kwargs = dict(config=str(config), local_files_only=True,
+                      **checkpoints.load_tokenizers(fam, shown, config, checkpoints.REFERENCE_MODELS[fam]))
+    elif config is not None:
+        kwargs = dict(config=str(config))
     try:
-        pipe = cls.from_single_file(str(path), dtype=dtype)
+        pipe = _pipeline_class(fam).from_single_file(str(path), dtype=dtype, **kwargs)
     except Exception as exc:  # noqa: BLE001 - diffusers raises many types here
-        raise LoraNbError(
-            f"Could not load the {fam} checkpoint {shown}: {type(exc).__name__}: {str(exc)[:300]}. "
-            "Single-file loading needs the base model's configuration; offline, convert the checkpoint to a "
-            "diffusers folder on a machine with internet access, or check that the file is complete."
-        ) from None
+        raise LoraNbError(_single_file_failure(shown, fam, exc, unusual, config)) from None
+    if checkpoints.is_v_prediction(shapes):  # model.prediction_type, when set, still has the last word
+        pipe.register_modules(scheduler=pipe.scheduler.__class__.from_config(pipe.scheduler.config,
+                                                                             prediction_type="v_prediction"))
     return BaseModel(pipe, fam, str(shown))
+
+
+def _single_file_failure(shown: Path, fam: str, exc: Exception, unusual: str, config) -> str:
+    what = f"Could not load the {fam} checkpoint {shown}: {type(exc).__name__}: {str(exc)[:300]}. "
+    if unusual:
+        return what + (f"lora-nb ships the SD1.5 and SDXL base configurations, but {unusual}, so diffusers looked "
+                       "up its configuration on the Hugging Face hub. Offline, convert the checkpoint to a diffusers "
+                       "folder on a machine with internet access and set model.source to that folder.")
+    shipped = Path(str(config)).parent == checkpoints.CONFIG_ROOT
+    used = f"the shipped {fam} configuration" if shipped else f"the configuration in {config}"
+    return what + (f"It was read with {used}; check that the file is complete and really an {fam} checkpoint "
+                   "(set model.family to the other family if not).")
 
 
 def _load_from_hub(repo_id: str, family: str, dtype) -> BaseModel:

@@ -284,11 +284,11 @@ def _evil_checkpoint(path: Path, marker: Path) -> Path:
     return path
 
 
-def test_pickle_model_checkpoints_need_the_opt_in_and_never_run_code(tmp_path):
+def test_pickle_model_checkpoints_need_the_opt_in_and_never_run_code(tmp_path, tiny_sd15_dir):
     """A .ckpt model is refused without ``allow_pickle`` (naming the file and the setting). With it, a
     checkpoint hiding code is still refused by ``torch.load(weights_only=True)``: the code never runs.
-    A plain tensor checkpoint gets through the unpickling and on to diffusers (which, offline, cannot
-    fetch the base configuration here: a named error)."""
+    A plain tensor checkpoint gets through the unpickling and on to diffusers (which cannot build a model
+    from its two tensors: a named error)."""
     marker = tmp_path / "code ran"
     evil = _evil_checkpoint(tmp_path / "model.ckpt", marker)
     with pytest.raises(LoraNbError, match=r"model.ckpt is a pickle checkpoint.*model.allow_pickle=true"):
@@ -306,10 +306,10 @@ def test_pickle_model_checkpoints_need_the_opt_in_and_never_run_code(tmp_path):
     torch.save({"state_dict": {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2),
                                "cond_stage_model.transformer.x": torch.ones(1)}, "global_step": 7}, plain)
     with pytest.raises(LoraNbError, match=r"Could not load the sd15 checkpoint .*plain.ckpt"):
-        load_base_model(plain, allow_pickle=True)
+        load_base_model(plain, allow_pickle=True, single_file_config=tiny_sd15_dir)
 
 
-def test_model_loading_code_unpickles_only_with_weights_only(monkeypatch, tmp_path):
+def test_model_loading_code_unpickles_only_with_weights_only(monkeypatch, tmp_path, tiny_sd15_dir):
     """The only unpickling on the model path is ``torch.load(..., weights_only=True)``, whatever the
     installed diffusers does: diffusers is handed a .safetensors file."""
     from lora_nb import models
@@ -334,7 +334,7 @@ def test_model_loading_code_unpickles_only_with_weights_only(monkeypatch, tmp_pa
     plain = tmp_path / "m.pt"
     torch.save({"model.diffusion_model.a": torch.zeros(1)}, plain)
     with pytest.raises(LoraNbError, match="Could not load"):
-        models.load_base_model(plain, allow_pickle=True)
+        models.load_base_model(plain, allow_pickle=True, single_file_config=tiny_sd15_dir)
     assert calls == [True] and seen_by_diffusers == [".safetensors"]
 
 
