@@ -1,5 +1,8 @@
 """Full-size SD1.5 and SDXL architectures from their configurations, no download.
 
+The configurations are the shipped ones single-file checkpoints are read with
+(``lora_nb/model_configs/<family>/``, see :mod:`lora_nb.checkpoints`).
+
 For what depends only on the architecture: LoRA module sets and file sizes
 (built on the ``meta`` device, no memory), and speed/memory measurements on a
 GPU (random weights: timing and memory do not depend on the weights' values).
@@ -9,26 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from lora_nb import checkpoints
 from lora_nb.models import BaseModel
-
-SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, cross_attention_dim=768, attention_head_dim=8,
-                 block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4, cross_attention_dim=2048,
-                 attention_head_dim=[5, 10, 20], block_out_channels=(320, 640, 1280), layers_per_block=2,
-                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                 transformer_layers_per_block=[1, 2, 10], use_linear_projection=True,
-                 addition_embed_type="text_time", addition_time_embed_dim=256,
-                 projection_class_embeddings_input_dim=2816)
-VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-           layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
-           up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512)
-CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-              num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
-CLIP_G = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-              num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
 
 
 class _Parts:
@@ -59,12 +44,14 @@ def _build_parts(family: str, device, with_vae: bool) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    folder = checkpoints.shipped_config_dir(family)
     with torch.device(device):
-        unet = UNet2DConditionModel(**(SD15_UNET if family == "sd15" else SDXL_UNET))
-        te = CLIPTextModel(CLIPTextConfig(**CLIP_L))
+        unet = UNet2DConditionModel.from_config(checkpoints.read_config(folder, "unet"))
+        te = CLIPTextModel(CLIPTextConfig.from_dict(checkpoints.read_config(folder, "text_encoder")))
         parts = dict(unet=unet, text_encoder=te)
         if family == "sdxl":
-            parts["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G))
+            te2 = CLIPTextConfig.from_dict(checkpoints.read_config(folder, "text_encoder_2"))
+            parts["text_encoder_2"] = CLIPTextModelWithProjection(te2)
         if with_vae:
-            parts["vae"] = AutoencoderKL(**VAE)
+            parts["vae"] = AutoencoderKL.from_config(checkpoints.read_config(folder, "vae"))
     return parts
