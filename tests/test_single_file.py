@@ -40,6 +40,8 @@ def _config_only_copy(model_dir: Path, dest: Path) -> Path:
     """The JSON files of a diffusers folder (no weights, no vocabulary): a configuration folder like the
     shipped ones."""
     for f in model_dir.rglob("*.json"):
+        if f.name in ("vocab.json", "tokenizer.json"):
+            continue
         target = dest / f.relative_to(model_dir)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(f, target)
