@@ -64,9 +64,14 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_config(args) -> int:
-    from lora_nb.config import Config, preset
+    from lora_nb.config import PRESET_DESCRIPTIONS, Config, preset
 
-    cfg = preset(args.preset) if args.preset else Config()
+    if args.list_presets:
+        width = max(map(len, PRESET_DESCRIPTIONS))
+        for name, text in PRESET_DESCRIPTIONS.items():
+            print(f"{name:<{width}}  {text}")
+        return 0
+    cfg = preset(args.preset, args.trigger or "", args.class_word or "") if args.preset else Config()
     if args.set:
         cfg = cfg.with_overrides(args.set)
     sys.stdout.write(cfg.to_yaml())
@@ -128,6 +133,8 @@ def _parse_param(pair: list[str]) -> tuple[str, object]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lora_nb.config import PRESETS
+
     p = argparse.ArgumentParser(prog="lora-nb", description="Train and inspect LoRAs for Stable Diffusion.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -143,7 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_inspect)
 
     c = sub.add_parser("config", help="print a full config YAML")
-    c.add_argument("--preset", choices=["anime", "realistic", "toy"])
+    c.add_argument("--preset", choices=list(PRESETS), help="start from a preset (--list-presets says what each is)")
+    c.add_argument("--list-presets", action="store_true", help="list the presets with a line on each")
+    c.add_argument("--trigger", help="real presets: the trigger word put first in captions and used in previews")
+    c.add_argument("--class-word", help="real presets: the class word of the preview prompts (person, 1girl, dog)")
     c.add_argument("--set", action="append", metavar="KEY=VALUE")
     c.set_defaults(func=cmd_config)
 

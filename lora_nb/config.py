@@ -46,6 +46,7 @@ class ModelConfig:
     prediction_type: str = "auto"  # auto (from the model's scheduler) / epsilon / v_prediction
     vae: str = ""  # optional separate VAE (e.g. the fp16-fix VAE for SDXL); empty = the model's own
     allow_pickle: bool = False  # allow .ckpt/.pt checkpoints (loaded with weights_only=True)
+    zero_terminal_snr: bool = False  # the model was trained with zero terminal SNR (NoobAI-XL V-Pred): its schedule, everywhere
 
 
 @dataclass
@@ -377,14 +378,107 @@ def _preset_toy() -> Config:
     return c
 
 
-PRESETS = {"anime": _preset_anime, "realistic": _preset_realistic, "toy": _preset_toy}
+def _preset_sdxl_realistic() -> Config:
+    c = _preset_realistic()
+    c.model.source, c.model.family = "stabilityai/stable-diffusion-xl-base-1.0", "sdxl"
+    c.dataset.resolution = "1024x1024"
+    c.network.rank, c.network.alpha, c.network.clip_skip = 32, 16.0, 1  # SDXL reads the penultimate layer already
+    c.optimizer.text_encoder_lr = 0.0  # both text encoders frozen, as SDXL LoRAs usually are (sd-scripts' unet only)
+    c.training.gradient_checkpointing = True  # a 2.6 B-parameter UNet at 1024 px: activations are what fill the GPU
+    c.sample.steps, c.sample.cfg_scale = 28, 6.0
+    return c
 
 
-def preset(name: str) -> Config:
-    """A fresh Config filled with a preset's recommended values: ``anime``, ``realistic`` or ``toy``."""
+def _preset_sdxl_anime() -> Config:
+    c = _preset_sdxl_realistic()
+    c.dataset.repeats, c.training.epochs = 8, 20
+    c.network.rank, c.network.alpha = 16, 8.0
+    c.dataset.shuffle_caption, c.dataset.keep_tokens = True, 1
+    c.sample.sampler = "Euler a"
+    return c
+
+
+def _preset_illustrious() -> Config:
+    c = _preset_sdxl_anime()
+    c.model.source = "Illustrious-XL-v0.1.safetensors"  # a community file: download it and give its path
+    return c
+
+
+def _preset_pony() -> Config:
+    c = _preset_sdxl_anime()
+    c.model.source = "ponyDiffusionV6XL.safetensors"  # a community file: download it and give its path
+    c.network.clip_skip = 2  # what Pony Diffusion V6 XL was trained and is used with
+    return c
+
+
+def _preset_noobai_vpred() -> Config:
+    c = _preset_sdxl_anime()
+    c.model.source = "Laxhar/noobai-XL-Vpred-1.0"
+    c.model.prediction_type, c.model.zero_terminal_snr = "v_prediction", True
+    c.sample.cfg_scale = 4.5  # v-prediction models want a lower CFG
+    return c
+
+
+PRESETS = {"anime": _preset_anime, "realistic": _preset_realistic, "sdxl-realistic": _preset_sdxl_realistic,
+           "sdxl-anime": _preset_sdxl_anime, "illustrious": _preset_illustrious, "pony": _preset_pony,
+           "noobai-vpred": _preset_noobai_vpred, "toy": _preset_toy}
+PRESET_DESCRIPTIONS = {
+    "anime": "SD1.5 anime character or style: 512 px, rank 16 / alpha 8, repeats 8 x 20 epochs, clip skip 2, "
+             "shuffled tags",
+    "realistic": "SD1.5 photos of a person or thing: 512 px, rank 64 / alpha 32, repeats 15 x 10 epochs",
+    "sdxl-realistic": "SDXL base 1.0 photos: 1024 px, rank 32 / alpha 16, UNet only, gradient checkpointing "
+                      "(less memory, slower steps)",
+    "sdxl-anime": "SDXL anime on SDXL base 1.0: 1024 px, rank 16 / alpha 8, repeats 8 x 20, shuffled tags, UNet only",
+    "illustrious": "Illustrious-XL (an SDXL anime base, booru tags): as sdxl-anime; download its .safetensors file "
+                   "and set model_source to it",
+    "pony": "Pony Diffusion V6 XL: as sdxl-anime with clip skip 2 and score_9-style prompts; download the file "
+            "(Civitai) and set model_source to it",
+    "noobai-vpred": "NoobAI-XL V-Pred 1.0: as sdxl-anime with v-prediction and zero terminal SNR, CFG 4.5",
+    "toy": "the offline course: the bundled toy model on a CPU in minutes (64 px, 1,200 steps)",
+}
+
+
+ANIME_PRESETS = ("anime", "sdxl-anime", "illustrious", "pony", "noobai-vpred")
+REAL_TRIGGER = "ohwx"  # a rare token often used as a trigger word; your own rare word is as good
+
+
+def default_class_word(name: str) -> str:
+    """The class word a preset's prompts use until the learner names theirs."""
+    return "circle" if name == "toy" else "1girl" if name in ANIME_PRESETS else "person"
+
+
+def sample_prompts_for(name: str, trigger: str, class_word: str) -> list[str]:
+    """Preview prompts for preset ``name`` built from the trigger and class words: two with the trigger, one
+    without it (the last shows whether the subject leaks into its class)."""
+    if name == "toy":
+        return list(_preset_toy().sample.prompts)
+    if name in ANIME_PRESETS:
+        score = "score_9, score_8_up, score_7_up, " if name == "pony" else ""
+        neg = "--n lowres, bad anatomy, bad hands, worst quality"
+        return [f"{score}{trigger}, {class_word}, solo, upper body, looking at viewer {neg} --d 1",
+                f"{score}{trigger}, {class_word}, full body, standing, outdoors, smile {neg} --d 2",
+                f"{score}{class_word}, solo, upper body, looking at viewer {neg} --d 3"]
+    neg = "--n lowres, blurry, deformed, watermark"
+    return [f"a photo of {trigger} {class_word}, looking at the camera, natural light {neg} --d 1",
+            f"a photo of {trigger} {class_word} in a park, smiling {neg} --d 2",
+            f"a photo of a {class_word}, looking at the camera, natural light {neg} --d 3"]
+
+
+def preset(name: str, trigger_word: str = "", class_word: str = "") -> Config:
+    """A fresh Config filled with a preset's recommended values (:data:`PRESET_DESCRIPTIONS` says what each is).
+
+    The real presets put ``trigger_word`` (default :data:`REAL_TRIGGER`) first in every caption, build their
+    preview prompts from it and ``class_word``, and name the LoRA files after it; the toy preset's captions,
+    prompts and file names (``lora``) are its own."""
     if name not in PRESETS:
         raise ConfigError(f"Unknown preset {name!r}: choose one of {', '.join(PRESETS)}.")
-    return copy.deepcopy(PRESETS[name]())
+    cfg = copy.deepcopy(PRESETS[name]())
+    if name != "toy":
+        cfg.dataset.trigger_word = trigger_word or REAL_TRIGGER
+        cfg.sample.prompts = sample_prompts_for(name, cfg.dataset.trigger_word, class_word or default_class_word(name))
+        # the files are named after the trigger: two LoRAs in one UI folder never share the alias "lora"
+        cfg.save.output_name = re.sub(r"[^\w.\- ]", "_", cfg.dataset.trigger_word).strip(". ") or "lora"
+    return cfg
 
 
 # ---------------------------------------------------------------------------- validation
@@ -493,6 +587,10 @@ def _check_required(c: _Checks, cfg: Config) -> None:
     if not str(cfg.model.source).strip():
         c.err("model.source", "is empty: set it to 'toy', a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5, "
                             "a diffusers folder or a .safetensors checkpoint.")
+    src = str(cfg.model.source).strip()
+    if src.lower().endswith((".safetensors", ".ckpt", ".pt")) and not Path(src).expanduser().exists():
+        c.err("model.source", f"{src!r} does not exist: download the checkpoint and set model.source to the path of "
+                              "the file (a community model such as Illustrious or Pony comes as one file).")
     if not str(d.dir).strip():
         c.err("dataset.dir", "is empty: set it to the folder holding your <repeats>_<concept> subfolders of images.")
     if not str(sv.output_dir).strip():
@@ -650,6 +748,9 @@ def _check_sample_and_save(c: _Checks, cfg: Config) -> None:
         c.err("model.family", f"{cfg.model.family!r} is unknown: use auto, sd15 or sdxl.")
     if cfg.model.prediction_type not in ("auto", "epsilon", "v_prediction"):
         c.err("model.prediction_type", f"{cfg.model.prediction_type!r} is unknown: use auto, epsilon or v_prediction.")
+    if cfg.model.zero_terminal_snr and cfg.model.prediction_type == "epsilon":
+        c.warn("model.zero_terminal_snr", "with epsilon prediction the last timestep (pure noise) teaches nothing and "
+                                          "sampling from it fails: zero terminal SNR goes with v_prediction.")
 
 
 def check_against_model(cfg: Config, size_multiple: int, family: str) -> list[Problem]:

@@ -475,8 +475,9 @@ def resize_to_bucket(img: Image.Image, bucket: tuple[int, int], max_upscale: flo
             f"Fitting a {img.width}x{img.height} image into the {bw}x{bh} bucket enlarges it {scale:.2f}x "
             f"(limit max_upscale={max_upscale}): use a larger image, or pick the bucket with bucket_for_image()."
         )
-    cw, ch = bw / scale, bh / scale  # the window of the original that fills the bucket
-    x0, y0 = (img.width - cw) / 2, (img.height - ch) / 2
+    # the window of the original that fills the bucket (within the picture: rounding may overshoot by a hair)
+    cw, ch = min(bw / scale, img.width), min(bh / scale, img.height)
+    x0, y0 = max(0.0, (img.width - cw) / 2), max(0.0, (img.height - ch) / 2)
     box = (round(x0), round(y0), round(x0 + cw), round(y0 + ch))
     out = img.resize(bucket, resample, box=(x0, y0, x0 + cw, y0 + ch))
     return out, box

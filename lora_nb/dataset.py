@@ -107,8 +107,8 @@ def scan_dataset(root: str | Path, caption_extension: str = ".txt", repeats: int
                 for ext in CAPTION_EXTENSIONS:
                     if ext != caption_extension and img.with_suffix(ext).is_file():
                         other_ext[ext] += 1
-            if not caption and not is_reg:
-                caption = trigger_word or concept.replace("_", " ")
+            if not caption:  # kohya's rule: a picture without a caption is trained with its folder's words
+                caption = concept.replace("_", " ") if is_reg else (trigger_word or concept.replace("_", " "))
             if trigger_word and not is_reg:
                 caption = add_trigger(caption, trigger_word)
             freq.update(split_tags(caption))

@@ -173,30 +173,40 @@ def toy_image_evidence(pipe, training_images: list[np.ndarray], seeds: list[int]
 
 
 def generic_image_evidence(pipe, training_images: list[np.ndarray], prompts: list[str], trigger: str,
-                           seeds: list[int], size: tuple[int, int], steps: int = 20) -> dict:
-    """Approximate measures for real models: similarity of generations to the training images.
+                           seeds: list[int], size: tuple[int, int], steps: int = 20, base: dict | None = None) -> dict:
+    """Approximate measures for real models: similarity of generations to the training images (small blurred
+    images compared by correlation), each read against the base model's (``base``; None for the base itself).
 
-    fidelity ≈ how much closer generations *with* the trigger are to the training
-    set than generations without it; memorization = mean nearest-image similarity;
-    leakage ≈ similarity of trigger-free generations to the training set.
-    Generalisation is not measured (None): look at the sample grid.
+    fidelity ≈ how much closer generations *with* the trigger are to the training set than the base model's
+    were, × 4 (0 when the trigger changes nothing, so a LoRA that learned nothing reads as underfit);
+    memorization = mean nearest-image similarity; leakage ≈ how much closer generations *without* the trigger
+    came to the training set than the base model's, × 4. Generalisation is not measured (None): look at the
+    sample grid.
     """
 
     bare = [strip_trigger(p, trigger) for p in prompts]
     on = [img for _, _, img in quality.generate(pipe, prompts, seeds, steps=steps, size=size)]
     off = [img for _, _, img in quality.generate(pipe, bare, seeds, steps=steps, size=size)]
-    sim_on = [judge.memorization_score(i, training_images)["score"] for i in on]
-    sim_off = [judge.memorization_score(i, training_images)["score"] for i in off]
+    scores_on = [judge.memorization_score(i, training_images)["score"] for i in on]
+    sim_on = float(np.mean(scores_on))
+    sim_off = float(np.mean([judge.memorization_score(i, training_images)["score"] for i in off]))
+    base_on, base_off = (base["similarity_on"], base["similarity_off"]) if base else (sim_on, sim_off)
     return {
-        "fidelity": float(np.clip((np.mean(sim_on) - np.mean(sim_off)) * 4 + 0.5, 0, 1)),
+        "fidelity": float(np.clip((sim_on - base_on) * APPROX_SCALE, 0, 1)),
         "generalisation": None,
-        "memorization": float(np.mean(sim_on)),
-        "memorization_max": float(np.max(sim_on)),
-        "leakage": float(np.clip(np.mean(sim_off), 0, 1)) if trigger else None,
+        "memorization": sim_on,
+        "memorization_max": float(np.max(scores_on)),
+        "leakage": float(np.clip((sim_off - base_off) * APPROX_SCALE, 0, 1)) if trigger else None,
+        "similarity_on": sim_on, "similarity_off": sim_off,
         "n_images": len(on) + len(off),
         "approximate": True, "measures": "approximate",
         "examples": list(zip(prompts * len(seeds), on))[:EXAMPLES],
     }
+
+
+# the approximation's gain: a mean similarity 0.125 closer to the training images than the base model's reads
+# as 0.5, the fidelity threshold. A convention, not a calibration: the DINO measures replace it when available.
+APPROX_SCALE = 4.0
 
 
 def strip_trigger(prompt: str, trigger: str) -> str:
@@ -359,7 +369,7 @@ def image_measures(cfg, pipe, seeds: list[int], steps: int, thresholds: Threshol
         reason = f"{reason}; measures are the approximation"
 
         def approximate(p, base):
-            return {**generic_image_evidence(p, training, prompts, trigger, seeds, size, steps),
+            return {**generic_image_evidence(p, training, prompts, trigger, seeds, size, steps, base),
                     "approximate_reason": reason}
 
         return approximate, "approximate", reason

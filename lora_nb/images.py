@@ -721,12 +721,17 @@ def _overall_warnings(r: AuditReport, low_variety: float) -> list[str]:
 # (the convention itself lives in lora_nb.folders; its names are importable from here too)
 
 
-def regularization_advice(n_regularization: int, n_training: int) -> list[str]:
-    """Warnings about the size of a regularization set (C5: about 10-20 images recommended)."""
+def regularization_advice(n_regularization: int, n_training: int, toy: bool = False) -> list[str]:
+    """Warnings about the size of a regularization set (C5: about 10-20 images recommended). The toy preset
+    pairs a class picture with each of its pictures on purpose: ``toy`` says so instead of warning."""
     out = []
     if n_regularization == 0:
         return ["no regularization images: optional, but 10-20 images of the same class in other variations "
                 "help the LoRA generalise"]
+    if toy and n_regularization > 20:
+        return [f"{n_regularization} class pictures, more than the 10-20 advised for a real subject: the toy preset "
+                "pairs one with each of its pictures, and without them the zorb leaks into plain circles "
+                "(docs/toy-world.md)"]
     if n_regularization < 10:
         out.append(f"{n_regularization} regularization image(s): 10-20 are recommended")
     if n_regularization > 20:

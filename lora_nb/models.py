@@ -250,7 +250,30 @@ def load_model_of(model_cfg, dtype: torch.dtype = torch.float32) -> BaseModel:
     model = load_base_model(model_cfg.source, model_cfg.family, dtype, allow_pickle=model_cfg.allow_pickle)
     if str(model_cfg.vae or "").strip():
         use_vae(model, load_vae(model_cfg.vae, model.pipe.vae.config, dtype))
+    use_noise_schedule(model, model_cfg.prediction_type, model_cfg.zero_terminal_snr)
     return model
+
+
+def use_noise_schedule(model: BaseModel, prediction_type: str = "auto", zero_terminal_snr: bool = False) -> None:
+    """Give the model's scheduler the prediction type and noise schedule the settings name, so training,
+    previews and diagnosis all use them: ``prediction_type`` other than "auto" replaces the one the model's
+    scheduler config says (a single file may not say), and ``zero_terminal_snr`` rescales the betas so the
+    last timestep is pure noise (Lin et al. 2024) with "trailing" timesteps, as v-prediction models such as
+    NoobAI-XL V-Pred were trained."""
+    changes = {}
+    if prediction_type not in ("", "auto"):
+        changes["prediction_type"] = prediction_type
+    if zero_terminal_snr:
+        changes.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    if changes:
+        import inspect
+
+        from diffusers import DDIMScheduler
+
+        cls = model.pipe.scheduler.__class__
+        if zero_terminal_snr and "rescale_betas_zero_snr" not in inspect.signature(cls.__init__).parameters:
+            cls = DDIMScheduler  # PNDM (SD1.5's default) cannot rescale and would drop the setting from its config
+        model.pipe.register_modules(scheduler=cls.from_config(model.pipe.scheduler.config, **changes))
 
 
 def use_vae(model: BaseModel, vae) -> None:

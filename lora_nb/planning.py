@@ -8,13 +8,17 @@ from __future__ import annotations
 import statistics
 import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from lora_nb import LoraNbError
 from lora_nb.archs import build_architecture
 from lora_nb.config import Config, StepsPlan, check_config, plan_steps, preset, setting_help
+from lora_nb.course_settings import CourseSettings, is_unset, prompt_lines
 from lora_nb.estimate import estimate_lora_file_size, lora_parameter_count
+from lora_nb.folders import list_images
+from lora_nb.images import regularization_advice
 from lora_nb.lora_io import training_metadata
 from lora_nb.models import load_model_of
 from lora_nb.train import train
@@ -22,6 +26,7 @@ from lora_nb.train import train
 # notebook parameter → config setting; -1 / "" in a parameter means "the preset's value"
 PARAMETER_SETTINGS = {
     "model_source": "model.source",
+    "model_family": "model.family",
     "resolution": "dataset.resolution",
     "repeats": "dataset.repeats",
     "epochs": "training.epochs",
@@ -42,6 +47,7 @@ PARAMETER_SETTINGS = {
     "gradient_checkpointing": "training.gradient_checkpointing",
     "cache_latents_to_disk": "dataset.cache_latents_to_disk",
     "enable_buckets": "dataset.enable_buckets",
+    "bucket_step": "dataset.bucket_step",
     "max_token_length": "dataset.max_token_length",
     "save_every_n_epochs": "save.every_n_epochs",
     "save_precision": "save.precision",
@@ -50,7 +56,11 @@ PARAMETER_SETTINGS = {
     "shuffle_caption": "dataset.shuffle_caption",
     "keep_tokens": "dataset.keep_tokens",
     "trigger_word": "dataset.trigger_word",
+    "reg_dir": "dataset.reg_dir",
+    "sample_prompts": "sample.prompts",
 }
+# the shared course settings (course.yaml) that fill notebook 04's parameters of the same name
+COURSE_PARAMETERS = ("model_source", "model_family", "resolution", "bucket_step", "repeats", "trigger_word")
 # the settings that trade speed against memory (notebook 04 shows them with their help)
 SPEED_MEMORY_SETTINGS = ("training.mixed_precision", "training.gradient_checkpointing", "optimizer.optimizer",
                          "training.batch_size", "dataset.cache_latents", "dataset.cache_latents_to_disk",
@@ -60,11 +70,15 @@ USUAL_VIEWS_PER_IMAGE = (40, 400)  # how often each image is seen in a typical r
 
 def build_config(preset_name: str, values: dict, dataset_dir: str, output_dir: str) -> Config:
     """The preset's config with every value that is not "the preset's" (-1 or "") applied."""
-    data = preset(preset_name).to_dict()
+    data = preset(preset_name, values.get("trigger_word") or "", values.get("class_name") or "").to_dict()
     overrides = {"dataset.dir": dataset_dir, "save.output_dir": output_dir}
     for name, setting in PARAMETER_SETTINGS.items():
         if name in values and values[name] not in (-1, -1.0, "", None):
             overrides[setting] = values[name]
+    if isinstance(overrides.get("sample.prompts"), str):
+        overrides["sample.prompts"] = prompt_lines(overrides["sample.prompts"])
+    if str(overrides.get("dataset.reg_dir", "")).lower() == "none":
+        overrides["dataset.reg_dir"] = ""
     # Text for a text setting is set as is; text for any other setting goes through Config.with_overrides,
     # which reads it as YAML: a headless run's gradient_checkpointing "yes" / "no" becomes True / False.
     rest = {}
@@ -84,8 +98,40 @@ def widget_values(cfg: Config) -> dict:
     for name, setting in PARAMETER_SETTINGS.items():
         section, key = setting.split(".")
         v = d[section][key]
-        out[name] = -1.0 if v is None else v
+        out[name] = -1.0 if v is None else "\n".join(v) if isinstance(v, list) else v
     return out
+
+
+def values_from_course(course: CourseSettings, values: dict, regularization: Path) -> dict:
+    """Notebook 04's parameters with what the course chose filled in where 04 left them unset: the shared
+    settings chosen in an earlier notebook (not those that are only the preset's), the sample prompts built
+    from the trigger and class words, buckets when 02 crops with mode none, and the class pictures 01 put
+    in ``regularization`` (unless the course said none)."""
+    out = dict(values)
+    for name in COURSE_PARAMETERS:
+        if is_unset(out.get(name)) and not course.sources[name].startswith("preset"):
+            out[name] = course[name]
+    out["class_name"] = course["class_name"]
+    if is_unset(out.get("sample_prompts")):
+        out["sample_prompts"] = course["sample_prompts"]
+    if is_unset(out.get("enable_buckets")) and course["crop_mode"] == "none":
+        out["enable_buckets"] = "yes"
+    if is_unset(out.get("reg_dir")):
+        if str(course["regularization_dir"]).lower() == "none":
+            out["reg_dir"] = "none"
+        elif regularization.is_dir() and any(list_images(f) for f in regularization.iterdir() if f.is_dir()):
+            out["reg_dir"] = str(regularization)
+    return out
+
+
+def regularization_lines(cfg: Config, images: int, toy: bool) -> list[str]:
+    """What 04 says about the class pictures training will use: how many, where, and the course's 10–20 advice
+    (the toy preset pairs one with each of its pictures, and says why)."""
+    if not cfg.dataset.reg_dir:
+        return ["no class pictures (dataset.reg_dir is empty): the subject may leak into its class word"]
+    folder = Path(cfg.dataset.reg_dir)
+    n = len(list_images(folder)) if folder.is_dir() else 0
+    return [f"class pictures: {n} in {folder}"] + regularization_advice(n, images, toy=toy)
 
 
 @dataclass
@@ -173,7 +219,9 @@ def report_settings(cfg: Config, scan, model=None, cuda_available: bool | None =
         file_bytes = estimate_lora_file_size(model, cfg.network.rank, cfg.network.alpha, cfg.network.unet_targets,
                                              train_te, cfg.save.precision, meta)
         lora_params = lora_parameter_count(model, cfg.network.rank, cfg.network.unet_targets, train_te)
-    return SettingsReport(cfg, plan, images, file_bytes, lora_params, scale, warnings=warnings, errors=errors)
+    toy = str(cfg.model.source) == "toy" or (Path(str(cfg.model.source)) / "toy_build.json").exists()
+    return SettingsReport(cfg, plan, images, file_bytes, lora_params, scale, warnings=warnings, errors=errors,
+                          notes=regularization_lines(cfg, images, toy))
 
 
 def measure_step_time(cfg: Config, steps: int = 4, model=None) -> tuple[float, int | None]:
@@ -241,6 +289,8 @@ def describe_base_models() -> list[tuple[str, str, str]]:
         ("realistic", "ChilloutMix, MajicMIX Realistic, Realistic Vision", "community .safetensors checkpoints"),
         ("anime", "AnyLoRA, Anything, ReV Animated", "community .safetensors checkpoints"),
         ("SDXL", "SDXL base 1.0", "stabilityai/stable-diffusion-xl-base-1.0 (1024 px; fp16-fix VAE: madebyollin/sdxl-vae-fp16-fix)"),
+        ("SDXL anime", "Illustrious-XL, Pony Diffusion V6 XL", "community .safetensors (presets illustrious, pony)"),
+        ("SDXL anime v-pred", "NoobAI-XL V-Pred 1.0", "Laxhar/noobai-XL-Vpred-1.0 (preset noobai-vpred)"),
     ]
 
 

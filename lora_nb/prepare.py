@@ -24,7 +24,7 @@ from PIL import Image
 
 from lora_nb import LoraNbError
 from lora_nb.captions import check_caption_extension, write_captions
-from lora_nb.crop import CropFolderReport, crop_folder, crop_image
+from lora_nb.crop import CropFolderReport, crop_folder, crop_image, make_buckets
 from lora_nb.folders import (
     CAPTION_EXTENSIONS, IMAGE_EXTENSIONS, concept_folder_name, find_concept_folders, list_images,
     make_regularization_folder,
@@ -96,10 +96,17 @@ def _unique_name(name: str, taken: set[str]) -> str:
 def add_regularization_images(workspace: Workspace, src: str | Path, class_name: str,
                               repeats: int = 1) -> tuple[Path, list[Path]]:
     """Copy the class pictures of ``src`` into ``regularization/<repeats>_<class_name>/`` (pictures already
-    there by name are not copied twice); returns the folder and every picture in it."""
+    there by name are not copied twice), each with its caption file when it has one (the trainer reads it;
+    a picture without one is trained with the class word, as kohya's trainers do); returns the folder and
+    every picture in it."""
     folder = make_regularization_folder(workspace.regularization, class_name, repeats=repeats)
     have = {p.name for p in list_images(folder)}
-    copy_images([p for p in list_images(src) if p.name not in have], folder)
+    todo = [p for p in list_images(src) if p.name not in have]
+    for original, copied in zip(todo, copy_images(todo, folder)):
+        for ext in CAPTION_EXTENSIONS:
+            caption = original.with_suffix(ext)
+            if caption.is_file() and not caption.is_symlink():
+                shutil.copyfile(caption, copied.with_suffix(ext))
     return folder, list_images(folder)
 
 
@@ -117,6 +124,7 @@ class ProcessedFolder:
     crops: CropFolderReport
     sizes: dict[str, int] = field(default_factory=dict)  # "64x64" -> pictures written at that size
     removed: list[Path] = field(default_factory=list)
+    buckets: list[tuple[int, int]] | None = None  # mode none: the buckets the pictures were resized into
 
     def summary(self) -> str:
         return (f"{len(self.crops.results)} picture(s) cropped ({self.mode}) into {self.folder}; sizes: {self.sizes}"
@@ -127,7 +135,8 @@ class ProcessedFolder:
         out = []
         for source_path, _, _, _ in self.crops.results[:n]:
             original = load_image(source_path)
-            out.append((original, crop_image(original, self.size, self.mode, max_upscale=self.max_upscale)))
+            out.append((original, crop_image(original, self.size, self.mode, buckets=self.buckets,
+                                             max_upscale=self.max_upscale)))
         return out
 
     @property
@@ -136,7 +145,7 @@ class ProcessedFolder:
 
 
 def rebuild_processed(workspace: Workspace, source: str | Path, size: tuple[int, int], mode: str = "focus",
-                      max_upscale: float = 2.0) -> ProcessedFolder:
+                      max_upscale: float = 2.0, bucket_step: int | None = None) -> ProcessedFolder:
     """Crop every picture of ``source`` into the workspace's ``processed/``, emptied of pictures first (a fresh
     result: no leftover of an earlier crop mode). ``source`` is only read."""
     source, folder = Path(source), workspace.processed
@@ -147,12 +156,13 @@ def rebuild_processed(workspace: Workspace, source: str | Path, size: tuple[int,
     _refuse_sources_inside(pictures, folder)
     folder.mkdir(parents=True, exist_ok=True)
     removed = clear_pictures(folder)
-    crops = crop_folder(pictures, folder, size, mode, max_upscale=max_upscale, progress=False)
+    buckets = make_buckets(size, step=bucket_step) if bucket_step else None  # the steps training's buckets use
+    crops = crop_folder(pictures, folder, size, mode, max_upscale=max_upscale, buckets=buckets, progress=False)
     sizes: Counter = Counter()
     for _, written, _, _ in crops.results:
         with Image.open(written) as im:
             sizes[f"{im.width}x{im.height}"] += 1
-    return ProcessedFolder(folder, source, tuple(size), mode, max_upscale, crops, dict(sizes), removed)
+    return ProcessedFolder(folder, source, tuple(size), mode, max_upscale, crops, dict(sizes), removed, buckets)
 
 
 # --------------------------------------------------------------------------- dataset/<R>_<concept>/ (03)

@@ -216,7 +216,7 @@ def loss_weights(noise_scheduler, timesteps, gamma: float, prediction_type: str,
         return weights
     from diffusers.training_utils import compute_snr
 
-    snr = compute_snr(noise_scheduler, timesteps).float()
+    snr = compute_snr(noise_scheduler, timesteps).float().clamp(min=1e-8)  # 0 at the last step of a zero-terminal schedule
     if gamma:
         clipped = torch.minimum(snr, torch.full_like(snr, gamma))
         weights = clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr

@@ -45,6 +45,8 @@ class Form:
                 widget = w.IntText(value=value, description=desc, style=style, layout=layout)
             elif isinstance(value, float):
                 widget = w.FloatText(value=value, description=desc, style=style, layout=layout, step=None)
+            elif isinstance(value, str) and "\n" in value:  # prompt lines: one per line
+                widget = w.Textarea(value=value, description=desc, style=style, layout=w.Layout(width="480px", height="80px"))
             else:
                 widget = w.Text(value="" if value is None else str(value), description=desc, style=style, layout=layout)
             widget.observe(self._changed, names="value")
