@@ -14,7 +14,6 @@ peak memory. Too slow for the test suite on a 2-core machine (its tiny twin is t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import shutil
@@ -26,8 +25,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-CLIP_VOCAB_SIZE = 49408
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,37 +32,6 @@ def parse_args(argv=None):
     p.add_argument("--dir", default=None, help="where to write the checkpoint (default: a temporary folder)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
-
-
-def write_placeholder_vocabulary(folder: Path) -> None:
-    """vocab.json + merges.txt with CLIP's token count, BOS at 49406 and EOS at 49407 as in CLIP's own."""
-    from lora_nb.models import TINY_WORDS
-    from lora_nb.tokenizer import BOS, EOS, write_clip_tokenizer
-
-    write_clip_tokenizer(TINY_WORDS.split(), folder)
-    vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-    words = [t for t in sorted(vocab, key=vocab.get) if t not in (BOS, EOS)]
-    words += [f"<|filler{i}|>" for i in range(CLIP_VOCAB_SIZE - 2 - len(words))]
-    full = {t: i for i, t in enumerate(words + [BOS, EOS])}
-    (folder / "vocab.json").write_text(json.dumps(full, ensure_ascii=False), encoding="utf-8")
-    for name in ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "added_tokens.json"):
-        (folder / name).unlink(missing_ok=True)  # bare vocabulary files, as a learner would place them
-
-
-def random_full_size_parts(family: str, seed: int):
-    """The full-size UNet, VAE and text encoder(s) in fp16 with N(0, 0.02) weights (no init pass)."""
-    import torch
-
-    from lora_nb.archs import build_architecture
-
-    model = build_architecture(family, "meta", torch.float16, with_vae=True)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for part in [model.pipe.unet, model.pipe.vae] + model.text_encoders:
-            part.to_empty(device="cpu")
-            for p in part.parameters():
-                p.normal_(0, 0.02, generator=gen)
-    return model.pipe
 
 
 def refuse_the_hub() -> None:
@@ -110,6 +76,7 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    from lora_nb.archs import random_full_size_parts, write_placeholder_vocabulary
     from lora_nb.checkpoints import write_single_file
     from lora_nb.models import load_base_model
 

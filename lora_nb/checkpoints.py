@@ -104,7 +104,7 @@ def load_tokenizers(family: str, checkpoint: str | Path, config_dir: str | Path,
                  or _hub_tokenizer_files(hub_model, sub))
         if place is None:
             raise LoraNbError(missing_tokenizer_message(family, checkpoint))
-        tok = _tokenizer_from(place, sub, config_dir)
+        tok = tokenizer_from(place, sub, config_dir)
         _check_vocab_size(tok, config_dir, sub, place)
         found[sub] = tok
     return found
@@ -130,7 +130,7 @@ def missing_tokenizer_message(family: str, checkpoint: str | Path) -> str:
             "openai/clip-vit-large-patch14; then load the checkpoint again (no network needed).")
 
 
-def _tokenizer_from(place: Path, sub: str, config_dir: str | Path):
+def tokenizer_from(place: Path, sub: str, config_dir: str | Path):
     """A CLIP tokenizer from the vocabulary files in ``place``. A complete tokenizer folder keeps its own
     settings (``tokenizer_config.json``); bare files, or ``tokenizer/`` standing in for ``tokenizer_2/``, get
     those of ``config_dir/sub`` (SDXL's second tokenizer pads with ``!``)."""
