@@ -103,11 +103,17 @@ def add_regularization_images(workspace: Workspace, src: str | Path, class_name:
     have = {p.name for p in list_images(folder)}
     todo = [p for p in list_images(src) if p.name not in have]
     for original, copied in zip(todo, copy_images(todo, folder)):
-        for ext in CAPTION_EXTENSIONS:
-            caption = original.with_suffix(ext)
-            if caption.is_file() and not caption.is_symlink():
-                shutil.copyfile(caption, copied.with_suffix(ext))
+        copy_caption_files(original, copied)
     return folder, list_images(folder)
+
+
+def copy_caption_files(original: Path, copied: Path) -> None:
+    """Copy the caption files beside ``original`` (each of the kohya caption extensions) beside ``copied``,
+    under its name; links are not followed."""
+    for ext in CAPTION_EXTENSIONS:
+        caption = Path(original).with_suffix(ext)
+        if caption.is_file() and not caption.is_symlink():
+            shutil.copyfile(caption, Path(copied).with_suffix(ext))
 
 
 # --------------------------------------------------------------------------- processed/ (02)
@@ -147,7 +153,8 @@ class ProcessedFolder:
 def rebuild_processed(workspace: Workspace, source: str | Path, size: tuple[int, int], mode: str = "focus",
                       max_upscale: float = 2.0, bucket_step: int | None = None) -> ProcessedFolder:
     """Crop every picture of ``source`` into the workspace's ``processed/``, emptied of pictures first (a fresh
-    result: no leftover of an earlier crop mode). ``source`` is only read."""
+    result: no leftover of an earlier crop mode), each with its caption file when it has one. ``source`` is
+    only read."""
     source, folder = Path(source), workspace.processed
     _check_rebuildable(folder, workspace)
     pictures = list_images(source)
@@ -158,6 +165,8 @@ def rebuild_processed(workspace: Workspace, source: str | Path, size: tuple[int,
     removed = clear_pictures(folder)
     buckets = make_buckets(size, step=bucket_step) if bucket_step else None  # the steps training's buckets use
     crops = crop_folder(pictures, folder, size, mode, max_upscale=max_upscale, buckets=buckets, progress=False)
+    for original, written, _, _ in crops.results:  # 03 keeps these captions when no tagger can run
+        copy_caption_files(Path(original), Path(written))
     sizes: Counter = Counter()
     for _, written, _, _ in crops.results:
         with Image.open(written) as im:

@@ -171,6 +171,21 @@ def test_processed_is_rebuilt_fresh_from_the_source_pictures(tmp_path):
     assert len(list_images(ws.processed)) == 48  # nothing deleted when there is nothing to crop
 
 
+def test_processed_pictures_keep_the_caption_files_beside_their_sources(tmp_path):
+    """03 keeps these captions when no tagger can run (offline, a learner's own photos)."""
+    ws = open_workspace(tmp_path / "ws")
+    ws.source.mkdir(parents=True)
+    for name in ("zorb_001", "zorb_002"):
+        shutil.copyfile(TOY / f"{name}.png", ws.source / f"{name}.png")
+    (ws.source / "zorb_001.txt").write_text("zorb, red, many tags", encoding="utf-8")
+    ws.processed.mkdir()
+    (ws.processed / "zorb_002.txt").write_text("stale", encoding="utf-8")  # left by an earlier rebuild
+    rebuild_processed(ws, ws.source, (48, 48), "center")
+    assert (ws.processed / "zorb_001.txt").read_text(encoding="utf-8") == "zorb, red, many tags"
+    assert not (ws.processed / "zorb_002.txt").exists()
+    assert (ws.source / "zorb_001.txt").is_file()
+
+
 def test_regularization_images_are_added_once(tmp_path):
     ws = open_workspace(tmp_path / "ws")
     folder, paths = add_regularization_images(ws, TOY_REG, "circle")
