@@ -340,6 +340,7 @@ def training_metadata(cfg, plan, tag_frequency: dict, dataset_dirs: dict | None 
         "ss_zero_terminal_snr": str(bool(cfg.model.zero_terminal_snr)),
         "ss_shuffle_caption": str(bool(d.shuffle_caption)),
         "ss_keep_tokens": str(d.keep_tokens),
+        "ss_max_token_length": str(d.max_token_length),
         "ss_caption_dropout_rate": str(d.caption_dropout),
         "ss_flip_aug": str(bool(d.flip_aug)),
         "ss_cache_latents": str(bool(d.cache_latents)),
@@ -363,6 +364,40 @@ def training_metadata(cfg, plan, tag_frequency: dict, dataset_dirs: dict | None 
 def run_metadata(session_id: int, started_at: float) -> dict[str, str]:
     """The keys sd-scripts uses to tie a run's files together: its session id and start time (Unix seconds)."""
     return {"ss_session_id": str(session_id), "ss_training_started_at": str(started_at)}
+
+
+def legacy_model_hash(path: str | Path) -> str:
+    """AUTOMATIC1111's old short hash of a checkpoint (sd-scripts' ``model_hash``): the first 8 hex digits of
+    the SHA-256 of the 64 KiB at offset 1 MiB."""
+    import hashlib
+
+    with open(path, "rb") as f:
+        f.seek(0x100000)
+        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of the whole file (the hash Civitai and AUTOMATIC1111 look a model up by)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def base_model_hashes(source: str, vae: str = "") -> dict[str, str]:
+    """The base model's (and a separate VAE's) hashes as sd-scripts writes them, for a model given as one file;
+    a folder or hub id has no single file to hash, so nothing. The name stays a file name (:func:`ss_metadata`)."""
+    meta = {}
+    for key, path in (("sd_model", source), ("vae", vae)):
+        if path and Path(path).is_file():
+            meta[f"ss_{key}_hash"] = legacy_model_hash(path)
+            meta[f"ss_new_{key}_hash"] = file_sha256(path)
+            if key == "vae":
+                meta["ss_vae_name"] = Path(path).name
+    return meta
 
 
 MODELSPEC_ARCHITECTURES = {"sd15": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}

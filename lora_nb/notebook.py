@@ -20,6 +20,7 @@ from lora_nb import LoraNbError
 from lora_nb.config import Config, ConfigError, preset
 from lora_nb.folders import list_images
 from lora_nb.fsutil import atomic_path, write_bytes_atomic
+from lora_nb.machine_checks import check_lines, gather_facts
 from lora_nb.plots import png_bytes
 from lora_nb.workspace import Workspace, open_workspace
 
@@ -136,10 +137,12 @@ def setup_notebook(workspace: str, seed: int = 42, use_drive: bool = False, inte
     import torch
 
     plat = detect_platform()
+    mounted = False
     if plat == "colab" and use_drive:
         from google.colab import drive  # type: ignore[import-not-found]
 
         drive.mount("/content/drive")
+        mounted = Path("/content/drive/MyDrive").is_dir()
         workspace = str(Path("/content/drive/MyDrive/lora-nb") / workspace)
     random.seed(seed)
     np.random.seed(seed)
@@ -156,6 +159,8 @@ def setup_notebook(workspace: str, seed: int = 42, use_drive: bool = False, inte
               f"diffusers {diffusers.__version__} · transformers {transformers.__version__}")
         print(f"device: {gpu or f'CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)'}")
         print(f"workspace: {ws.root}")
+        if plat in ("colab", "kaggle"):  # what a hosted notebook must know before any work, one line each
+            print("\n".join(check_lines(gather_facts(plat, ws.root, use_drive, mounted))))
     return env
 
 

@@ -551,6 +551,7 @@ def open_run(cfg: Config, accelerator, net: PreparedModel, opt: Optimization, da
     metadata = dict(lora_io.training_metadata(cfg, data.plan, data.tag_frequency, dirs, len(data.reg_items),
                                               data.buckets),
                     **lora_io.run_metadata(random.SystemRandom().randrange(2**31), round(time.time(), 3)),
+                    **lora_io.base_model_hashes(str(cfg.model.source), str(cfg.model.vae or "")),
                     **lora_io.modelspec_metadata(net.model.family, cfg.save.output_name, net.size,
                                                  net.prediction_type, cfg.dataset.trigger_word))
     metrics_file = open(ws.metrics, "a", encoding="utf-8") if is_main else None

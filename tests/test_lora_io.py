@@ -322,3 +322,20 @@ def test_inspect_says_in_one_line_when_a_file_is_not_a_lora_and_names_odd_tensor
               metadata={"lora_adapter_metadata": '["abc"]'})
     info = lora_io.inspect_lora(tmp_path / "odd.safetensors")
     assert any("has shape [4]" in p for p in info["problems"]) and any("alpha has 2 values" in p for p in info["problems"])
+
+
+def test_a_base_model_given_as_a_file_is_named_and_hashed_as_sd_scripts_does(tmp_path):
+    import hashlib
+
+    from lora_nb.lora_io import base_model_hashes, ss_metadata
+
+    ckpt = tmp_path / "models" / "myModel_v2.safetensors"
+    ckpt.parent.mkdir()
+    data = bytes(range(256)) * (3 * 4096)  # 3 MiB, different at every offset
+    ckpt.write_bytes(data)
+    meta = base_model_hashes(str(ckpt))
+    assert meta["ss_sd_model_hash"] == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+    assert meta["ss_new_sd_model_hash"] == hashlib.sha256(data).hexdigest()
+    assert ss_metadata("sd15", str(ckpt), 8, 4, False)["ss_sd_model_name"] == "myModel_v2.safetensors"
+    assert base_model_hashes(str(tmp_path / "models")) == {}  # a diffusers folder or hub id: no single file
+    assert set(base_model_hashes("org/model", vae=str(ckpt))) == {"ss_vae_hash", "ss_new_vae_hash", "ss_vae_name"}

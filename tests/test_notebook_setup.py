@@ -36,3 +36,21 @@ def test_setup_cell_on_kaggle_without_repo_url_says_so_and_clones_nothing(tmp_pa
     lines = res.stdout.strip().splitlines()
     assert len(lines) == 1 and "set repo_url" in lines[0] and "upload the repository" in lines[0]
     assert list(tmp_path.iterdir()) == []  # nothing cloned, nothing installed
+
+
+def test_hosted_checks_say_what_each_fact_means_one_line_each(tmp_path, monkeypatch):
+    from lora_nb.machine_checks import MachineFacts, check_lines, gather_facts, hub_reachable
+
+    t4 = check_lines(MachineFacts("colab", "Tesla T4", 15.0, False, 80.0, "reachable", "not asked"))
+    assert len(t4) == 4 and "Tesla T4, 15.0 GiB" in t4[0] and "no bf16" in t4[0]
+    assert t4[1] == "disk: 80.0 GiB free" and "hub answers" in t4[2] and "set use_drive=True" in t4[3]
+    kaggle = check_lines(MachineFacts("kaggle", None, None, None, 4.0, "unreachable", "not asked"))
+    assert "GPU: none" in kaggle[0] and "Accelerator" in kaggle[0]
+    assert "too little for SD1.5 and SDXL" in kaggle[1]
+    assert "attach" in kaggle[2] and "/kaggle/input" in kaggle[2] and len(kaggle) == 3
+    lost = check_lines(MachineFacts("colab", None, None, None, 50.0, "offline", "not mounted"))
+    assert "HF_HUB_OFFLINE" in lost[2] and "not mounted" in lost[3]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hub_reachable() == "offline"  # never probes the network when the hub is switched off
+    facts = gather_facts("local", tmp_path / "not" / "made", use_drive=False, drive_mounted=False)
+    assert facts.hub == "not checked" and facts.free_gib > 0 and facts.drive == "not asked"

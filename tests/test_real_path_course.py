@@ -33,7 +33,7 @@ def test_the_real_path_runs_all_six_notebooks_on_photos_and_an_sd15_model(tmp_pa
     params = {"preset": "realistic", "model_source": str(tiny_sd15_dir), "source_dir": str(photos),
               "resolution": "64x64", "bucket_step": 16, "crop_mode": "none", "trigger_word": "lnbx", "class_name": "thing",
               "repeats": 1, "epochs": 2, "optimizer": "AdamW", "mixed_precision": "no", "save_precision": "fp32",
-              "measure_time": False, "save_every_n_epochs": 1, "sample_every_n_epochs": 2, "strengths": "0, 1",
+              "measure_time": True, "save_every_n_epochs": 1, "sample_every_n_epochs": 2, "strengths": "0, 1",
               "seeds": 1, "sample_steps": 2, "run_experiments": False, "awkward_demo": False,
               "try_real_taggers": False, "measure_toy": 4, "measure_photos": 2, "measure_n": 8}
     summary = run_course(ws, params=params, quick=True, log=lambda *_: None)
@@ -61,6 +61,16 @@ def test_the_real_path_runs_all_six_notebooks_on_photos_and_an_sd15_model(tmp_pa
     assert len(buckets) >= 2 and sum(b["count"] for b in buckets.values()) == len(PHOTOS)
     assert str(tmp_path) not in json.dumps(meta)  # no local path in a file people share
     assert meta["ss_output_name"] == "lnbx" and meta["modelspec.trigger_phrase"] == "lnbx"
+    assert meta["ss_max_token_length"] == "225" and meta["ss_shuffle_caption"] == "True"
+
+    assert "s per step measured here" in texts["04"]
+    estimate = json.loads((ws / "reports" / "parameters.json").read_text(encoding="utf-8"))["file_bytes"]
+    assert abs(final.stat().st_size - estimate) / final.stat().st_size < 0.01  # 04's estimate is the file 05 wrote
+    for fig in ("05_loss", "05_sample_grid", "05_strengths"):
+        assert (ws / "figures" / f"{fig}.png").exists(), fig
+    nb5 = nbformat.read(ws / "executed" / "05_training.ipynb", as_version=4)
+    assert len([o for c in nb5.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]) >= 3
+    assert "widgets" not in nb5.metadata
 
     diagnosis = json.loads((ws / "diagnosis.json").read_text(encoding="utf-8"))
     assert diagnosis["toy_judge"] is False and diagnosis["verdict"] in ("good", "underfit", "overfit")
