@@ -46,7 +46,6 @@ class ModelConfig:
     prediction_type: str = "auto"  # auto (from the model's scheduler) / epsilon / v_prediction
     vae: str = ""  # optional separate VAE (e.g. the fp16-fix VAE for SDXL); empty = the model's own
     allow_pickle: bool = False  # allow .ckpt/.pt checkpoints (loaded with weights_only=True)
-    zero_terminal_snr: bool = False  # the model was trained with zero terminal SNR (NoobAI-XL V-Pred): its schedule, everywhere
 
 
 @dataclass
@@ -109,6 +108,7 @@ class TrainingConfig:
     noise_offset: float = 0.0  # 0.05–0.1 helps very dark/bright images
     min_snr_gamma: float = 0.0  # 0 = off; 5 is the usual value
     debiased_estimation: bool = False  # weight each step's loss by 1/sqrt(SNR): the noisiest steps count most
+    zero_terminal_snr: bool = False  # rescale the noise schedule so its last step is pure noise (v-prediction models only)
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: far less memory, slower steps
     max_steps: int = 0  # 0 = epochs decide; otherwise stop after this many steps
 
@@ -414,7 +414,7 @@ def _preset_pony() -> Config:
 def _preset_noobai_vpred() -> Config:
     c = _preset_sdxl_anime()
     c.model.source = "Laxhar/noobai-XL-Vpred-1.0"
-    c.model.prediction_type, c.model.zero_terminal_snr = "v_prediction", True
+    c.model.prediction_type, c.training.zero_terminal_snr = "v_prediction", True
     c.sample.cfg_scale = 4.5  # v-prediction models want a lower CFG
     return c
 
@@ -748,9 +748,10 @@ def _check_sample_and_save(c: _Checks, cfg: Config) -> None:
         c.err("model.family", f"{cfg.model.family!r} is unknown: use auto, sd15 or sdxl.")
     if cfg.model.prediction_type not in ("auto", "epsilon", "v_prediction"):
         c.err("model.prediction_type", f"{cfg.model.prediction_type!r} is unknown: use auto, epsilon or v_prediction.")
-    if cfg.model.zero_terminal_snr and cfg.model.prediction_type == "epsilon":
-        c.warn("model.zero_terminal_snr", "with epsilon prediction the last timestep (pure noise) teaches nothing and "
-                                          "sampling from it fails: zero terminal SNR goes with v_prediction.")
+    if cfg.training.zero_terminal_snr and cfg.model.prediction_type == "epsilon":
+        c.err("training.zero_terminal_snr", "needs v-prediction: an epsilon model cannot predict the noise it is given "
+                                            "at the last, pure-noise step. Set model.prediction_type=v_prediction "
+                                            "(for a model trained so, e.g. NoobAI-XL V-Pred) or turn this off.")
 
 
 def check_against_model(cfg: Config, size_multiple: int, family: str) -> list[Problem]:

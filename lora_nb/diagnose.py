@@ -39,7 +39,7 @@ from lora_nb.dataset import Item, load_training_image, scan_dataset
 from lora_nb.embedders import DEFAULT_CLIP, DEFAULT_DINO, cosine_matrix, embed_images, embed_texts, find_embedders
 from lora_nb.fsutil import write_text_atomic
 from lora_nb.lora_io import load_lora
-from lora_nb.models import load_model_of, toy_model_dir
+from lora_nb.models import load_model_for, toy_model_dir
 from lora_nb.steps import encode_prompts, fixed_noise_loss, latents_of, prepare_samples
 from lora_nb.toy import judge, quality
 from lora_nb.toy.world import COLOURS
@@ -404,7 +404,7 @@ def diagnose_run(workspace: str | Path, seeds: list[int] | None = None, steps: i
     losses = loss_evidence(records)
     final_epoch = max(losses["epochs"]) if losses["epochs"] else cfg.training.epochs
     toy = is_toy(cfg)
-    model = load_model_of(cfg.model)
+    model = load_model_for(cfg)
     model.pipe.set_progress_bar_config(disable=True)
     measure, how, reason = image_measures(cfg, model.pipe, seeds, steps, thresholds, dino, clip)
     base = measure(model.pipe, None)

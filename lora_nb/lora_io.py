@@ -337,7 +337,7 @@ def training_metadata(cfg, plan, tag_frequency: dict, dataset_dirs: dict | None 
         "ss_noise_offset": str(t.noise_offset),
         "ss_min_snr_gamma": str(t.min_snr_gamma),
         "ss_debiased_estimation": str(bool(t.debiased_estimation)),
-        "ss_zero_terminal_snr": str(bool(cfg.model.zero_terminal_snr)),
+        "ss_zero_terminal_snr": str(bool(t.zero_terminal_snr)),
         "ss_shuffle_caption": str(bool(d.shuffle_caption)),
         "ss_keep_tokens": str(d.keep_tokens),
         "ss_max_token_length": str(d.max_token_length),

@@ -244,14 +244,20 @@ def load_base_model(source: str | Path, family: str = "auto", dtype: torch.dtype
     )
 
 
-def load_model_of(model_cfg, dtype: torch.dtype = torch.float32) -> BaseModel:
-    """The base model a :class:`lora_nb.config.ModelConfig` names, with its ``vae`` in place when one is set
-    (used alike for training, previews and diagnosis)."""
+def load_model_of(model_cfg, dtype: torch.dtype = torch.float32, zero_terminal_snr: bool = False) -> BaseModel:
+    """The base model a :class:`lora_nb.config.ModelConfig` names, with its ``vae`` in place when one is set and
+    its scheduler set to ``model.prediction_type`` and, with ``zero_terminal_snr``, the rescaled schedule."""
     model = load_base_model(model_cfg.source, model_cfg.family, dtype, allow_pickle=model_cfg.allow_pickle)
     if str(model_cfg.vae or "").strip():
         use_vae(model, load_vae(model_cfg.vae, model.pipe.vae.config, dtype))
-    use_noise_schedule(model, model_cfg.prediction_type, model_cfg.zero_terminal_snr)
+    use_noise_schedule(model, model_cfg.prediction_type, zero_terminal_snr)
     return model
+
+
+def load_model_for(cfg, dtype: torch.dtype = torch.float32) -> BaseModel:
+    """The base model of a whole run's :class:`lora_nb.config.Config` as training, previews, the strength
+    comparisons and diagnosis all use it (one place, so none of them forgets a setting)."""
+    return load_model_of(cfg.model, dtype, zero_terminal_snr=cfg.training.zero_terminal_snr)
 
 
 def use_noise_schedule(model: BaseModel, prediction_type: str = "auto", zero_terminal_snr: bool = False) -> None:
@@ -274,6 +280,10 @@ def use_noise_schedule(model: BaseModel, prediction_type: str = "auto", zero_ter
         if zero_terminal_snr and "rescale_betas_zero_snr" not in inspect.signature(cls.__init__).parameters:
             cls = DDIMScheduler  # PNDM (SD1.5's default) cannot rescale and would drop the setting from its config
         model.pipe.register_modules(scheduler=cls.from_config(model.pipe.scheduler.config, **changes))
+    if zero_terminal_snr and model.pipe.scheduler.config.get("prediction_type") != "v_prediction":
+        raise LoraNbError(f"training.zero_terminal_snr needs v-prediction, and {model.source} predicts "
+                          f"{model.pipe.scheduler.config.get('prediction_type')}: set model.prediction_type=v_prediction "
+                          "(only for a model trained so, e.g. NoobAI-XL V-Pred) or turn zero_terminal_snr off.")
 
 
 def use_vae(model: BaseModel, vae) -> None:

@@ -20,7 +20,7 @@ from lora_nb.estimate import estimate_lora_file_size, lora_parameter_count
 from lora_nb.folders import list_images
 from lora_nb.images import regularization_advice
 from lora_nb.lora_io import training_metadata
-from lora_nb.models import load_model_of
+from lora_nb.models import load_model_for
 from lora_nb.train import train
 
 # notebook parameter → config setting; -1 / "" in a parameter means "the preset's value"
@@ -43,6 +43,7 @@ PARAMETER_SETTINGS = {
     "unet_targets": "network.unet_targets",
     "min_snr_gamma": "training.min_snr_gamma",
     "debiased_estimation": "training.debiased_estimation",
+    "zero_terminal_snr": "training.zero_terminal_snr",
     "mixed_precision": "training.mixed_precision",
     "gradient_checkpointing": "training.gradient_checkpointing",
     "cache_latents_to_disk": "dataset.cache_latents_to_disk",
@@ -234,7 +235,7 @@ def measure_step_time(cfg: Config, steps: int = 4, model=None) -> tuple[float, i
         stamps = []
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        fresh = model if model is not None else load_model_of(cfg.model)
+        fresh = model if model is not None else load_model_for(cfg)
         train(trial, on_event=lambda e: stamps.append(time.perf_counter()) if e.kind == "step" else None,
               model=fresh, resume=False, progress=False)
         peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
@@ -299,7 +300,7 @@ def model_for_estimates(cfg: Config):
     architecture on the meta device (module shapes only), with a note saying why."""
 
     try:
-        return load_model_of(cfg.model), True, ""
+        return load_model_for(cfg), True, ""
     except LoraNbError as exc:
         family = cfg.model.family if cfg.model.family != "auto" else "sd15"
         note = (f"{exc} File sizes below use the full-size {family} architecture; "

@@ -43,7 +43,7 @@ from lora_nb.dataset import Item, assign_buckets, bucket_counts, scan_dataset
 from lora_nb.images import image_size
 from lora_nb.fsutil import atomic_path, is_disk_full, remove_stale_temp_files
 from lora_nb.latent_cache import LatentCache
-from lora_nb.models import load_model_of
+from lora_nb.models import load_model_for, use_noise_schedule
 from lora_nb.optim import build_optimizer, build_scheduler
 from lora_nb.sampling import render_previews, sample_prompts_of
 from lora_nb.workspace import Workspace
@@ -306,7 +306,9 @@ def prepare_model(cfg: Config, model, device, precision: str) -> PreparedModel:
     from diffusers.training_utils import cast_training_params
 
     if model is None:
-        model = load_model_of(cfg.model)
+        model = load_model_for(cfg)
+    else:  # a model handed in gets the run's prediction type and noise schedule too
+        use_noise_schedule(model, cfg.model.prediction_type, cfg.training.zero_terminal_snr)
     raise_for_errors(check_against_model(cfg, model.size_multiple, model.family))
     pipe = model.pipe
     prediction_type = (cfg.model.prediction_type if cfg.model.prediction_type != "auto"

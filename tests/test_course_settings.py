@@ -124,7 +124,7 @@ def test_every_preset_is_listed_with_a_line_and_checks_clean_or_names_the_file_i
     for name in ("sdxl-realistic", "sdxl-anime", "noobai-vpred"):
         assert preset(name).dataset.resolution == "1024x1024" and preset(name).model.family == "sdxl"
     noob = preset("noobai-vpred")
-    assert noob.model.prediction_type == "v_prediction" and noob.model.zero_terminal_snr
+    assert noob.model.prediction_type == "v_prediction" and noob.training.zero_terminal_snr
     assert all(p.startswith("score_9") for p in preset("pony").sample.prompts)
 
 
@@ -137,8 +137,8 @@ def test_zero_terminal_snr_and_prediction_type_reach_training_previews_and_diagn
     from lora_nb.steps import loss_weights
 
     plain = load_model_of(ModelConfig(source=str(tiny_sd15_dir)))
-    model = load_model_of(ModelConfig(source=str(tiny_sd15_dir), prediction_type="v_prediction",
-                                      zero_terminal_snr=True))
+    model = load_model_of(ModelConfig(source=str(tiny_sd15_dir), prediction_type="v_prediction"),
+                          zero_terminal_snr=True)
     assert plain.pipe.scheduler.config.prediction_type == "epsilon"
     training = DDPMScheduler.from_config(model.pipe.scheduler.config)  # what the trainer builds
     assert training.config.prediction_type == "v_prediction"
@@ -150,3 +150,12 @@ def test_zero_terminal_snr_and_prediction_type_reach_training_previews_and_diagn
     for gamma, debiased in ((5.0, False), (0.0, True), (5.0, True)):
         w = loss_weights(training, t, gamma, "v_prediction", debiased)
         assert torch.isfinite(w).all(), (gamma, debiased, w)
+
+
+def test_zero_terminal_snr_on_an_epsilon_model_is_refused_by_name(tiny_sd15_dir):
+    from lora_nb.models import load_model_of
+
+    with pytest.raises(LoraNbError, match="training.zero_terminal_snr needs v-prediction"):
+        load_model_of(ModelConfig(source=str(tiny_sd15_dir)), zero_terminal_snr=True)  # the model predicts epsilon
+    cfg = preset("toy").with_overrides({"model.prediction_type": "epsilon", "training.zero_terminal_snr": True})
+    assert [p.setting for p in check_config(cfg) if p.level == "error"] == ["training.zero_terminal_snr"]
