@@ -72,7 +72,7 @@ def parse_args(argv=None):
     p.add_argument("--bucket-step", type=int, default=64, help="bucket side step (a multiple of 64 for SD1.5)")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--sample-steps", type=int, default=2)
+    p.add_argument("--sample-steps", type=int, default=2, help="denoising steps of 05's previews and 06's images")
     p.add_argument("--mixed-precision", default="fp16" if gpu else "no", choices=("no", "fp16", "bf16"))
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     return p.parse_args(argv)
@@ -120,6 +120,15 @@ def make_photos(folder: Path, tokenizer_dir: Path) -> dict[str, int]:
     return tokens
 
 
+def preview_prompts(steps: int) -> str:
+    """05's previews (and its strength comparison, which takes the first one) as the realistic preset builds
+    them from the trigger and class words, at ``steps`` denoising steps instead of the preset's 28."""
+    negative = "--n lowres, blurry, deformed, watermark"
+    lines = ["a photo of lnbx thing, looking at the camera, natural light", "a photo of lnbx thing in a park, smiling",
+             "a photo of a thing, looking at the camera, natural light"]
+    return "\n".join(f"{line} {negative} --d {i} --s {steps}" for i, line in enumerate(lines, 1))
+
+
 def course_params(source: Path, photos: Path, args) -> dict:
     """The notebooks' parameters: the realistic preset on ``source``, small and fast enough for a CPU."""
     return {"preset": "realistic", "model_source": str(source), "source_dir": str(photos),
@@ -127,6 +136,7 @@ def course_params(source: Path, photos: Path, args) -> dict:
             "trigger_word": "lnbx", "class_name": "thing", "repeats": args.repeats, "epochs": args.epochs,
             "optimizer": "AdamW", "mixed_precision": args.mixed_precision, "save_precision": "fp16",
             "measure_time": True, "save_every_n_epochs": 1, "sample_every_n_epochs": args.epochs,
+            "sample_prompts": preview_prompts(args.sample_steps),
             "strengths": "0, 1", "seeds": 1, "sample_steps": args.sample_steps, "run_experiments": False,
             "awkward_demo": False, "try_real_taggers": False, "measure_toy": 4, "measure_photos": 2, "measure_n": 8}
 
