@@ -60,6 +60,9 @@ class DatasetConfig:
     keep_tokens: int = 1  # with shuffle: this many leading tags stay in place (the trigger word)
     caption_dropout: float = 0.0  # share of steps trained with an empty caption
     flip_aug: bool = False  # random horizontal flips (cached too)
+    tag_dropout: float = 0.0  # share of tags left out of each step's caption (the first keep_tokens never)
+    caption_prefix: str = ""  # text put before every training caption as trained (never shuffled or dropped)
+    caption_suffix: str = ""  # text put after every training caption as trained
     reg_dir: str = ""  # regularization images (same class, without the subject); empty = none
     prior_loss_weight: float = 1.0  # weight of the regularization images' loss
     enable_buckets: bool = False  # no crop: aspect-ratio buckets instead of one size
@@ -109,6 +112,12 @@ class TrainingConfig:
     min_snr_gamma: float = 0.0  # 0 = off; 5 is the usual value
     debiased_estimation: bool = False  # weight each step's loss by 1/sqrt(SNR): the noisiest steps count most
     zero_terminal_snr: bool = False  # rescale the noise schedule so its last step is pure noise (v-prediction models only)
+    multires_noise_iterations: int = 0  # 0 = off; 6–10: add coarser noise too (pyramid noise), brighter/darker pictures learnable
+    multires_noise_discount: float = 0.3  # each coarser level's weight is this times the previous one's
+    ip_noise_gamma: float = 0.0  # 0 = off; about 0.1: perturb the noise the model sees, not the one it predicts
+    loss_type: str = "l2"  # l2 (mean squared error) / huber / smooth_l1: less pull from outlier pixels
+    huber_c: float = 0.1  # huber / smooth_l1: where the loss turns from squared to linear
+    huber_schedule: str = "snr"  # huber_c over the timesteps: snr (larger at low noise), exponential, constant
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: far less memory, slower steps
     max_steps: int = 0  # 0 = epochs decide; otherwise stop after this many steps
 
@@ -685,12 +694,40 @@ def _check_training(c: _Checks, t: TrainingConfig, cuda_available: bool) -> None
         c.err("training.min_snr_gamma", "must be 0 (off) or positive (5 is usual).")
     if t.noise_offset < 0:
         c.err("training.noise_offset", "must be 0 (off) or positive (0.05–0.1).")
+    _check_noise_and_loss(c, t)
+
+
+LOSS_TYPES = ("l2", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("snr", "exponential", "constant")
+
+
+def _check_noise_and_loss(c: _Checks, t: TrainingConfig) -> None:
+    """Multires noise, input perturbation, the loss function."""
+    if not 0 <= t.multires_noise_iterations <= 16:
+        c.err("training.multires_noise_iterations", f"must be 0 (off) to 16 (got {t.multires_noise_iterations}); "
+                                                    "6–10 is usual.")
+    if not (math.isfinite(t.multires_noise_discount) and 0 < t.multires_noise_discount < 1):
+        c.err("training.multires_noise_discount", f"must be between 0 and 1 (got {t.multires_noise_discount:g}); "
+                                                  "0.3–0.8 is usual.")
+    if not (math.isfinite(t.ip_noise_gamma) and 0 <= t.ip_noise_gamma <= 1):
+        c.err("training.ip_noise_gamma", f"must be 0 (off) to 1 (got {t.ip_noise_gamma:g}); about 0.1 is usual.")
+    if t.loss_type not in LOSS_TYPES:
+        c.err("training.loss_type", f"{t.loss_type!r} is unknown: use {', '.join(LOSS_TYPES)}.")
+    if not (math.isfinite(t.huber_c) and 0 < t.huber_c <= 1):
+        c.err("training.huber_c", f"must be above 0 and at most 1 (got {t.huber_c:g}); 0.1 is usual.")
+    if t.huber_schedule not in HUBER_SCHEDULES:
+        c.err("training.huber_schedule", f"{t.huber_schedule!r} is unknown: use {', '.join(HUBER_SCHEDULES)}.")
 
 
 def _check_dataset(c: _Checks, d: DatasetConfig) -> None:
     """Caption handling, repeats, caches, buckets, resolution."""
     if not 0 <= d.caption_dropout < 1:
         c.err("dataset.caption_dropout", "must be between 0 and 1 (e.g. 0.05).")
+    if not 0 <= d.tag_dropout < 1:
+        c.err("dataset.tag_dropout", f"must be between 0 and 1 (got {d.tag_dropout:g}); 0.05–0.1 is usual.")
+    for name in ("caption_prefix", "caption_suffix"):
+        if len(getattr(d, name)) > 500 or "\n" in getattr(d, name):
+            c.err(f"dataset.{name}", "must be one line of at most 500 characters (e.g. 'masterpiece, best quality,').")
     if d.keep_tokens < 0:
         c.err("dataset.keep_tokens", "must be 0 or more.")
     if d.validation_split < 0:

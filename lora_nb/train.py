@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from lora_nb import LoraNbError, lora_io, runstate, steps
-from lora_nb.captions import shuffle_caption
+from lora_nb.captions import dress_caption, drop_tags, shuffle_caption
 from lora_nb.config import (Config, StepsPlan, check_against_dataset, check_against_model, check_against_plan,
                             check_config,
                             parse_resolution, plan_steps, raise_for_errors)
@@ -383,7 +383,7 @@ def latent_cache_dir(cfg: Config) -> Path:
 
 def text_cache_wanted(cfg: Config, train_te: bool, warnings: list[str]) -> bool:
     """Whether caption embeddings are cached: ``auto`` when the text encoder is frozen and captions fixed."""
-    fixed = not train_te and not cfg.dataset.shuffle_caption
+    fixed = not train_te and not cfg.dataset.shuffle_caption and not cfg.dataset.tag_dropout
     choice = cfg.dataset.cache_text_embeddings
     if choice == "yes" and not fixed:
         warnings.append("dataset.cache_text_embeddings=yes is ignored: the text encoder trains or captions are "
@@ -410,11 +410,13 @@ def cache_training_data(cfg: Config, data: TrainingData, net: PreparedModel, acc
     if val_samples:
         lat = steps.latents_of(model, val_samples, [0] * len(val_samples), device, None)
         with torch.no_grad():
-            e, p = steps.encode_prompts(model, [s.item.caption for s in val_samples], cfg.network.clip_skip, device,
+            e, p = steps.encode_prompts(model, [dress_caption(s.item.caption, d.caption_prefix, d.caption_suffix)
+                                                for s in val_samples], cfg.network.clip_skip, device,
                                         max_token_length=d.max_token_length)
         validation = (lat, e, p, torch.stack([s.time_ids[0] for s in val_samples]).to(device))
     if embedder.use_cache:  # every caption a step can use, encoded now (in small batches)
-        todo = list(dict.fromkeys([s.item.caption for s in samples + reg_samples] + ([""] if d.caption_dropout else [])))
+        todo = list(dict.fromkeys([dress_caption(s.item.caption, d.caption_prefix, d.caption_suffix) for s in samples]
+                                  + [s.item.caption for s in reg_samples] + ([""] if d.caption_dropout else [])))
         with accelerator.autocast():
             for i in range(0, len(todo), 32):
                 embedder(todo[i:i + 32])
@@ -621,12 +623,15 @@ def epoch_batches(s: Session, epoch: int):
 
 
 def batch_captions(cfg: Config, batch: list[steps.Sample], cap_rng: random.Random) -> list[str]:
-    """The captions as this step trains them: tags shuffled (keeping the first ``keep_tokens``), some dropped."""
+    """The captions as this step trains them: tags shuffled (keeping the first ``keep_tokens``), some tags left
+    out (``tag_dropout``), the prefix and suffix around them, some captions dropped whole."""
     d, captions = cfg.dataset, []
     for sample in batch:
         c = sample.item.caption
-        if d.shuffle_caption and not sample.item.is_reg:
-            c = shuffle_caption(c, d.keep_tokens, cap_rng)
+        if not sample.item.is_reg:
+            if d.shuffle_caption:
+                c = shuffle_caption(c, d.keep_tokens, cap_rng)
+            c = dress_caption(drop_tags(c, d.tag_dropout, d.keep_tokens, cap_rng), d.caption_prefix, d.caption_suffix)
         if d.caption_dropout and cap_rng.random() < d.caption_dropout:
             c = ""
         captions.append(c)
@@ -645,16 +650,19 @@ def training_step(s: Session, batch: list[steps.Sample], rngs, epoch: int) -> di
     is_reg = torch.tensor([x.item.is_reg for x in batch], device=device)
     captions = batch_captions(cfg, batch, cap_rng)
     latents = steps.latents_of(model, batch, variants, device, gen)
-    noise = steps.noise_like(latents, gen, cfg.training.noise_offset)
+    t = cfg.training
+    noise = steps.noise_like(latents, gen, t.noise_offset, t.multires_noise_iterations, t.multires_noise_discount)
     timesteps = steps.sample_timesteps(net.noise_scheduler, latents.shape[0], gen, device)
-    noisy = net.noise_scheduler.add_noise(latents, noise, timesteps)
+    noisy = net.noise_scheduler.add_noise(latents, steps.perturbed_noise(noise, gen, t.ip_noise_gamma), timesteps)
     target = steps.prediction_target(net.noise_scheduler, latents, noise, timesteps, net.prediction_type)
+    huber_c = (steps.huber_c_of(net.noise_scheduler, timesteps, t.huber_c, t.huber_schedule).to(device)
+               if t.loss_type != "l2" else None)
     with acc.accumulate(opt.unet), acc.autocast():
         embeds, pooled = s.cached.embedder(captions)
         time_ids = torch.stack([x.time_ids[v] for x, v in zip(batch, variants)]).to(device) if pooled is not None else None
         pred = opt.unet(noisy.to(net.weight_dtype), timesteps, embeds.to(net.weight_dtype),
                         **steps.unet_conditioning(pooled, time_ids, net.weight_dtype)).sample
-        per_sample = steps.diffusion_loss(pred, target)
+        per_sample = steps.diffusion_loss(pred, target, t.loss_type, huber_c)
         per_sample = per_sample * steps.loss_weights(net.noise_scheduler, timesteps, cfg.training.min_snr_gamma,
                                                      net.prediction_type, cfg.training.debiased_estimation).to(device)
         per_sample = torch.where(is_reg, per_sample * cfg.dataset.prior_loss_weight, per_sample)
