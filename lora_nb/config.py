@@ -21,7 +21,7 @@ from lora_nb import LoraNbError
 from lora_nb.fsutil import write_text_atomic
 
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Lion8bit", "Prodigy", "SGD")
-SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "rex")
 PRECISIONS = ("no", "fp16", "bf16")
 SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
 SAVE_FORMATS = ("kohya", "diffusers")
@@ -89,12 +89,18 @@ class OptimizerConfig:
     learning_rate: float = 1e-4  # base LR; used for the UNet when unet_lr is not set
     unet_lr: float | None = None  # overrides learning_rate for the UNet when set
     text_encoder_lr: float = 0.0  # 0 = text encoder frozen; usually unet_lr/2 … /10
-    lr_scheduler: str = "cosine"  # constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial
+    lr_scheduler: str = "cosine"  # constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial, rex
     lr_warmup_steps: int = 0  # steps of linear warm-up
+    lr_warmup_ratio: float = 0.0  # or the warm-up as a share of all steps (0.05 = the first 5%); 0 = lr_warmup_steps decides
     lr_restarts: int = 1  # cosine_with_restarts: number of hard restarts (cycles)
     lr_power: float = 1.0  # polynomial: the power
     weight_decay: float = 0.01  # decoupled weight decay (AdamW, Lion)
     max_grad_norm: float = 1.0  # gradient clipping; 0 = off
+
+    def warmup_steps_for(self, total_steps: int) -> int:
+        """The warm-up length of a run of ``total_steps``: ``lr_warmup_ratio`` of it when set, else
+        ``lr_warmup_steps`` (the one home of this rule)."""
+        return round(self.lr_warmup_ratio * total_steps) if self.lr_warmup_ratio else self.lr_warmup_steps
 
     @property
     def effective_unet_lr(self) -> float:
@@ -665,6 +671,11 @@ def _check_optimizer(c: _Checks, o: OptimizerConfig) -> None:
         c.warn("optimizer.learning_rate", f"Prodigy finds the step size itself: set every LR to 1 (got {unet_lr:g}).")
     if o.lr_warmup_steps < 0:
         c.err("optimizer.lr_warmup_steps", "must be 0 or more.")
+    if not (math.isfinite(o.lr_warmup_ratio) and 0 <= o.lr_warmup_ratio < 1):
+        c.err("optimizer.lr_warmup_ratio", f"must be from 0 to below 1 (got {o.lr_warmup_ratio:g}); 0.05–0.1 is usual.")
+    elif o.lr_warmup_ratio and o.lr_warmup_steps:
+        c.err("optimizer.lr_warmup_ratio", f"and lr_warmup_steps={o.lr_warmup_steps} are both set: keep one "
+                                           "(set lr_warmup_steps to 0 to use the ratio).")
     if o.lr_restarts < 1:
         c.err("optimizer.lr_restarts", "must be 1 or more (3–5 is usual with cosine_with_restarts).")
 

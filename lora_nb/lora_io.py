@@ -327,7 +327,7 @@ def training_metadata(cfg, plan, tag_frequency: dict, dataset_dirs: dict | None 
         "ss_resolution": f"({w}, {h})",
         "ss_enable_bucket": str(bool(d.enable_buckets)),
         "ss_lr_scheduler": o.lr_scheduler,
-        "ss_lr_warmup_steps": str(o.lr_warmup_steps),
+        "ss_lr_warmup_steps": str(o.warmup_steps_for(plan.total_steps)),
         "ss_optimizer": o.optimizer,
         "ss_max_grad_norm": str(o.max_grad_norm),
         "ss_mixed_precision": t.mixed_precision,

@@ -41,11 +41,24 @@ def build_optimizer(name: str, param_groups: list[dict], weight_decay: float = 0
 
 def build_scheduler(name: str, optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
                     restarts: int = 1, power: float = 1.0):
-    """The LR schedule ``name`` (diffusers' definitions); ``restarts`` = cosine_with_restarts cycles."""
+    """The LR schedule ``name`` (diffusers' definitions, and :func:`rex_factor`); ``restarts`` =
+    cosine_with_restarts cycles."""
     from diffusers.optimization import get_scheduler
 
+    if name == "rex":  # not in diffusers or transformers: a LambdaLR of the published formula
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: rex_factor(step, warmup_steps, total_steps))
     return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=max(total_steps, 1),
                          num_cycles=restarts, power=power)
+
+
+def rex_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """The REX schedule (Chen et al. 2021, "REX: Revisiting budgeted training with an improved schedule"):
+    a linear warm-up, then (1 − z) / (1 − z/2) of the LR at progress z from 0 to 1 — it stays high longer
+    than linear decay and falls faster than cosine at the end."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    z = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return (1 - z) / (1 - z / 2)
 
 
 def lr_curve(name: str, base_lrs: list[float], warmup_steps: int, total_steps: int, restarts: int = 1,

@@ -36,6 +36,7 @@ PARAMETER_SETTINGS = {
     "text_encoder_lr": "optimizer.text_encoder_lr",
     "lr_scheduler": "optimizer.lr_scheduler",
     "lr_warmup_steps": "optimizer.lr_warmup_steps",
+    "lr_warmup_ratio": "optimizer.lr_warmup_ratio",
     "lr_restarts": "optimizer.lr_restarts",
     "optimizer": "optimizer.optimizer",
     "rank": "network.rank",

@@ -492,7 +492,8 @@ def build_optimization(cfg: Config, net: PreparedModel, plan: StepsPlan, acceler
     if te_params:
         groups.append({"params": te_params, "lr": o.text_encoder_lr, "name": "text_encoder"})
     optimizer = build_optimizer(o.optimizer, groups, o.weight_decay)
-    lr_scheduler = build_scheduler(o.lr_scheduler, optimizer, o.lr_warmup_steps, plan.total_steps, o.lr_restarts,
+    lr_scheduler = build_scheduler(o.lr_scheduler, optimizer, o.warmup_steps_for(plan.total_steps), plan.total_steps,
+                                   o.lr_restarts,
                                    o.lr_power)
     prepared = accelerator.prepare(model.pipe.unet, *(model.text_encoders if net.train_te else []), optimizer)
     return Optimization(prepared[-1], lr_scheduler, prepared[0], list(prepared[1:-1]) or None, unet_params + te_params)

@@ -73,3 +73,18 @@ def test_polynomial_schedule_uses_the_power():
 def test_every_scheduler_named_in_the_config_builds():
     for name in SCHEDULERS:
         assert len(_lr(name, total=20, warmup=2, restarts=2)) == 20
+
+
+def test_rex_and_the_warm_up_ratio_follow_their_formulas():
+    from lora_nb.config import preset
+
+    curve = [lrs[0] for lrs in lr_curve("rex", [1.0], 10, 110)]
+    assert curve[0] == pytest.approx(1 / 11) and curve[9] == pytest.approx(10 / 11)  # linear warm-up
+    for step in (10, 35, 60, 85, 109):
+        z = (step - 10) / 100
+        assert curve[step] == pytest.approx((1 - z) / (1 - z / 2))
+    linear = [lrs[0] for lrs in lr_curve("linear", [1.0], 10, 110)]
+    assert all(r >= l - 1e-9 for r, l in zip(curve[10:], linear[10:]))  # REX stays above linear decay
+    o = preset("toy").with_overrides({"optimizer.lr_warmup_steps": 0, "optimizer.lr_warmup_ratio": 0.05}).optimizer
+    assert o.warmup_steps_for(1200) == 60
+    assert preset("toy").optimizer.warmup_steps_for(1200) == 20  # the steps when no ratio is set

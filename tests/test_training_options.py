@@ -99,3 +99,8 @@ def test_bad_option_values_are_refused_by_name():
     bad = {p.setting for p in check_config(cfg) if p.level == "error"}
     assert bad == {"training.loss_type", "training.huber_c", "training.multires_noise_discount",
                    "dataset.tag_dropout", "training.ip_noise_gamma"}
+
+
+def test_a_warm_up_given_both_ways_is_refused():
+    cfg = preset("toy").with_overrides({"optimizer.lr_warmup_ratio": 0.1})  # the toy preset warms up 20 steps
+    assert [p.setting for p in check_config(cfg) if p.level == "error"] == ["optimizer.lr_warmup_ratio"]
