@@ -152,6 +152,11 @@ class SaveConfig:
 
 
 @dataclass
+class LoggingConfig:
+    tensorboard: bool = False  # also write TensorBoard event files under <workspace>/logs/ (loss, LR, samples)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
@@ -160,6 +165,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     save: SaveConfig = field(default_factory=SaveConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     # ------------------------------------------------------------------ conversions
     def to_dict(self) -> dict:
@@ -250,7 +256,7 @@ def all_setting_names() -> list[str]:
 
 
 _SECTIONS = {"model": ModelConfig, "dataset": DatasetConfig, "network": NetworkConfig, "optimizer": OptimizerConfig,
-             "training": TrainingConfig, "sample": SampleConfig, "save": SaveConfig}
+             "training": TrainingConfig, "sample": SampleConfig, "save": SaveConfig, "logging": LoggingConfig}
 
 
 def _field_type(section: str, name: str) -> str:

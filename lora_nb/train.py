@@ -46,6 +46,7 @@ from lora_nb.latent_cache import LatentCache
 from lora_nb.models import load_model_for, use_noise_schedule
 from lora_nb.optim import build_optimizer, build_scheduler
 from lora_nb.sampling import render_previews, sample_prompts_of
+from lora_nb.tblog import TensorBoardLog, chain
 from lora_nb.workspace import Workspace
 
 
@@ -119,6 +120,8 @@ def _run_phases(cfg: Config, emit: Callable[[Event], None], model, resume: bool,
     data = load_training_data(cfg)
     warnings += data.warnings
     accelerator, precision = start_accelerator(cfg)
+    if cfg.logging.tensorboard and accelerator.is_main_process:
+        emit = chain(emit, TensorBoardLog(Workspace(Path(cfg.save.output_dir)).logs))
     with hold_workspace_of(cfg, accelerator, warnings):
         net = prepare_model(cfg, model, accelerator.device, precision)
         cached = cache_training_data(cfg, data, net, accelerator, warnings)

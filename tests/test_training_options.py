@@ -104,3 +104,18 @@ def test_bad_option_values_are_refused_by_name():
 def test_a_warm_up_given_both_ways_is_refused():
     cfg = preset("toy").with_overrides({"optimizer.lr_warmup_ratio": 0.1})  # the toy preset warms up 20 steps
     assert [p.setting for p in check_config(cfg) if p.level == "error"] == ["optimizer.lr_warmup_ratio"]
+
+
+def test_tensorboard_event_files_hold_the_runs_loss_lr_validation_and_samples(tiny_sd15_dir, tiny_dataset, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = make_config(tiny_sd15_dir, tiny_dataset, tmp_path / "ws", **{
+        "logging.tensorboard": True, "dataset.validation_split": 1, "sample.every_n_epochs": 2,
+        "sample.prompts": ["sks, red square --d 1 --s 2"]})
+    result = train(cfg, progress=False)
+    logs = EventAccumulator(str(tmp_path / "ws" / "logs"))  # tensorboard's own reader
+    logs.Reload()
+    tags = logs.Tags()
+    assert len(logs.Scalars("loss/step")) == result.steps
+    assert {"loss/train_loss", "loss/val_loss"} <= set(tags["scalars"]) and any(t.startswith("lr/") for t in tags["scalars"])
+    assert tags["images"] == ["samples/p00"]
