@@ -20,7 +20,8 @@ import yaml
 from lora_nb import LoraNbError
 from lora_nb.fsutil import write_text_atomic
 
-OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Lion8bit", "Prodigy", "SGD")
+OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Lion8bit", "Prodigy", "SGD", "Adafactor", "CAME", "AdamWScheduleFree",
+              "DAdaptAdam")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "rex")
 PRECISIONS = ("no", "fp16", "bf16")
 SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
@@ -85,7 +86,7 @@ class NetworkConfig:
 
 @dataclass
 class OptimizerConfig:
-    optimizer: str = "AdamW8bit"  # AdamW, AdamW8bit, Lion, Lion8bit, Prodigy, SGD; 8bit = optimizer state in 1 byte a value
+    optimizer: str = "AdamW8bit"  # AdamW, AdamW8bit, Lion, Lion8bit, Prodigy, SGD, Adafactor, CAME, AdamWScheduleFree, DAdaptAdam; 8bit = state in 1 byte a value
     learning_rate: float = 1e-4  # base LR; used for the UNet when unet_lr is not set
     unet_lr: float | None = None  # overrides learning_rate for the UNet when set
     text_encoder_lr: float = 0.0  # 0 = text encoder frozen; usually unet_lr/2 … /10
@@ -582,7 +583,7 @@ class _Checks:
 
 MAX_RANK = 1024
 MAX_STEPS = 10_000_000
-ADAPTIVE_LR_OPTIMIZERS = ("Prodigy",)  # optimizers that find the step size and want every group's LR equal
+ADAPTIVE_LR_OPTIMIZERS = ("Prodigy", "DAdaptAdam")  # optimizers that find the step size and want every group's LR equal
 SYSTEM_DIRS = ("/proc", "/sys", "/dev")
 
 
@@ -673,8 +674,11 @@ def _check_optimizer(c: _Checks, o: OptimizerConfig) -> None:
         c.warn("optimizer.text_encoder_lr", f"{o.text_encoder_lr:g} is above the UNet LR {unet_lr:g}; usually it is 1/2 to 1/10 of it.")
     if o.optimizer in ("Lion", "Lion8bit") and unet_lr >= 5e-5:
         c.warn("optimizer.learning_rate", f"Lion wants an LR about 10× smaller than AdamW (try {unet_lr / 10:g}); {unet_lr:g} is AdamW-sized.")
-    if o.optimizer == "Prodigy" and unet_lr != 1.0:
-        c.warn("optimizer.learning_rate", f"Prodigy finds the step size itself: set every LR to 1 (got {unet_lr:g}).")
+    if o.optimizer in ADAPTIVE_LR_OPTIMIZERS and unet_lr != 1.0:
+        c.warn("optimizer.learning_rate", f"{o.optimizer} finds the step size itself: set every LR to 1 (got {unet_lr:g}).")
+    if o.optimizer == "AdamWScheduleFree" and o.lr_scheduler not in ("constant", "constant_with_warmup"):
+        c.warn("optimizer.lr_scheduler", f"AdamWScheduleFree replaces the schedule (it averages the weights instead): "
+                                         f"set lr_scheduler to constant (got {o.lr_scheduler}); its warm-up still applies.")
     if o.lr_warmup_steps < 0:
         c.err("optimizer.lr_warmup_steps", "must be 0 or more.")
     if not (math.isfinite(o.lr_warmup_ratio) and 0 <= o.lr_warmup_ratio < 1):

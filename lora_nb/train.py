@@ -44,7 +44,7 @@ from lora_nb.images import image_size
 from lora_nb.fsutil import atomic_path, is_disk_full, remove_stale_temp_files
 from lora_nb.latent_cache import LatentCache
 from lora_nb.models import load_model_for, use_noise_schedule
-from lora_nb.optim import build_optimizer, build_scheduler
+from lora_nb.optim import build_optimizer, build_scheduler, use_averaged_weights
 from lora_nb.sampling import render_previews, sample_prompts_of
 from lora_nb.tblog import TensorBoardLog, chain
 from lora_nb.workspace import Workspace
@@ -711,19 +711,22 @@ def end_of_epoch(s: Session, epoch: int, losses: list[float]) -> None:
     cfg, run, acc = s.cfg, s.run, s.accelerator
     last = epoch == s.data.plan.epochs
     if run.is_main and (last or (cfg.save.every_n_epochs and epoch % cfg.save.every_n_epochs == 0)):
-        save_lora_files(s, epoch, last)
+        with use_averaged_weights(s.opt.optimizer):  # a schedule-free optimizer's files hold its average
+            save_lora_files(s, epoch, last)
     if run.is_main and cfg.save.save_state:
         runstate.save_state(run.ws, run.fingerprint, s.net.model, s.opt.optimizer, s.opt.lr_scheduler, epoch,
                             run.step, s.net.train_te)
     record = {"epoch": epoch, "step": run.step, "train_loss": float(np.mean(losses)) if losses else None}
-    if s.cached.validation is not None:
-        s.opt.unet.eval()
-        record["val_loss"] = steps.fixed_noise_loss(s.net.model, *s.cached.validation, s.net.noise_scheduler,
-                                                    s.net.prediction_type)
-    run.write_metrics(record, flush=True)
-    s.emit(Event("epoch", run.step, epoch, record))
-    if run.is_main and cfg.sample.every_n_epochs and cfg.sample.prompts and (epoch % cfg.sample.every_n_epochs == 0 or last):
-        write_previews(s, epoch)
+    with use_averaged_weights(s.opt.optimizer):
+        if s.cached.validation is not None:
+            s.opt.unet.eval()
+            record["val_loss"] = steps.fixed_noise_loss(s.net.model, *s.cached.validation, s.net.noise_scheduler,
+                                                        s.net.prediction_type)
+        run.write_metrics(record, flush=True)
+        s.emit(Event("epoch", run.step, epoch, record))
+        if run.is_main and cfg.sample.every_n_epochs and cfg.sample.prompts and \
+                (epoch % cfg.sample.every_n_epochs == 0 or last):
+            write_previews(s, epoch)
     acc.wait_for_everyone()
 
 

@@ -119,3 +119,11 @@ def test_tensorboard_event_files_hold_the_runs_loss_lr_validation_and_samples(ti
     assert len(logs.Scalars("loss/step")) == result.steps
     assert {"loss/train_loss", "loss/val_loss"} <= set(tags["scalars"]) and any(t.startswith("lr/") for t in tags["scalars"])
     assert tags["images"] == ["samples/p00"]
+
+
+@pytest.mark.parametrize("name", ["AdamWScheduleFree", "CAME"])
+def test_the_trainer_runs_the_newer_optimizers(name, tiny_sd15_dir, tiny_dataset, tmp_path):
+    cfg = make_config(tiny_sd15_dir, tiny_dataset, tmp_path / name, **{
+        "optimizer.optimizer": name, "optimizer.lr_scheduler": "constant", "training.epochs": 1})
+    result = train(cfg, progress=False)
+    assert result.final.exists() and result.steps == 2
