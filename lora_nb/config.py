@@ -82,6 +82,7 @@ class NetworkConfig:
     alpha: float = 4.0  # the update is scaled by alpha / rank
     unet_targets: str = "kohya"  # kohya (every linear in transformer blocks) / attention (q, k, v, out)
     clip_skip: int = 1  # use the text encoder's N-th layer from the end (2 is common for anime models)
+    init_from: str = ""  # a kohya LoRA file to continue training (same family, rank, alpha and modules); empty = new
 
 
 @dataclass
@@ -629,7 +630,10 @@ def _check_required(c: _Checks, cfg: Config) -> None:
 
 
 def _check_network(c: _Checks, n: NetworkConfig) -> None:
-    """Rank, alpha, targets, clip skip."""
+    """Rank, alpha, targets, clip skip, the file to continue."""
+    if n.init_from and not Path(n.init_from).expanduser().is_file():
+        c.err("network.init_from", f"{n.init_from!r} is not a file: give the .safetensors LoRA to continue, or leave "
+                                   "it empty for a new LoRA.")
     if n.rank <= 0 or n.rank > MAX_RANK:
         c.err("network.rank", f"must be a positive whole number, at most {MAX_RANK} (got {n.rank:g}); 8–32 for "
                               "styles/characters, 64–128 for realistic.")

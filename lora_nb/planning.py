@@ -59,6 +59,7 @@ PARAMETER_SETTINGS = {
     "keep_tokens": "dataset.keep_tokens",
     "trigger_word": "dataset.trigger_word",
     "reg_dir": "dataset.reg_dir",
+    "init_from": "network.init_from",
     "sample_prompts": "sample.prompts",
 }
 # the shared course settings (course.yaml) that fill notebook 04's parameters of the same name

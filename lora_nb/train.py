@@ -330,6 +330,8 @@ def prepare_model(cfg: Config, model, device, precision: str) -> PreparedModel:
     torch.manual_seed(cfg.training.seed)  # the LoRA's random init: same seed, same LoRA, in any process
     lora_io.add_lora(model, cfg.network.rank, cfg.network.alpha, unet_targets=cfg.network.unet_targets,
                      train_text_encoder=train_te)
+    if cfg.network.init_from:  # continue an existing LoRA (a saved state, when resuming, overrides it later)
+        lora_io.init_lora_from(model, Path(cfg.network.init_from).expanduser(), cfg.network.rank, cfg.network.alpha)
     if precision != "no":
         cast_training_params([pipe.unet] + (model.text_encoders if train_te else []), dtype=torch.float32)
     if cfg.training.gradient_checkpointing:

@@ -127,3 +127,27 @@ def test_the_trainer_runs_the_newer_optimizers(name, tiny_sd15_dir, tiny_dataset
         "optimizer.optimizer": name, "optimizer.lr_scheduler": "constant", "training.epochs": 1})
     result = train(cfg, progress=False)
     assert result.final.exists() and result.steps == 2
+
+
+def test_init_from_continues_an_existing_lora_and_refuses_one_it_cannot(tiny_sd15_dir, tiny_sdxl_dir, tiny_dataset,
+                                                                       tmp_path):
+    from lora_nb import LoraNbError
+
+    first = train(make_config(tiny_sd15_dir, tiny_dataset, tmp_path / "first", **{"training.epochs": 1}),
+                  progress=False)
+    # continue it with a vanishing LR: the continued file is the first one (to rounding), not a fresh LoRA
+    again = train(make_config(tiny_sd15_dir, tiny_dataset, tmp_path / "again", **{
+        "training.epochs": 1, "network.init_from": str(first.final), "optimizer.learning_rate": 1e-12,
+        "optimizer.text_encoder_lr": 1e-12, "optimizer.weight_decay": 0.0}), progress=False)
+    a, b = load_file(first.final), load_file(again.final)
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    assert any(a[k].abs().max() > 1e-3 for k in a if "lora_up" in k)  # and the first one did learn something
+    with safe_open(str(again.final), "pt") as f:
+        assert f.metadata()["ss_network_weights"] == first.final.name
+    for overrides, reason in ((dict(), "is an sd15 LoRA and the base model is sdxl"),
+                              ({"network.rank": 4}, "rank 8 / alpha 8, this run rank 4")):
+        model_dir = tiny_sdxl_dir if not overrides else tiny_sd15_dir
+        cfg = make_config(model_dir, tiny_dataset, tmp_path / f"bad{len(overrides)}", **{
+            "training.epochs": 1, "network.init_from": str(first.final), **overrides})
+        with pytest.raises(LoraNbError, match=reason):
+            train(cfg, progress=False)
