@@ -153,6 +153,22 @@ def shuffle_caption(caption: str, keep_tokens: int = 1, rng: random.Random | Non
     return join_tags(fixed + rest)
 
 
+def drop_tags(caption: str, rate: float, keep_tokens: int = 1, rng: random.Random | None = None) -> str:
+    """Leave each tag after the first ``keep_tokens`` out with probability ``rate`` (sd-scripts'
+    ``caption_tag_dropout_rate``): the model cannot lean on any one tag always being there."""
+    if not rate:
+        return caption
+    rng = rng or random.Random()
+    tags = split_tags(caption)
+    return join_tags(tags[:keep_tokens] + [t for t in tags[keep_tokens:] if rng.random() >= rate])
+
+
+def dress_caption(caption: str, prefix: str = "", suffix: str = "") -> str:
+    """``caption`` with ``prefix`` before and ``suffix`` after it, space-joined as sd-scripts'
+    ``caption_prefix`` / ``caption_suffix`` (put the comma in the prefix yourself: "masterpiece,")."""
+    return " ".join(p for p in (prefix.strip(), caption, suffix.strip()) if p)
+
+
 def tag_frequency(captions: Mapping[str, str] | Iterable[str]) -> list[tuple[str, int]]:
     """How many captions contain each tag, most frequent first (a tag counts once per caption).
 

@@ -20,8 +20,9 @@ import yaml
 from lora_nb import LoraNbError
 from lora_nb.fsutil import write_text_atomic
 
-OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Lion8bit", "Prodigy", "SGD")
-SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Lion8bit", "Prodigy", "SGD", "Adafactor", "CAME", "AdamWScheduleFree",
+              "DAdaptAdam")
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "rex")
 PRECISIONS = ("no", "fp16", "bf16")
 SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
 SAVE_FORMATS = ("kohya", "diffusers")
@@ -60,6 +61,9 @@ class DatasetConfig:
     keep_tokens: int = 1  # with shuffle: this many leading tags stay in place (the trigger word)
     caption_dropout: float = 0.0  # share of steps trained with an empty caption
     flip_aug: bool = False  # random horizontal flips (cached too)
+    tag_dropout: float = 0.0  # share of tags left out of each step's caption (the first keep_tokens never)
+    caption_prefix: str = ""  # text put before every training caption as trained (never shuffled or dropped)
+    caption_suffix: str = ""  # text put after every training caption as trained
     reg_dir: str = ""  # regularization images (same class, without the subject); empty = none
     prior_loss_weight: float = 1.0  # weight of the regularization images' loss
     enable_buckets: bool = False  # no crop: aspect-ratio buckets instead of one size
@@ -78,20 +82,27 @@ class NetworkConfig:
     alpha: float = 4.0  # the update is scaled by alpha / rank
     unet_targets: str = "kohya"  # kohya (every linear in transformer blocks) / attention (q, k, v, out)
     clip_skip: int = 1  # use the text encoder's N-th layer from the end (2 is common for anime models)
+    init_from: str = ""  # a kohya LoRA file to continue training (same family, rank, alpha and modules); empty = new
 
 
 @dataclass
 class OptimizerConfig:
-    optimizer: str = "AdamW8bit"  # AdamW, AdamW8bit, Lion, Lion8bit, Prodigy, SGD; 8bit = optimizer state in 1 byte a value
+    optimizer: str = "AdamW8bit"  # AdamW, AdamW8bit, Lion, Lion8bit, Prodigy, SGD, Adafactor, CAME, AdamWScheduleFree, DAdaptAdam; 8bit = state in 1 byte a value
     learning_rate: float = 1e-4  # base LR; used for the UNet when unet_lr is not set
     unet_lr: float | None = None  # overrides learning_rate for the UNet when set
     text_encoder_lr: float = 0.0  # 0 = text encoder frozen; usually unet_lr/2 … /10
-    lr_scheduler: str = "cosine"  # constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial
+    lr_scheduler: str = "cosine"  # constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial, rex
     lr_warmup_steps: int = 0  # steps of linear warm-up
+    lr_warmup_ratio: float = 0.0  # or the warm-up as a share of all steps (0.05 = the first 5%); 0 = lr_warmup_steps decides
     lr_restarts: int = 1  # cosine_with_restarts: number of hard restarts (cycles)
     lr_power: float = 1.0  # polynomial: the power
     weight_decay: float = 0.01  # decoupled weight decay (AdamW, Lion)
     max_grad_norm: float = 1.0  # gradient clipping; 0 = off
+
+    def warmup_steps_for(self, total_steps: int) -> int:
+        """The warm-up length of a run of ``total_steps``: ``lr_warmup_ratio`` of it when set, else
+        ``lr_warmup_steps`` (the one home of this rule)."""
+        return round(self.lr_warmup_ratio * total_steps) if self.lr_warmup_ratio else self.lr_warmup_steps
 
     @property
     def effective_unet_lr(self) -> float:
@@ -109,6 +120,12 @@ class TrainingConfig:
     min_snr_gamma: float = 0.0  # 0 = off; 5 is the usual value
     debiased_estimation: bool = False  # weight each step's loss by 1/sqrt(SNR): the noisiest steps count most
     zero_terminal_snr: bool = False  # rescale the noise schedule so its last step is pure noise (v-prediction models only)
+    multires_noise_iterations: int = 0  # 0 = off; 6–10: add coarser noise too (pyramid noise), brighter/darker pictures learnable
+    multires_noise_discount: float = 0.3  # each coarser level's weight is this times the previous one's
+    ip_noise_gamma: float = 0.0  # 0 = off; about 0.1: perturb the noise the model sees, not the one it predicts
+    loss_type: str = "l2"  # l2 (mean squared error) / huber / smooth_l1: less pull from outlier pixels
+    huber_c: float = 0.1  # huber / smooth_l1: where the loss turns from squared to linear
+    huber_schedule: str = "snr"  # huber_c over the timesteps: snr (larger at low noise), exponential, constant
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: far less memory, slower steps
     max_steps: int = 0  # 0 = epochs decide; otherwise stop after this many steps
 
@@ -137,6 +154,11 @@ class SaveConfig:
 
 
 @dataclass
+class LoggingConfig:
+    tensorboard: bool = False  # also write TensorBoard event files under <workspace>/logs/ (loss, LR, samples)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
@@ -145,6 +167,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     save: SaveConfig = field(default_factory=SaveConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     # ------------------------------------------------------------------ conversions
     def to_dict(self) -> dict:
@@ -235,7 +258,7 @@ def all_setting_names() -> list[str]:
 
 
 _SECTIONS = {"model": ModelConfig, "dataset": DatasetConfig, "network": NetworkConfig, "optimizer": OptimizerConfig,
-             "training": TrainingConfig, "sample": SampleConfig, "save": SaveConfig}
+             "training": TrainingConfig, "sample": SampleConfig, "save": SaveConfig, "logging": LoggingConfig}
 
 
 def _field_type(section: str, name: str) -> str:
@@ -561,7 +584,7 @@ class _Checks:
 
 MAX_RANK = 1024
 MAX_STEPS = 10_000_000
-ADAPTIVE_LR_OPTIMIZERS = ("Prodigy",)  # optimizers that find the step size and want every group's LR equal
+ADAPTIVE_LR_OPTIMIZERS = ("Prodigy", "DAdaptAdam")  # optimizers that find the step size and want every group's LR equal
 SYSTEM_DIRS = ("/proc", "/sys", "/dev")
 
 
@@ -607,7 +630,10 @@ def _check_required(c: _Checks, cfg: Config) -> None:
 
 
 def _check_network(c: _Checks, n: NetworkConfig) -> None:
-    """Rank, alpha, targets, clip skip."""
+    """Rank, alpha, targets, clip skip, the file to continue."""
+    if n.init_from and not Path(n.init_from).expanduser().is_file():
+        c.err("network.init_from", f"{n.init_from!r} is not a file: give the .safetensors LoRA to continue, or leave "
+                                   "it empty for a new LoRA.")
     if n.rank <= 0 or n.rank > MAX_RANK:
         c.err("network.rank", f"must be a positive whole number, at most {MAX_RANK} (got {n.rank:g}); 8–32 for "
                               "styles/characters, 64–128 for realistic.")
@@ -652,10 +678,18 @@ def _check_optimizer(c: _Checks, o: OptimizerConfig) -> None:
         c.warn("optimizer.text_encoder_lr", f"{o.text_encoder_lr:g} is above the UNet LR {unet_lr:g}; usually it is 1/2 to 1/10 of it.")
     if o.optimizer in ("Lion", "Lion8bit") and unet_lr >= 5e-5:
         c.warn("optimizer.learning_rate", f"Lion wants an LR about 10× smaller than AdamW (try {unet_lr / 10:g}); {unet_lr:g} is AdamW-sized.")
-    if o.optimizer == "Prodigy" and unet_lr != 1.0:
-        c.warn("optimizer.learning_rate", f"Prodigy finds the step size itself: set every LR to 1 (got {unet_lr:g}).")
+    if o.optimizer in ADAPTIVE_LR_OPTIMIZERS and unet_lr != 1.0:
+        c.warn("optimizer.learning_rate", f"{o.optimizer} finds the step size itself: set every LR to 1 (got {unet_lr:g}).")
+    if o.optimizer == "AdamWScheduleFree" and o.lr_scheduler not in ("constant", "constant_with_warmup"):
+        c.warn("optimizer.lr_scheduler", f"AdamWScheduleFree replaces the schedule (it averages the weights instead): "
+                                         f"set lr_scheduler to constant (got {o.lr_scheduler}); its warm-up still applies.")
     if o.lr_warmup_steps < 0:
         c.err("optimizer.lr_warmup_steps", "must be 0 or more.")
+    if not (math.isfinite(o.lr_warmup_ratio) and 0 <= o.lr_warmup_ratio < 1):
+        c.err("optimizer.lr_warmup_ratio", f"must be from 0 to below 1 (got {o.lr_warmup_ratio:g}); 0.05–0.1 is usual.")
+    elif o.lr_warmup_ratio and o.lr_warmup_steps:
+        c.err("optimizer.lr_warmup_ratio", f"and lr_warmup_steps={o.lr_warmup_steps} are both set: keep one "
+                                           "(set lr_warmup_steps to 0 to use the ratio).")
     if o.lr_restarts < 1:
         c.err("optimizer.lr_restarts", "must be 1 or more (3–5 is usual with cosine_with_restarts).")
 
@@ -685,12 +719,40 @@ def _check_training(c: _Checks, t: TrainingConfig, cuda_available: bool) -> None
         c.err("training.min_snr_gamma", "must be 0 (off) or positive (5 is usual).")
     if t.noise_offset < 0:
         c.err("training.noise_offset", "must be 0 (off) or positive (0.05–0.1).")
+    _check_noise_and_loss(c, t)
+
+
+LOSS_TYPES = ("l2", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("snr", "exponential", "constant")
+
+
+def _check_noise_and_loss(c: _Checks, t: TrainingConfig) -> None:
+    """Multires noise, input perturbation, the loss function."""
+    if not 0 <= t.multires_noise_iterations <= 16:
+        c.err("training.multires_noise_iterations", f"must be 0 (off) to 16 (got {t.multires_noise_iterations}); "
+                                                    "6–10 is usual.")
+    if not (math.isfinite(t.multires_noise_discount) and 0 < t.multires_noise_discount < 1):
+        c.err("training.multires_noise_discount", f"must be between 0 and 1 (got {t.multires_noise_discount:g}); "
+                                                  "0.3–0.8 is usual.")
+    if not (math.isfinite(t.ip_noise_gamma) and 0 <= t.ip_noise_gamma <= 1):
+        c.err("training.ip_noise_gamma", f"must be 0 (off) to 1 (got {t.ip_noise_gamma:g}); about 0.1 is usual.")
+    if t.loss_type not in LOSS_TYPES:
+        c.err("training.loss_type", f"{t.loss_type!r} is unknown: use {', '.join(LOSS_TYPES)}.")
+    if not (math.isfinite(t.huber_c) and 0 < t.huber_c <= 1):
+        c.err("training.huber_c", f"must be above 0 and at most 1 (got {t.huber_c:g}); 0.1 is usual.")
+    if t.huber_schedule not in HUBER_SCHEDULES:
+        c.err("training.huber_schedule", f"{t.huber_schedule!r} is unknown: use {', '.join(HUBER_SCHEDULES)}.")
 
 
 def _check_dataset(c: _Checks, d: DatasetConfig) -> None:
     """Caption handling, repeats, caches, buckets, resolution."""
     if not 0 <= d.caption_dropout < 1:
         c.err("dataset.caption_dropout", "must be between 0 and 1 (e.g. 0.05).")
+    if not 0 <= d.tag_dropout < 1:
+        c.err("dataset.tag_dropout", f"must be between 0 and 1 (got {d.tag_dropout:g}); 0.05–0.1 is usual.")
+    for name in ("caption_prefix", "caption_suffix"):
+        if len(getattr(d, name)) > 500 or "\n" in getattr(d, name):
+            c.err(f"dataset.{name}", "must be one line of at most 500 characters (e.g. 'masterpiece, best quality,').")
     if d.keep_tokens < 0:
         c.err("dataset.keep_tokens", "must be 0 or more.")
     if d.validation_split < 0:

@@ -223,6 +223,50 @@ def kohya_state_dict(model, alpha: float, dtype: torch.dtype = torch.float32) ->
     return out
 
 
+def init_lora_from(model, path: str | Path, rank: int, alpha: float) -> int:
+    """Start the ``default`` adapter from an existing kohya LoRA file (``network.init_from``): every module's
+    down/up weights are copied in, so training continues that LoRA. Refused, with the reason, when the file is
+    for another family, has another rank or alpha, or does not hold exactly the modules this run trains (other
+    ``unet_targets``, or a text encoder trained in one and not the other). Returns the modules loaded."""
+    path = Path(path)
+    tensors, meta = read_lora_file(path)
+    if file_format(tensors) != "kohya":
+        raise LoraNbError(f"network.init_from={path}: not a kohya-format LoRA (save.formats kohya writes one).")
+    family = guess_family(tensors, meta)
+    if family != model.family:
+        raise LoraNbError(f"network.init_from={path} is an {family} LoRA and the base model is {model.family}: "
+                          "a LoRA continues only on the family it was trained for.")
+    ldm_map = sdxl_ldm_block_map(model.pipe.unet.config) if model.family == "sdxl" else None
+    wanted, loaded = set(), 0
+    for comp, module in lora_components(model).items():
+        for mod_path, (down, up) in _peft_pairs(module).items():
+            key = kohya_module_name(comp, mod_path, model.family, ldm_map)
+            wanted.add(key)
+            if f"{key}.lora_down.weight" not in tensors:
+                raise LoraNbError(f"network.init_from={path} has no {key}: it was trained on other modules "
+                                  "(network.unet_targets, or the text encoder frozen there and trained here).")
+            file_down, file_up = tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"]
+            file_alpha = float(tensors.get(f"{key}.alpha", torch.tensor(float(file_down.shape[0]))))
+            if file_down.shape[0] != rank or abs(file_alpha - alpha) > 1e-6 * max(1.0, alpha):
+                raise LoraNbError(f"network.init_from={path} has rank {file_down.shape[0]} / alpha {file_alpha:g}, "
+                                  f"this run rank {rank} / alpha {alpha:g}: set network.rank and network.alpha to "
+                                  "the file's to continue it.")
+            if file_down.shape != down.shape or file_up.shape != up.shape:
+                raise LoraNbError(f"network.init_from={path}: {key} has shapes {tuple(file_down.shape)} / "
+                                  f"{tuple(file_up.shape)}, the model wants {tuple(down.shape)} / {tuple(up.shape)}.")
+            layer = module.get_submodule(mod_path)
+            with torch.no_grad():
+                layer.lora_A[ADAPTER_NAME].weight.copy_(file_down.view_as(layer.lora_A[ADAPTER_NAME].weight))
+                layer.lora_B[ADAPTER_NAME].weight.copy_(file_up.view_as(layer.lora_B[ADAPTER_NAME].weight))
+            loaded += 1
+    extra = sorted({k.rsplit(".", 2)[0] for k in _down_keys(tensors)} - wanted)
+    if extra:
+        raise LoraNbError(f"network.init_from={path} holds {len(extra)} module(s) this run does not train (e.g. "
+                          f"{extra[0]}): a text encoder trained there needs optimizer.text_encoder_lr > 0 here, "
+                          "other modules the same network.unet_targets.")
+    return loaded
+
+
 def _peft_pairs(module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{module path: (lora_A weight, lora_B weight)}`` of the ``default`` adapter."""
     from peft.utils import get_peft_model_state_dict
@@ -327,7 +371,7 @@ def training_metadata(cfg, plan, tag_frequency: dict, dataset_dirs: dict | None 
         "ss_resolution": f"({w}, {h})",
         "ss_enable_bucket": str(bool(d.enable_buckets)),
         "ss_lr_scheduler": o.lr_scheduler,
-        "ss_lr_warmup_steps": str(o.lr_warmup_steps),
+        "ss_lr_warmup_steps": str(o.warmup_steps_for(plan.total_steps)),
         "ss_optimizer": o.optimizer,
         "ss_max_grad_norm": str(o.max_grad_norm),
         "ss_mixed_precision": t.mixed_precision,
@@ -338,6 +382,16 @@ def training_metadata(cfg, plan, tag_frequency: dict, dataset_dirs: dict | None 
         "ss_min_snr_gamma": str(t.min_snr_gamma),
         "ss_debiased_estimation": str(bool(t.debiased_estimation)),
         "ss_zero_terminal_snr": str(bool(t.zero_terminal_snr)),
+        **({"ss_network_weights": Path(cfg.network.init_from).name} if cfg.network.init_from else {}),
+        "ss_multires_noise_iterations": str(t.multires_noise_iterations or None),
+        "ss_multires_noise_discount": str(t.multires_noise_discount),
+        "ss_ip_noise_gamma": str(t.ip_noise_gamma or None),
+        "ss_loss_type": t.loss_type,
+        "ss_huber_c": str(t.huber_c),
+        "ss_huber_schedule": t.huber_schedule,
+        "ss_caption_tag_dropout_rate": str(d.tag_dropout),
+        "ss_caption_prefix": d.caption_prefix,
+        "ss_caption_suffix": d.caption_suffix,
         "ss_shuffle_caption": str(bool(d.shuffle_caption)),
         "ss_keep_tokens": str(d.keep_tokens),
         "ss_max_token_length": str(d.max_token_length),

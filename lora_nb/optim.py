@@ -11,7 +11,10 @@ def build_optimizer(name: str, param_groups: list[dict], weight_decay: float = 0
     """Build optimizer ``name`` over ``param_groups`` (each with its own ``lr``).
 
     AdamW8bit / Lion8bit come from bitsandbytes (≥ 0.50 runs them on CPU too);
-    Lion from lion-pytorch; Prodigy from prodigyopt (set LRs to 1).
+    Lion from lion-pytorch; Prodigy from prodigyopt and DAdaptAdam from dadaptation (both: set LRs to 1);
+    Adafactor from transformers (a fixed LR: relative steps off, as sd-scripts' LoRA recipes set it); CAME
+    from came-pytorch; AdamWScheduleFree from schedulefree (switch it with :func:`use_averaged_weights`
+    around saving, validation and previews).
     """
     groups = [g for g in param_groups if g["params"]]
     if name == "AdamW":
@@ -36,16 +39,87 @@ def build_optimizer(name: str, param_groups: list[dict], weight_decay: float = 0
         from prodigyopt import Prodigy
 
         return Prodigy(groups, weight_decay=weight_decay, safeguard_warmup=True, use_bias_correction=True)
-    raise LoraNbError(f"optimizer.optimizer={name!r} is unknown: use AdamW, AdamW8bit, Lion, Lion8bit, Prodigy or SGD.")
+    if name in MORE_OPTIMIZERS:
+        return MORE_OPTIMIZERS[name](groups, weight_decay)
+    raise LoraNbError(f"optimizer.optimizer={name!r} is unknown: use AdamW, AdamW8bit, Lion, Lion8bit, Prodigy, SGD, "
+                      f"{', '.join(MORE_OPTIMIZERS)}.")
+
+
+def _adafactor(groups, weight_decay):
+    from transformers.optimization import Adafactor
+
+    return Adafactor(groups, scale_parameter=False, relative_step=False, warmup_init=False, weight_decay=weight_decay)
+
+
+def _came(groups, weight_decay):
+    from came_pytorch import CAME
+
+    # CAME checks a default lr even when every group brings its own
+    return CAME(groups, lr=groups[0]["lr"], weight_decay=weight_decay, betas=(0.9, 0.999, 0.9999), eps=(1e-30, 1e-16))
+
+
+def _schedule_free(groups, weight_decay):
+    from schedulefree import AdamWScheduleFree
+
+    opt = AdamWScheduleFree(groups, weight_decay=weight_decay)
+    opt.train()
+    return opt
+
+
+def _dadapt_adam(groups, weight_decay):
+    import contextlib
+    import io
+
+    from dadaptation import DAdaptAdam
+
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints "Using decoupled weight decay" when built
+        # bias correction as for Prodigy: without it the step-size estimate overshoots in the first steps
+        return DAdaptAdam(groups, weight_decay=weight_decay, decouple=True, use_bias_correction=True)
+
+
+MORE_OPTIMIZERS = {"Adafactor": _adafactor, "CAME": _came, "AdamWScheduleFree": _schedule_free,
+                   "DAdaptAdam": _dadapt_adam}
+
+
+class use_averaged_weights:
+    """``with use_averaged_weights(optimizer):`` the weights a schedule-free optimizer would hand out (its
+    running average) are in the model for the block — saving, validation, previews — and training resumes
+    on its own iterate after it. Any other optimizer: nothing happens."""
+
+    def __init__(self, optimizer):
+        self.switch = optimizer if hasattr(optimizer, "eval") and hasattr(optimizer, "train") else None
+
+    def __enter__(self):
+        if self.switch is not None:
+            self.switch.eval()
+        return self
+
+    def __exit__(self, *exc):
+        if self.switch is not None:
+            self.switch.train()
+        return False
 
 
 def build_scheduler(name: str, optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
                     restarts: int = 1, power: float = 1.0):
-    """The LR schedule ``name`` (diffusers' definitions); ``restarts`` = cosine_with_restarts cycles."""
+    """The LR schedule ``name`` (diffusers' definitions, and :func:`rex_factor`); ``restarts`` =
+    cosine_with_restarts cycles."""
     from diffusers.optimization import get_scheduler
 
+    if name == "rex":  # not in diffusers or transformers: a LambdaLR of the published formula
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: rex_factor(step, warmup_steps, total_steps))
     return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=max(total_steps, 1),
                          num_cycles=restarts, power=power)
+
+
+def rex_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """The REX schedule (Chen et al. 2021, "REX: Revisiting budgeted training with an improved schedule"):
+    a linear warm-up, then (1 − z) / (1 − z/2) of the LR at progress z from 0 to 1 — it stays high longer
+    than linear decay and falls faster than cosine at the end."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    z = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return (1 - z) / (1 - z / 2)
 
 
 def lr_curve(name: str, base_lrs: list[float], warmup_steps: int, total_steps: int, restarts: int = 1,

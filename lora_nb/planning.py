@@ -36,6 +36,7 @@ PARAMETER_SETTINGS = {
     "text_encoder_lr": "optimizer.text_encoder_lr",
     "lr_scheduler": "optimizer.lr_scheduler",
     "lr_warmup_steps": "optimizer.lr_warmup_steps",
+    "lr_warmup_ratio": "optimizer.lr_warmup_ratio",
     "lr_restarts": "optimizer.lr_restarts",
     "optimizer": "optimizer.optimizer",
     "rank": "network.rank",
@@ -58,6 +59,7 @@ PARAMETER_SETTINGS = {
     "keep_tokens": "dataset.keep_tokens",
     "trigger_word": "dataset.trigger_word",
     "reg_dir": "dataset.reg_dir",
+    "init_from": "network.init_from",
     "sample_prompts": "sample.prompts",
 }
 # the shared course settings (course.yaml) that fill notebook 04's parameters of the same name
@@ -66,6 +68,13 @@ COURSE_PARAMETERS = ("model_source", "model_family", "resolution", "bucket_step"
 SPEED_MEMORY_SETTINGS = ("training.mixed_precision", "training.gradient_checkpointing", "optimizer.optimizer",
                          "training.batch_size", "dataset.cache_latents", "dataset.cache_latents_to_disk",
                          "dataset.cache_text_embeddings")
+# the noise, loss and caption options notebook 04 lists with their help (set them in config.yaml or with
+# lora-nb train --set; each is off or neutral in every preset)
+NOISE_LOSS_CAPTION_SETTINGS = ("training.noise_offset", "training.multires_noise_iterations",
+                               "training.multires_noise_discount", "training.ip_noise_gamma", "training.loss_type",
+                               "training.huber_c", "training.huber_schedule", "training.zero_terminal_snr",
+                               "dataset.caption_dropout", "dataset.tag_dropout", "dataset.caption_prefix",
+                               "dataset.caption_suffix")
 USUAL_VIEWS_PER_IMAGE = (40, 400)  # how often each image is seen in a typical run
 
 
@@ -245,11 +254,17 @@ def measure_step_time(cfg: Config, steps: int = 4, model=None) -> tuple[float, i
 
 def speed_memory_rows(cfg: Config) -> list[tuple[str, str, str]]:
     """(setting, value in ``cfg``, what it does) for every setting that trades speed against memory."""
+    return setting_rows(cfg, SPEED_MEMORY_SETTINGS)
+
+
+def setting_rows(cfg: Config, settings: tuple[str, ...]) -> list[tuple[str, str, str]]:
+    """(setting, value in ``cfg``, what it does) for each of ``settings`` (dotted names)."""
     d, helps = cfg.to_dict(), setting_help()
     rows = []
-    for setting in SPEED_MEMORY_SETTINGS:
+    for setting in settings:
         section, key = setting.split(".")
-        rows.append((setting, str(d[section][key]), helps.get(setting, "")))
+        rows.append((setting, repr(d[section][key]) if isinstance(d[section][key], str) else str(d[section][key]),
+                     helps.get(setting, "")))
     return rows
 
 

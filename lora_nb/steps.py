@@ -10,6 +10,7 @@ timesteps: the validation loss that compares across epochs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -179,13 +180,44 @@ def latents_of(model, samples: list[Sample], variants: list[int], device, gen) -
 
 # --------------------------------------------------------------------------- noise, target, loss
 
-def noise_like(latents: torch.Tensor, gen, noise_offset: float = 0.0) -> torch.Tensor:
-    """Gaussian noise for ``latents`` from ``gen``; ``noise_offset`` adds a per-channel constant (C21)."""
+def noise_like(latents: torch.Tensor, gen, noise_offset: float = 0.0, multires_iterations: int = 0,
+               multires_discount: float = 0.3) -> torch.Tensor:
+    """Gaussian noise for ``latents`` from ``gen``; ``noise_offset`` adds a per-channel constant (C21);
+    ``multires_iterations`` adds :func:`multires_noise` (each extra draw only when its setting is on, so the
+    noise of a run without them does not change)."""
     device = latents.device
     noise = torch.randn(latents.shape, generator=gen).to(device)
     if noise_offset:
         noise = noise + noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=gen).to(device)
+    if multires_iterations:
+        noise = multires_noise(noise, gen, multires_iterations, multires_discount)
     return noise
+
+
+def multires_noise(noise: torch.Tensor, gen, iterations: int, discount: float) -> torch.Tensor:
+    """Pyramid ("multires") noise, as sd-scripts' ``--multires_noise_iterations`` adds it: noise drawn at ever
+    coarser sizes (each 2–4× smaller, at random), enlarged and added with weight ``discount``^i, then scaled
+    back to unit variance. The coarse parts shift whole regions, so the model also learns overall brightness
+    and colour, which plain per-pixel noise hardly ever changes."""
+    b, c, h, w = noise.shape
+    out = noise.clone()
+    for i in range(1, iterations + 1):
+        r = 2 + 2 * torch.rand((), generator=gen).item()
+        hn, wn = max(1, int(h / r ** i)), max(1, int(w / r ** i))
+        coarse = torch.randn((b, c, hn, wn), generator=gen).to(noise.device)
+        out = out + F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False) * discount ** i
+        if hn == 1 or wn == 1:
+            break
+    return out / out.std()
+
+
+def perturbed_noise(noise: torch.Tensor, gen, gamma: float) -> torch.Tensor:
+    """Input-perturbation noise (Ning et al. 2023; sd-scripts' ``--ip_noise_gamma``): the noisy latents are made
+    with ``noise + gamma * extra`` while the model still predicts ``noise``, which evens out the gap between
+    training and sampling. ``gamma`` 0: ``noise`` itself (no draw)."""
+    if not gamma:
+        return noise
+    return noise + gamma * torch.randn(noise.shape, generator=gen).to(noise.device)
 
 
 def sample_timesteps(noise_scheduler, n: int, gen, device) -> torch.Tensor:
@@ -226,9 +258,34 @@ def loss_weights(noise_scheduler, timesteps, gamma: float, prediction_type: str,
     return weights
 
 
-def diffusion_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared error per sample (one value per batch element), computed in fp32."""
-    return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.dim())))
+def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str = "l2",
+                   huber_c: torch.Tensor | float | None = None) -> torch.Tensor:
+    """The loss per sample (one value per batch element), computed in fp32: ``l2`` the mean squared error;
+    ``huber`` 2c(√(r² + c²) − c) and ``smooth_l1`` 2(√(r² + c²) − c) per value (sd-scripts' pseudo-Huber
+    losses, residual r, ``huber_c`` c per sample: :func:`huber_c_of`), equal to r² for |r| ≪ c (huber) and
+    growing only linearly for large residuals, so outlier pixels pull less."""
+    dims = tuple(range(1, pred.dim()))
+    if loss_type == "l2":
+        return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=dims)
+    c = torch.as_tensor(huber_c if huber_c is not None else 0.1, dtype=torch.float32, device=pred.device)
+    c = c.reshape(-1, *([1] * (pred.dim() - 1))) if c.dim() else c
+    smooth = torch.sqrt((pred.float() - target.float()) ** 2 + c ** 2) - c
+    per_value = 2 * c * smooth if loss_type == "huber" else 2 * smooth
+    return per_value.mean(dim=dims)
+
+
+def huber_c_of(noise_scheduler, timesteps: torch.Tensor, huber_c: float, schedule: str) -> torch.Tensor:
+    """The Huber c of each sample's timestep, as sd-scripts schedules it: ``constant`` c; ``exponential``
+    c^(t/T) (1 at t = 0 falling to c at the last step); ``snr`` (1 − c)/(1 + σ_t)² + c with
+    σ_t = √((1 − ᾱ_t)/ᾱ_t), close to 1 at low noise and to c at high noise."""
+    t = timesteps.detach().cpu().float()
+    if schedule == "constant":
+        return torch.full_like(t, huber_c)
+    if schedule == "exponential":
+        return torch.exp(math.log(huber_c) * t / noise_scheduler.config.num_train_timesteps)
+    alphas = noise_scheduler.alphas_cumprod[timesteps.detach().cpu()].float()
+    sigmas = ((1 - alphas) / alphas.clamp(min=1e-12)) ** 0.5
+    return (1 - huber_c) / (1 + sigmas) ** 2 + huber_c
 
 
 def fixed_noise_loss(model, latents: torch.Tensor, embeds: torch.Tensor, pooled, time_ids, noise_scheduler,

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from lora_nb import LoraNbError, lora_io, runstate, steps
-from lora_nb.captions import shuffle_caption
+from lora_nb.captions import dress_caption, drop_tags, shuffle_caption
 from lora_nb.config import (Config, StepsPlan, check_against_dataset, check_against_model, check_against_plan,
                             check_config,
                             parse_resolution, plan_steps, raise_for_errors)
@@ -44,8 +44,9 @@ from lora_nb.images import image_size
 from lora_nb.fsutil import atomic_path, is_disk_full, remove_stale_temp_files
 from lora_nb.latent_cache import LatentCache
 from lora_nb.models import load_model_for, use_noise_schedule
-from lora_nb.optim import build_optimizer, build_scheduler
+from lora_nb.optim import build_optimizer, build_scheduler, use_averaged_weights
 from lora_nb.sampling import render_previews, sample_prompts_of
+from lora_nb.tblog import TensorBoardLog, chain
 from lora_nb.workspace import Workspace
 
 
@@ -119,6 +120,8 @@ def _run_phases(cfg: Config, emit: Callable[[Event], None], model, resume: bool,
     data = load_training_data(cfg)
     warnings += data.warnings
     accelerator, precision = start_accelerator(cfg)
+    if cfg.logging.tensorboard and accelerator.is_main_process:
+        emit = chain(emit, TensorBoardLog(Workspace(Path(cfg.save.output_dir)).logs))
     with hold_workspace_of(cfg, accelerator, warnings):
         net = prepare_model(cfg, model, accelerator.device, precision)
         cached = cache_training_data(cfg, data, net, accelerator, warnings)
@@ -327,6 +330,8 @@ def prepare_model(cfg: Config, model, device, precision: str) -> PreparedModel:
     torch.manual_seed(cfg.training.seed)  # the LoRA's random init: same seed, same LoRA, in any process
     lora_io.add_lora(model, cfg.network.rank, cfg.network.alpha, unet_targets=cfg.network.unet_targets,
                      train_text_encoder=train_te)
+    if cfg.network.init_from:  # continue an existing LoRA (a saved state, when resuming, overrides it later)
+        lora_io.init_lora_from(model, Path(cfg.network.init_from).expanduser(), cfg.network.rank, cfg.network.alpha)
     if precision != "no":
         cast_training_params([pipe.unet] + (model.text_encoders if train_te else []), dtype=torch.float32)
     if cfg.training.gradient_checkpointing:
@@ -383,7 +388,7 @@ def latent_cache_dir(cfg: Config) -> Path:
 
 def text_cache_wanted(cfg: Config, train_te: bool, warnings: list[str]) -> bool:
     """Whether caption embeddings are cached: ``auto`` when the text encoder is frozen and captions fixed."""
-    fixed = not train_te and not cfg.dataset.shuffle_caption
+    fixed = not train_te and not cfg.dataset.shuffle_caption and not cfg.dataset.tag_dropout
     choice = cfg.dataset.cache_text_embeddings
     if choice == "yes" and not fixed:
         warnings.append("dataset.cache_text_embeddings=yes is ignored: the text encoder trains or captions are "
@@ -410,11 +415,13 @@ def cache_training_data(cfg: Config, data: TrainingData, net: PreparedModel, acc
     if val_samples:
         lat = steps.latents_of(model, val_samples, [0] * len(val_samples), device, None)
         with torch.no_grad():
-            e, p = steps.encode_prompts(model, [s.item.caption for s in val_samples], cfg.network.clip_skip, device,
+            e, p = steps.encode_prompts(model, [dress_caption(s.item.caption, d.caption_prefix, d.caption_suffix)
+                                                for s in val_samples], cfg.network.clip_skip, device,
                                         max_token_length=d.max_token_length)
         validation = (lat, e, p, torch.stack([s.time_ids[0] for s in val_samples]).to(device))
     if embedder.use_cache:  # every caption a step can use, encoded now (in small batches)
-        todo = list(dict.fromkeys([s.item.caption for s in samples + reg_samples] + ([""] if d.caption_dropout else [])))
+        todo = list(dict.fromkeys([dress_caption(s.item.caption, d.caption_prefix, d.caption_suffix) for s in samples]
+                                  + [s.item.caption for s in reg_samples] + ([""] if d.caption_dropout else [])))
         with accelerator.autocast():
             for i in range(0, len(todo), 32):
                 embedder(todo[i:i + 32])
@@ -490,7 +497,8 @@ def build_optimization(cfg: Config, net: PreparedModel, plan: StepsPlan, acceler
     if te_params:
         groups.append({"params": te_params, "lr": o.text_encoder_lr, "name": "text_encoder"})
     optimizer = build_optimizer(o.optimizer, groups, o.weight_decay)
-    lr_scheduler = build_scheduler(o.lr_scheduler, optimizer, o.lr_warmup_steps, plan.total_steps, o.lr_restarts,
+    lr_scheduler = build_scheduler(o.lr_scheduler, optimizer, o.warmup_steps_for(plan.total_steps), plan.total_steps,
+                                   o.lr_restarts,
                                    o.lr_power)
     prepared = accelerator.prepare(model.pipe.unet, *(model.text_encoders if net.train_te else []), optimizer)
     return Optimization(prepared[-1], lr_scheduler, prepared[0], list(prepared[1:-1]) or None, unet_params + te_params)
@@ -621,12 +629,15 @@ def epoch_batches(s: Session, epoch: int):
 
 
 def batch_captions(cfg: Config, batch: list[steps.Sample], cap_rng: random.Random) -> list[str]:
-    """The captions as this step trains them: tags shuffled (keeping the first ``keep_tokens``), some dropped."""
+    """The captions as this step trains them: tags shuffled (keeping the first ``keep_tokens``), some tags left
+    out (``tag_dropout``), the prefix and suffix around them, some captions dropped whole."""
     d, captions = cfg.dataset, []
     for sample in batch:
         c = sample.item.caption
-        if d.shuffle_caption and not sample.item.is_reg:
-            c = shuffle_caption(c, d.keep_tokens, cap_rng)
+        if not sample.item.is_reg:
+            if d.shuffle_caption:
+                c = shuffle_caption(c, d.keep_tokens, cap_rng)
+            c = dress_caption(drop_tags(c, d.tag_dropout, d.keep_tokens, cap_rng), d.caption_prefix, d.caption_suffix)
         if d.caption_dropout and cap_rng.random() < d.caption_dropout:
             c = ""
         captions.append(c)
@@ -645,16 +656,19 @@ def training_step(s: Session, batch: list[steps.Sample], rngs, epoch: int) -> di
     is_reg = torch.tensor([x.item.is_reg for x in batch], device=device)
     captions = batch_captions(cfg, batch, cap_rng)
     latents = steps.latents_of(model, batch, variants, device, gen)
-    noise = steps.noise_like(latents, gen, cfg.training.noise_offset)
+    t = cfg.training
+    noise = steps.noise_like(latents, gen, t.noise_offset, t.multires_noise_iterations, t.multires_noise_discount)
     timesteps = steps.sample_timesteps(net.noise_scheduler, latents.shape[0], gen, device)
-    noisy = net.noise_scheduler.add_noise(latents, noise, timesteps)
+    noisy = net.noise_scheduler.add_noise(latents, steps.perturbed_noise(noise, gen, t.ip_noise_gamma), timesteps)
     target = steps.prediction_target(net.noise_scheduler, latents, noise, timesteps, net.prediction_type)
+    huber_c = (steps.huber_c_of(net.noise_scheduler, timesteps, t.huber_c, t.huber_schedule).to(device)
+               if t.loss_type != "l2" else None)
     with acc.accumulate(opt.unet), acc.autocast():
         embeds, pooled = s.cached.embedder(captions)
         time_ids = torch.stack([x.time_ids[v] for x, v in zip(batch, variants)]).to(device) if pooled is not None else None
         pred = opt.unet(noisy.to(net.weight_dtype), timesteps, embeds.to(net.weight_dtype),
                         **steps.unet_conditioning(pooled, time_ids, net.weight_dtype)).sample
-        per_sample = steps.diffusion_loss(pred, target)
+        per_sample = steps.diffusion_loss(pred, target, t.loss_type, huber_c)
         per_sample = per_sample * steps.loss_weights(net.noise_scheduler, timesteps, cfg.training.min_snr_gamma,
                                                      net.prediction_type, cfg.training.debiased_estimation).to(device)
         per_sample = torch.where(is_reg, per_sample * cfg.dataset.prior_loss_weight, per_sample)
@@ -699,19 +713,22 @@ def end_of_epoch(s: Session, epoch: int, losses: list[float]) -> None:
     cfg, run, acc = s.cfg, s.run, s.accelerator
     last = epoch == s.data.plan.epochs
     if run.is_main and (last or (cfg.save.every_n_epochs and epoch % cfg.save.every_n_epochs == 0)):
-        save_lora_files(s, epoch, last)
+        with use_averaged_weights(s.opt.optimizer):  # a schedule-free optimizer's files hold its average
+            save_lora_files(s, epoch, last)
     if run.is_main and cfg.save.save_state:
         runstate.save_state(run.ws, run.fingerprint, s.net.model, s.opt.optimizer, s.opt.lr_scheduler, epoch,
                             run.step, s.net.train_te)
     record = {"epoch": epoch, "step": run.step, "train_loss": float(np.mean(losses)) if losses else None}
-    if s.cached.validation is not None:
-        s.opt.unet.eval()
-        record["val_loss"] = steps.fixed_noise_loss(s.net.model, *s.cached.validation, s.net.noise_scheduler,
-                                                    s.net.prediction_type)
-    run.write_metrics(record, flush=True)
-    s.emit(Event("epoch", run.step, epoch, record))
-    if run.is_main and cfg.sample.every_n_epochs and cfg.sample.prompts and (epoch % cfg.sample.every_n_epochs == 0 or last):
-        write_previews(s, epoch)
+    with use_averaged_weights(s.opt.optimizer):
+        if s.cached.validation is not None:
+            s.opt.unet.eval()
+            record["val_loss"] = steps.fixed_noise_loss(s.net.model, *s.cached.validation, s.net.noise_scheduler,
+                                                        s.net.prediction_type)
+        run.write_metrics(record, flush=True)
+        s.emit(Event("epoch", run.step, epoch, record))
+        if run.is_main and cfg.sample.every_n_epochs and cfg.sample.prompts and \
+                (epoch % cfg.sample.every_n_epochs == 0 or last):
+            write_previews(s, epoch)
     acc.wait_for_everyone()
 
 

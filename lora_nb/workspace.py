@@ -66,6 +66,11 @@ class Workspace:
         return self.root / "course.yaml"
 
     @property
+    def logs(self) -> Path:
+        """TensorBoard event files (``logging.tensorboard``)."""
+        return self.root / "logs"
+
+    @property
     def previous(self) -> Path:
         return self.root / "previous"
 

@@ -16,7 +16,7 @@ def test_each_optimizer_reduces_a_real_loss_in_a_few_cpu_steps(name):
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1))
     x = torch.randn(256, 64)
     y = x[:, :1] * 0.5
-    lr = {"Lion": 1e-4, "Lion8bit": 1e-4, "Prodigy": 1.0, "SGD": 1e-2}.get(name, 1e-3)
+    lr = {"Lion": 1e-4, "Lion8bit": 1e-4, "Prodigy": 1.0, "DAdaptAdam": 1.0, "SGD": 1e-2}.get(name, 1e-3)
     opt = build_optimizer(name, [{"params": list(model.parameters()), "lr": lr}], weight_decay=0.0)
     losses = []
     for _ in range(15):
@@ -73,3 +73,38 @@ def test_polynomial_schedule_uses_the_power():
 def test_every_scheduler_named_in_the_config_builds():
     for name in SCHEDULERS:
         assert len(_lr(name, total=20, warmup=2, restarts=2)) == 20
+
+
+def test_rex_and_the_warm_up_ratio_follow_their_formulas():
+    from lora_nb.config import preset
+
+    curve = [lrs[0] for lrs in lr_curve("rex", [1.0], 10, 110)]
+    assert curve[0] == pytest.approx(1 / 11) and curve[9] == pytest.approx(10 / 11)  # linear warm-up
+    for step in (10, 35, 60, 85, 109):
+        z = (step - 10) / 100
+        assert curve[step] == pytest.approx((1 - z) / (1 - z / 2))
+    linear = [lrs[0] for lrs in lr_curve("linear", [1.0], 10, 110)]
+    assert all(r >= l - 1e-9 for r, l in zip(curve[10:], linear[10:]))  # REX stays above linear decay
+    o = preset("toy").with_overrides({"optimizer.lr_warmup_steps": 0, "optimizer.lr_warmup_ratio": 0.05}).optimizer
+    assert o.warmup_steps_for(1200) == 60
+    assert preset("toy").optimizer.warmup_steps_for(1200) == 20  # the steps when no ratio is set
+
+
+def test_a_schedule_free_optimizer_hands_out_its_average_around_saving_and_trains_on_its_iterate():
+    from lora_nb.optim import use_averaged_weights
+
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(16))
+    opt = build_optimizer("AdamWScheduleFree", [{"params": [w], "lr": 1e-2}], weight_decay=0.0)
+    for _ in range(20):
+        (w ** 2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    training = w.detach().clone()
+    with use_averaged_weights(opt):
+        averaged = w.detach().clone()
+    assert not torch.equal(training, averaged)  # the average differs from the iterate
+    assert torch.equal(w.detach(), training)  # and training goes on from where it was
+    plain = build_optimizer("AdamW", [{"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 1e-3}])
+    with use_averaged_weights(plain):  # any other optimizer: nothing happens
+        pass
