@@ -263,8 +263,8 @@ def setting_rows(cfg: Config, settings: tuple[str, ...]) -> list[tuple[str, str,
     rows = []
     for setting in settings:
         section, key = setting.split(".")
-        rows.append((setting, repr(d[section][key]) if isinstance(d[section][key], str) else str(d[section][key]),
-                     helps.get(setting, "")))
+        value = d[section][key]
+        rows.append((setting, "''" if value == "" else str(value), helps.get(setting, "")))  # '' shows "empty"
     return rows
 
 

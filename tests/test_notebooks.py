@@ -90,12 +90,19 @@ def test_notebook_04s_worked_example_is_the_sum_the_toy_preset_prints():
 def test_notebook_04_reports_the_worked_example_for_the_realistic_preset(tmp_path):
     nb = run_notebook("04_parameters.ipynb", tmp_path, workspace=str(tmp_path / "ws"), preset="realistic",
                       repeats=10, epochs=10, save_every_n_epochs=2, measure_time=False,
-                      gradient_checkpointing="yes", cache_latents_to_disk="no")
+                      gradient_checkpointing="yes", cache_latents_to_disk="no", lr_scheduler="rex",
+                      optimizer="AdamWScheduleFree")
     text = printed(nb)
+    # every noise, loss and caption option is listed with its value and help; the new schedule and optimizer run
+    from lora_nb.planning import NOISE_LOSS_CAPTION_SETTINGS
+
+    listed = {line.split()[0] for line in text.splitlines() if line.split()}
+    assert set(NOISE_LOSS_CAPTION_SETTINGS) <= listed and "training.loss_type" in NOISE_LOSS_CAPTION_SETTINGS
+    assert "AdamWScheduleFree replaces the schedule" in text  # the advice that goes with it, rex is no constant
     # the speed and memory section: each setting with its value and help, and what to do on this machine
     words = " ".join(text.split())
     assert "training.gradient_checkpointing True recompute activations" in words
-    assert "dataset.cache_latents_to_disk False" in words and "optimizer.optimizer AdamW8bit" in words
+    assert "dataset.cache_latents_to_disk False" in words and "optimizer.optimizer AdamWScheduleFree" in words
     assert "no CUDA GPU here" in text
     assert "48 images" in text
     assert "steps per epoch: ceil(480 / batch 1) = 480" in text
