@@ -197,20 +197,17 @@ def _unet_key(key: str, step: int, attn_up: set[int]) -> str:
     head, _, param = key.rpartition(".")
     if head in _UNET_FIXED:
         return f"{_UNET_FIXED[head]}.{param}"
-    if m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
-        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+    if m := re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        side, i, kind, j, rest = m[1], int(m[2]), m[3], int(m[4]), m[5]
         inner = f"0.{_rename_first(rest, _RESNET)}" if kind == "resnets" else f"1.{rest}"
-        return f"input_blocks.{step * i + j + 1}.{inner}"
+        # the down side counts from 1 (input_blocks.0 is conv_in), the up side from 0
+        return f"input_blocks.{step * i + j + 1}.{inner}" if side == "down" else f"output_blocks.{step * i + j}.{inner}"
     if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
         return f"input_blocks.{step * (int(m[1]) + 1)}.0.op.{m[2]}"
     if m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", key):
         return f"middle_block.{2 * int(m[1])}.{_rename_first(m[2], _RESNET)}"
     if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key):
         return f"middle_block.1.{m[1]}"
-    if m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
-        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-        inner = f"0.{_rename_first(rest, _RESNET)}" if kind == "resnets" else f"1.{rest}"
-        return f"output_blocks.{step * i + j}.{inner}"
     if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
         i = int(m[1])
         return f"output_blocks.{step * i + step - 1}.{2 if i in attn_up else 1}.conv.{m[2]}"
