@@ -193,6 +193,12 @@ def unet_to_original(sd: dict[str, torch.Tensor], layers_per_block: int) -> dict
     return out
 
 
+def original_unet_module(module_path: str, layers_per_block: int, attn_up: set[int]) -> str:
+    """The original-layout path of one diffusers UNet module (``ValueError`` when it has none); ``attn_up``
+    the indices of the up blocks with attentions."""
+    return _unet_key(f"{module_path}.weight", layers_per_block + 1, attn_up).rsplit(".", 1)[0]
+
+
 def _unet_key(key: str, step: int, attn_up: set[int]) -> str:
     head, _, param = key.rpartition(".")
     if head in _UNET_FIXED:

@@ -27,6 +27,7 @@ PRECISIONS = ("no", "fp16", "bf16")
 SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
 SAVE_FORMATS = ("kohya", "diffusers")
 UNET_TARGETS = ("kohya", "attention")
+NETWORK_TYPES = ("lora", "locon", "loha", "lokr")  # what each trains and stores: lora_nb.networks
 SAMPLERS = ("Euler", "Euler a", "Heun", "LMS", "DPM++ 2M", "DPM++ 2M Karras", "DPM++ 2M SDE",
             "DPM++ SDE", "DPM2", "DPM2 a", "DDIM")
 NAMED_SIZES = {
@@ -83,6 +84,14 @@ class NetworkConfig:
     unet_targets: str = "kohya"  # kohya (every linear in transformer blocks) / attention (q, k, v, out)
     clip_skip: int = 1  # use the text encoder's N-th layer from the end (2 is common for anime models)
     init_from: str = ""  # a kohya LoRA file to continue training (same family, rank, alpha and modules); empty = new
+    type: str = "lora"  # lora / locon (3x3 convolutions too) / loha (Hadamard product) / lokr (Kronecker product)
+    conv_rank: int = 0  # rank on the UNet's 3x3 convolutions (locon, loha, lokr; sd-scripts' conv_dim); 0 = off
+    conv_alpha: float = 1.0  # alpha of those convolutions (sd-scripts' conv_alpha)
+    lokr_factor: int = -1  # lokr: the Kronecker factor's size; -1 = as square as the layer allows
+    dropout: float = 0.0  # lora/locon: share of the LoRA's input features dropped each step (peft's lora_dropout)
+    rank_dropout: float = 0.0  # loha/lokr: share of the update's output rows dropped each step
+    module_dropout: float = 0.0  # loha/lokr: share of steps on which a module is left out
+    block_lr_weights: list[float] = field(default_factory=list)  # UNet LR multipliers [down, mid, up]; empty = 1, 1, 1
 
 
 @dataclass
@@ -313,6 +322,10 @@ def _check_type(value, annotation: str, where: str):
         if not isinstance(value, str):
             raise ConfigError(f"{where} must be text, not {value!r}.")
         return value
+    if base == "list[float]":
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list of numbers such as [1.0, 0.5, 1.0], not {value!r}.")
+        return [_check_type(v, "float", f"{where}[{i}]") for i, v in enumerate(value)]
     if base == "list[str]":
         if isinstance(value, str):
             value = [value]
@@ -597,6 +610,9 @@ def check_config(cfg: Config, cuda_available: bool | None = None) -> list[Proble
     c = _Checks()
     _check_required(c, cfg)
     _check_network(c, cfg.network)
+    if cfg.network.type in ("loha", "lokr") and "diffusers" in cfg.save.formats:
+        c.err("save.formats", f"type {cfg.network.type} is saved in the kohya/LyCORIS format only (diffusers has no "
+                              "LoHa/LoKr format): use save.formats [kohya].")
     _check_optimizer(c, cfg.optimizer)
     _check_training(c, cfg.training, cuda_available)
     _check_dataset(c, cfg.dataset)
@@ -646,6 +662,39 @@ def _check_network(c: _Checks, n: NetworkConfig) -> None:
         c.err("network.unet_targets", f"{n.unet_targets!r} is unknown: use one of {', '.join(UNET_TARGETS)}.")
     if n.clip_skip < 1:
         c.err("network.clip_skip", "must be 1 (last layer) or more.")
+    _check_network_type(c, n)
+
+
+def _check_network_type(c: _Checks, n: NetworkConfig) -> None:
+    """The network type and the settings that go with it (each names the fix)."""
+    if n.type not in NETWORK_TYPES:
+        c.err("network.type", f"{n.type!r} is unknown: use one of {', '.join(NETWORK_TYPES)}.")
+        return
+    if n.conv_rank < 0 or n.conv_rank > MAX_RANK:
+        c.err("network.conv_rank", f"must be 0 (off) to {MAX_RANK} (got {n.conv_rank}); 4–16 is usual.")
+    elif n.type == "lora" and n.conv_rank > 0:
+        c.err("network.conv_rank", "trains the 3x3 convolutions, which type lora leaves out: set network.type "
+                                   "locon (or loha / lokr), or conv_rank 0.")
+    elif n.type == "locon" and n.conv_rank == 0:
+        c.err("network.conv_rank", "type locon is LoRA on the 3x3 convolutions too: give them a rank (4–16 is "
+                                   "usual), or set network.type lora.")
+    if not 0 < n.conv_alpha <= MAX_RANK:
+        c.err("network.conv_alpha", f"must be positive and at most {MAX_RANK} (got {n.conv_alpha:g}); 1 is usual.")
+    if n.lokr_factor != -1 and (n.lokr_factor < 1 or n.type != "lokr"):
+        c.err("network.lokr_factor", "is -1 (automatic) or a positive whole number, and only for type lokr.")
+    for name in ("dropout", "rank_dropout", "module_dropout"):
+        if not 0 <= getattr(n, name) < 1:
+            c.err(f"network.{name}", f"is a share of 0 (off) to below 1 (got {getattr(n, name):g}); 0.1 is usual.")
+    if n.dropout and n.type in ("loha", "lokr"):
+        c.err("network.dropout", "peft's LoHa and LoKr have no input dropout: use network.rank_dropout or "
+                                 "module_dropout with them, or set dropout 0.")
+    for name in ("rank_dropout", "module_dropout"):
+        if getattr(n, name) and n.type in ("lora", "locon"):
+            c.err(f"network.{name}", "peft's LoRA has no rank or module dropout: use network.dropout with type "
+                                     f"{n.type}, or network.type loha / lokr.")
+    if n.block_lr_weights and (len(n.block_lr_weights) != 3 or not all(0 < w <= 10 for w in n.block_lr_weights)):
+        c.err("network.block_lr_weights", f"{n.block_lr_weights} must be three multipliers above 0 (at most 10) for "
+                                          "the down, middle and up blocks, e.g. [1.0, 0.5, 1.0]; empty = all 1.")
 
 
 def _check_optimizer(c: _Checks, o: OptimizerConfig) -> None:

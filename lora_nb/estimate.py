@@ -12,38 +12,48 @@ import math
 
 import torch
 
-from lora_nb import lora_io
+from lora_nb import lora_io, networks
 from lora_nb.archs import build_architecture
 from lora_nb.lora_io import ss_metadata
 
 DTYPE_NAMES = {"fp16": ("F16", 2), "bf16": ("BF16", 2), "fp32": ("F32", 4)}
 
 
-def lora_tensor_shapes(model, rank: int, unet_targets: str = "kohya", train_text_encoder: bool = True
-                       ) -> dict[str, tuple[int, ...]]:
-    """Kohya key → tensor shape of the LoRA that :func:`lora_nb.lora_io.add_lora` would attach."""
-
-    ldm_map = lora_io.sdxl_ldm_block_map(model.pipe.unet.config) if model.family == "sdxl" else None
-    comps = [("unet", model.pipe.unet, lora_io.unet_target_modules(model.pipe.unet, unet_targets))]
-    if train_text_encoder:
-        names = ["text_encoder", "text_encoder_2"] if model.family == "sdxl" else ["text_encoder"]
-        comps += [(n, te, lora_io.text_encoder_target_modules(te, unet_targets))
-                  for n, te in zip(names, model.text_encoders)]
-    shapes = {}
-    for comp, module, targets in comps:
+def lora_tensor_shapes(model, rank: int, unet_targets: str = "kohya", train_text_encoder: bool = True,
+                       network_type: str = "lora", conv_rank: int = 0, conv_alpha: float = 1.0,
+                       lokr_factor: int = -1) -> dict[str, tuple[int, ...]]:
+    """Kohya key → tensor shape of the network that :func:`lora_nb.lora_io.add_lora` would attach: each
+    layer is built by peft on the meta device (so the shapes are peft's own, LoKr factors included) and
+    written out as :func:`lora_nb.networks.kohya_layer_tensors` writes it."""
+    shapes, built = {}, {}
+    for comp, module, targets, conv_targets in lora_io.network_modules(model, unet_targets, train_text_encoder,
+                                                                        network_type, conv_rank):
         mods = dict(module.named_modules())
-        for path in targets:
-            m = mods[path]
-            base = m.base_layer if hasattr(m, "base_layer") else m
-            key = lora_io.kohya_module_name(comp, path, model.family, ldm_map)
-            if isinstance(base, torch.nn.Conv2d):
-                down, up = (rank, base.in_channels, 1, 1), (base.out_channels, rank, 1, 1)
-            else:
-                down, up = (rank, base.in_features), (base.out_features, rank)
-            shapes[f"{key}.lora_down.weight"] = down
-            shapes[f"{key}.lora_up.weight"] = up
-            shapes[f"{key}.alpha"] = ()
+        for path in list(targets) + list(conv_targets):
+            base = getattr(mods[path], "base_layer", mods[path])
+            r, a = (conv_rank, conv_alpha) if path in conv_targets else (rank, 1.0)
+            key = (tuple(base.weight.shape), type(base).__name__, r)
+            if key not in built:
+                built[key] = _layer_shapes(base, network_type, r, a, lokr_factor)
+            name = lora_io.kohya_module_name(comp, path, model.family, model.pipe.unet.config)
+            shapes.update({f"{name}.{t}": shape for t, shape in built[key].items()})
     return shapes
+
+
+def _layer_shapes(base, network_type: str, rank: int, alpha: float, lokr_factor: int) -> dict[str, tuple]:
+    """The file tensors' shapes of one layer like ``base``, from a peft layer built on the meta device."""
+    from peft import inject_adapter_in_model
+
+    if isinstance(base, torch.nn.Conv2d):
+        layer = torch.nn.Conv2d(base.in_channels, base.out_channels, base.kernel_size, device="meta")
+    else:
+        layer = torch.nn.Linear(base.in_features, base.out_features, device="meta")
+    holder = torch.nn.Module()
+    holder.layer = layer
+    cfg = networks.peft_config(network_type, rank, alpha, ["layer"], lokr_factor=lokr_factor)
+    inject_adapter_in_model(cfg, holder, adapter_name="default")
+    tensors = networks.kohya_layer_tensors(holder.layer, "default")
+    return {name: tuple(t.shape) for name, t in tensors.items()}
 
 
 def safetensors_size(shapes: dict[str, tuple[int, ...]], precision: str, metadata: dict[str, str] | None) -> int:
@@ -60,20 +70,50 @@ def safetensors_size(shapes: dict[str, tuple[int, ...]], precision: str, metadat
     return 8 + padded + offset
 
 
+SHAPE_SETTINGS = ("network_type", "conv_rank", "conv_alpha", "lokr_factor")  # the options that change shapes
+
+
+def network_shapes(model, rank: int, unet_targets: str = "kohya", train_text_encoder: bool = True,
+                   network: dict | None = None) -> dict[str, tuple[int, ...]]:
+    """:func:`lora_tensor_shapes` for the options of :func:`lora_nb.lora_io.network_options` (or none: lora)."""
+    options = {k: v for k, v in (network or {}).items() if k in SHAPE_SETTINGS}
+    return lora_tensor_shapes(model, rank, unet_targets, train_text_encoder, **options)
+
+
 def estimate_lora_file_size(model, rank: int, alpha: float, unet_targets: str = "kohya",
                             train_text_encoder: bool = True, precision: str = "fp16",
-                            extra_metadata: dict | None = None) -> int:
-    """Size in bytes of the kohya LoRA file training will write (metadata included)."""
+                            extra_metadata: dict | None = None, network: dict | None = None) -> int:
+    """Size in bytes of the kohya LoRA file training will write (metadata included). ``network``: the
+    type's settings (``network_type``, ``conv_rank``, ``conv_alpha``, ``lokr_factor``, dropouts), as
+    :func:`lora_nb.lora_io.network_options` gives them."""
+    shapes = network_shapes(model, rank, unet_targets, train_text_encoder, network)
+    return file_size_of(shapes, model, rank, alpha, train_text_encoder, precision, extra_metadata, network)
 
-    shapes = lora_tensor_shapes(model, rank, unet_targets, train_text_encoder)
-    meta = ss_metadata(model.family, str(model.source), rank, alpha, train_text_encoder, extra_metadata)
+
+def file_size_of(shapes: dict, model, rank: int, alpha: float, train_text_encoder: bool, precision: str,
+                 extra_metadata: dict | None, network: dict | None) -> int:
+    """Bytes of the file holding ``shapes``, with the metadata :func:`lora_nb.lora_io.save_lora` writes."""
+    network = network or {}
+    conv = [k for k in shapes if k.endswith((".lora_down.weight", ".hada_w1_a", ".lokr_w1", ".lokr_w1_a"))
+            and lora_io.CONV3X3_NAME.match(k.split(".", 1)[0])]
+    peft_cfg = networks.peft_config(network.get("network_type", "lora"), rank, alpha, ["x"], conv[:1],
+                                    network.get("conv_rank", 0), network.get("conv_alpha", 1.0),
+                                    network.get("lokr_factor", -1), network.get("dropout", 0.0),
+                                    network.get("rank_dropout", 0.0), network.get("module_dropout", 0.0))
+    meta = ss_metadata(model.family, str(model.source), rank, alpha, train_text_encoder, extra_metadata,
+                       lora_io.network_args(peft_cfg))
     return safetensors_size(shapes, precision, meta)
 
 
-def lora_parameter_count(model, rank: int, unet_targets: str = "kohya", train_text_encoder: bool = True) -> dict:
+def lora_parameter_count(model, rank: int, unet_targets: str = "kohya", train_text_encoder: bool = True,
+                         network: dict | None = None) -> dict:
     """Trainable LoRA parameters per component (what the optimizer updates)."""
+    return parameter_count_of(network_shapes(model, rank, unet_targets, train_text_encoder, network))
+
+
+def parameter_count_of(shapes: dict) -> dict[str, int]:
     counts: dict[str, int] = {}
-    for key, shape in lora_tensor_shapes(model, rank, unet_targets, train_text_encoder).items():
+    for key, shape in shapes.items():
         if key.endswith(".alpha"):
             continue
         comp = "unet" if key.startswith("lora_unet_") else "text_encoder"

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from lora_nb import LoraNbError
+from lora_nb import LoraNbError, checkpoints, networks
 from lora_nb.config import parse_resolution
 from lora_nb.fsutil import atomic_path, disk_full_error, is_disk_full
 
@@ -118,9 +118,12 @@ def _is_lora_able(mod) -> bool:
 # --------------------------------------------------------------------------- attach
 
 def add_lora(model, rank: int, alpha: float, unet_targets: str = "kohya", train_text_encoder: bool = True,
-             init: str = "gaussian") -> dict[str, int]:
-    """Attach peft LoRA adapters (adapter name ``default``) to ``model``'s UNet and, when
-    ``train_text_encoder``, to its text encoder(s) (SDXL: both).
+             init: str = "gaussian", network_type: str = "lora", conv_rank: int = 0, conv_alpha: float = 1.0,
+             **options) -> dict[str, int]:
+    """Attach peft adapters of ``network_type`` (adapter name ``default``; see :mod:`lora_nb.networks`) to
+    ``model``'s UNet and, when ``train_text_encoder``, to its text encoder(s) (SDXL: both). ``conv_rank`` /
+    ``conv_alpha`` size the 3x3 convolutions of ``locon``/``loha``/``lokr``; ``options`` are
+    ``lokr_factor``, ``dropout``, ``rank_dropout``, ``module_dropout``.
 
     ``init``: ``gaussian`` (B = 0: a no-op at step 0, diffusers' choice), ``default``
     (peft's Kaiming A, B = 0) or ``random`` (A and B random: for tests, the LoRA
@@ -128,8 +131,6 @@ def add_lora(model, rank: int, alpha: float, unet_targets: str = "kohya", train_
     picks the text-encoder set: q/k/v/out_proj + fc1/fc2, or q/k/v/out_proj only.
     Returns the number of LoRA modules per component, e.g. ``{"unet": 192, "text_encoder": 72}``.
     """
-    from peft import LoraConfig
-
     if rank <= 0:
         raise LoraNbError(f"rank={rank} must be a positive integer (typical: 4 to 128).")
     if alpha <= 0:
@@ -137,18 +138,34 @@ def add_lora(model, rank: int, alpha: float, unet_targets: str = "kohya", train_
     if init not in INIT_CHOICES:
         raise LoraNbError(f"init={init!r} is not known: use one of {', '.join(INIT_CHOICES)}.")
     counts = {}
-    components = [("unet", model.pipe.unet, unet_target_modules(model.pipe.unet, unet_targets))]
-    if train_text_encoder:
-        for name, enc in zip(_text_encoder_names(model.family), model.text_encoders):
-            components.append((name, enc, text_encoder_target_modules(enc, unet_targets)))
-    for name, module, targets in components:
+    for name, module, targets, conv_targets in network_modules(model, unet_targets, train_text_encoder,
+                                                                network_type, conv_rank):
         if not targets:
             raise LoraNbError(f"The {name} of {model.source} has no module for target_modules={unet_targets!r}.")
-        cfg = LoraConfig(r=int(rank), lora_alpha=float(alpha), init_lora_weights=INIT_CHOICES[init],
-                         target_modules=targets)
+        cfg = networks.peft_config(network_type, rank, alpha, targets, conv_targets, conv_rank, conv_alpha,
+                                   init=init, **options)
         module.add_adapter(cfg, adapter_name=ADAPTER_NAME)
-        counts[name] = len(targets)
+        counts[name] = len(targets) + len(conv_targets)
     return counts
+
+
+def network_options(net) -> dict:
+    """The keyword arguments of :func:`add_lora` for a :class:`lora_nb.config.NetworkConfig`."""
+    return {"network_type": net.type, "conv_rank": net.conv_rank, "conv_alpha": net.conv_alpha,
+            "lokr_factor": net.lokr_factor, "dropout": net.dropout, "rank_dropout": net.rank_dropout,
+            "module_dropout": net.module_dropout}
+
+
+def network_modules(model, unet_targets: str = "kohya", train_text_encoder: bool = True, network_type: str = "lora",
+                    conv_rank: int = 0) -> list[tuple]:
+    """``[(component, module, paths at rank, 3x3 paths at conv_rank)]``: what a network type trains."""
+    unet = model.pipe.unet
+    extra, conv = networks.unet_extra_modules(unet, network_type, conv_rank)
+    out = [("unet", unet, unet_target_modules(unet, unet_targets) + extra, conv)]
+    if train_text_encoder:
+        for name, enc in zip(_text_encoder_names(model.family), model.text_encoders):
+            out.append((name, enc, text_encoder_target_modules(enc, unet_targets), []))
+    return out
 
 
 def _text_encoder_names(family: str) -> list[str]:
@@ -164,45 +181,36 @@ def lora_components(model) -> dict[str, torch.nn.Module]:
 
 # --------------------------------------------------------------------------- kohya names
 
-def sdxl_ldm_block_map(unet_config) -> dict[str, str]:
-    """Map diffusers UNet transformer prefixes to LDM/SGM names, from the UNet config.
-
-    ``down_blocks.b.attentions.j`` -> ``input_blocks.(1 + b*(L+1) + j).1``,
-    ``mid_block.attentions.0`` -> ``middle_block.1``,
-    ``up_blocks.b.attentions.j`` -> ``output_blocks.(b*(L+1) + j).1`` with L = layers
-    per block (real SDXL: ``down_blocks.1.attentions.0`` -> ``input_blocks.4.1``).
-    The inverse of what diffusers' loader does (``_maybe_map_sgm_blocks_to_diffusers``).
-    """
+def sdxl_ldm_path(module_path: str, unet_config) -> str | None:
+    """The LDM/SGM path of a diffusers SDXL UNet module (``down_blocks.1.attentions.0.proj_in`` ->
+    ``input_blocks.4.1.proj_in``, ``down_blocks.1.resnets.0.conv1`` -> ``input_blocks.4.0.in_layers.2``),
+    or None when it has none: the single-file layout's names (:func:`lora_nb.checkpoints.original_unet_module`),
+    which sd-scripts trains SDXL under and diffusers' loader maps back."""
     lpb = unet_config.layers_per_block
     if not isinstance(lpb, int):
         if len(set(lpb)) != 1:
             raise LoraNbError("This UNet has a different layers_per_block per block; LDM naming needs one value.")
         lpb = lpb[0]
-    mapping = {}
-    for b, kind in enumerate(unet_config.down_block_types):
-        for j in range(lpb):
-            mapping[f"down_blocks.{b}.attentions.{j}"] = f"input_blocks.{1 + b * (lpb + 1) + j}.1"
-    mapping["mid_block.attentions.0"] = "middle_block.1"
-    for b, kind in enumerate(unet_config.up_block_types):
-        for j in range(lpb + 1):
-            mapping[f"up_blocks.{b}.attentions.{j}"] = f"output_blocks.{b * (lpb + 1) + j}.1"
-    return mapping
+    attn_up = {i for i, kind in enumerate(unet_config.up_block_types) if "CrossAttn" in kind}
+    try:
+        return checkpoints.original_unet_module(module_path, lpb, attn_up)
+    except ValueError:
+        return None
 
 
-def kohya_module_name(component: str, module_path: str, family: str, ldm_map: dict[str, str] | None = None) -> str:
+def kohya_module_name(component: str, module_path: str, family: str, unet_config=None) -> str:
     """The kohya key prefix of one module, e.g. ``lora_unet_down_blocks_0_attentions_0_proj_in``.
 
     ``component`` is ``unet``, ``text_encoder`` or ``text_encoder_2``; text-encoder paths
-    get their ``text_model.`` back (transformers 5 ``CLIPTextModel`` has none).
+    get their ``text_model.`` back (transformers 5 ``CLIPTextModel`` has none). SDXL UNet names need
+    ``unet_config`` (the UNet's ``config``) for their LDM paths.
     """
     if component == "unet":
         path = module_path
         if family == "sdxl":
-            m = re.match(r"^((?:down_blocks|up_blocks)\.\d+\.attentions\.\d+|mid_block\.attentions\.0)\.(.*)$", path)
-            if not m or m.group(1) not in (ldm_map or {}):
-                raise LoraNbError(f"UNet module {module_path} has no LDM name; kohya SDXL files need transformer "
-                                  "modules only (target_modules 'kohya' or 'attention').")
-            path = f"{ldm_map[m.group(1)]}.{m.group(2)}"
+            path = sdxl_ldm_path(module_path, unet_config) if unet_config is not None else None
+            if path is None:
+                raise LoraNbError(f"UNet module {module_path} has no LDM name, which kohya SDXL files need.")
         prefix = "lora_unet_"
     else:
         path = module_path if module_path.startswith("text_model.") else f"text_model.{module_path}"
@@ -210,24 +218,39 @@ def kohya_module_name(component: str, module_path: str, family: str, ldm_map: di
     return prefix + path.replace(".", "_")
 
 
-def kohya_state_dict(model, alpha: float, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """The ``default`` adapter of every LoRA-carrying component as a kohya state dict (real alpha)."""
-    ldm_map = sdxl_ldm_block_map(model.pipe.unet.config) if model.family == "sdxl" else None
+def kohya_state_dict(model, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The ``default`` adapter of every adapter-carrying component as a kohya/LyCORIS state dict (each
+    module's real alpha; tensor names per network type in :mod:`lora_nb.networks`)."""
     out = {}
     for comp, module in lora_components(model).items():
-        for mod_path, (down, up) in _peft_pairs(module).items():
-            key = kohya_module_name(comp, mod_path, model.family, ldm_map)
-            out[f"{key}.lora_down.weight"] = down.detach().to("cpu", dtype).contiguous()
-            out[f"{key}.lora_up.weight"] = up.detach().to("cpu", dtype).contiguous()
-            out[f"{key}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
+        for mod_path, layer in networks.adapter_layers(module, ADAPTER_NAME).items():
+            key = kohya_module_name(comp, mod_path, model.family, model.pipe.unet.config)
+            for name, tensor in networks.kohya_layer_tensors(layer, ADAPTER_NAME).items():
+                out[f"{key}.{name}"] = tensor.detach().to("cpu", dtype).contiguous()
     return out
 
 
-def init_lora_from(model, path: str | Path, rank: int, alpha: float) -> int:
-    """Start the ``default`` adapter from an existing kohya LoRA file (``network.init_from``): every module's
-    down/up weights are copied in, so training continues that LoRA. Refused, with the reason, when the file is
-    for another family, has another rank or alpha, or does not hold exactly the modules this run trains (other
-    ``unet_targets``, or a text encoder trained in one and not the other). Returns the modules loaded."""
+def kohya_names(family: str, unet_config, components: dict) -> dict[str, tuple[str, str]]:
+    """``{kohya module name: (component, module path)}`` for every linear and convolution of ``components``
+    that has a kohya name (what a file's module names are looked up in)."""
+    names = {}
+    for comp, module in components.items():
+        for path, mod in module.named_modules():
+            if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)) and not path.endswith(("base_layer", "lora_A",
+                                                                                            "lora_B")):
+                try:
+                    names[kohya_module_name(comp, path, family, unet_config)] = (comp, path)
+                except LoraNbError:
+                    continue
+    return names
+
+
+def init_lora_from(model, path: str | Path) -> int:
+    """Start the ``default`` adapter from an existing kohya/LyCORIS file (``network.init_from``): every module's
+    tensors are copied in, so training continues that LoRA. Refused, with the reason, when the file is for
+    another family or network type, has another rank or alpha, or does not hold exactly the modules this run
+    trains (other ``unet_targets``, or a text encoder trained in one and not the other). Returns the modules
+    loaded."""
     path = Path(path)
     tensors, meta = read_lora_file(path)
     if file_format(tensors) != "kohya":
@@ -236,48 +259,30 @@ def init_lora_from(model, path: str | Path, rank: int, alpha: float) -> int:
     if family != model.family:
         raise LoraNbError(f"network.init_from={path} is an {family} LoRA and the base model is {model.family}: "
                           "a LoRA continues only on the family it was trained for.")
-    ldm_map = sdxl_ldm_block_map(model.pipe.unet.config) if model.family == "sdxl" else None
+    modules = networks.group_file_tensors(tensors)
     wanted, loaded = set(), 0
     for comp, module in lora_components(model).items():
-        for mod_path, (down, up) in _peft_pairs(module).items():
-            key = kohya_module_name(comp, mod_path, model.family, ldm_map)
+        for mod_path, layer in networks.adapter_layers(module, ADAPTER_NAME).items():
+            key = kohya_module_name(comp, mod_path, model.family, model.pipe.unet.config)
             wanted.add(key)
-            if f"{key}.lora_down.weight" not in tensors:
+            if key not in modules:
                 raise LoraNbError(f"network.init_from={path} has no {key}: it was trained on other modules "
-                                  "(network.unet_targets, or the text encoder frozen there and trained here).")
-            file_down, file_up = tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"]
-            file_alpha = float(tensors.get(f"{key}.alpha", torch.tensor(float(file_down.shape[0]))))
-            if file_down.shape[0] != rank or abs(file_alpha - alpha) > 1e-6 * max(1.0, alpha):
-                raise LoraNbError(f"network.init_from={path} has rank {file_down.shape[0]} / alpha {file_alpha:g}, "
-                                  f"this run rank {rank} / alpha {alpha:g}: set network.rank and network.alpha to "
-                                  "the file's to continue it.")
-            if file_down.shape != down.shape or file_up.shape != up.shape:
-                raise LoraNbError(f"network.init_from={path}: {key} has shapes {tuple(file_down.shape)} / "
-                                  f"{tuple(file_up.shape)}, the model wants {tuple(down.shape)} / {tuple(up.shape)}.")
-            layer = module.get_submodule(mod_path)
-            with torch.no_grad():
-                layer.lora_A[ADAPTER_NAME].weight.copy_(file_down.view_as(layer.lora_A[ADAPTER_NAME].weight))
-                layer.lora_B[ADAPTER_NAME].weight.copy_(file_up.view_as(layer.lora_B[ADAPTER_NAME].weight))
+                                  "(network.type or unet_targets, or the text encoder frozen there and trained here).")
+            file_rank, file_alpha = networks.file_rank_alpha(modules[key])
+            want_rank, want_alpha = networks.layer_rank_alpha(layer, ADAPTER_NAME)
+            if "lokr_w2" not in modules[key] and (
+                    file_rank != want_rank or abs(file_alpha - want_alpha) > 1e-6 * max(1.0, want_alpha)):
+                raise LoraNbError(f"network.init_from={path} has rank {file_rank} / alpha {file_alpha:g} at {key}, "
+                                  f"this run rank {want_rank} / alpha {want_alpha:g}: set network.rank and "
+                                  "network.alpha (conv_rank / conv_alpha for 3x3 convolutions) to the file's.")
+            networks.copy_file_tensors(layer, ADAPTER_NAME, modules[key], f"network.init_from={path}: {key}")
             loaded += 1
-    extra = sorted({k.rsplit(".", 2)[0] for k in _down_keys(tensors)} - wanted)
+    extra = sorted(set(modules) - wanted)
     if extra:
         raise LoraNbError(f"network.init_from={path} holds {len(extra)} module(s) this run does not train (e.g. "
                           f"{extra[0]}): a text encoder trained there needs optimizer.text_encoder_lr > 0 here, "
                           "other modules the same network.unet_targets.")
     return loaded
-
-
-def _peft_pairs(module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``{module path: (lora_A weight, lora_B weight)}`` of the ``default`` adapter."""
-    from peft.utils import get_peft_model_state_dict
-
-    sd = get_peft_model_state_dict(module, adapter_name=ADAPTER_NAME)
-    pairs = {}
-    for key, tensor in sd.items():
-        if key.endswith(".lora_A.weight"):
-            path = key[: -len(".lora_A.weight")]
-            pairs[path] = (tensor, sd[f"{path}.lora_B.weight"])
-    return pairs
 
 
 # --------------------------------------------------------------------------- save
@@ -303,11 +308,13 @@ def save_lora(path: str | Path, model, alpha: float | None = None, fmt: str = "k
     if "unet" not in comps:
         raise LoraNbError("The model has no LoRA adapter to save: call add_lora(model, ...) (or train) first.")
     rank, alpha = _rank_and_alpha(comps, alpha)
+    if fmt == "diffusers" and type(comps["unet"].peft_config[ADAPTER_NAME]).__name__ != "LoraConfig":
+        raise LoraNbError("LoHa and LoKr files exist in the kohya/LyCORIS format only: use save.formats [kohya].")
     meta = _ss_metadata(model, comps, rank, alpha, metadata)
     dtype = PRECISIONS[precision]
     path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "kohya":
-        _atomic_save_file(kohya_state_dict(model, alpha, dtype), path, meta)
+        _atomic_save_file(kohya_state_dict(model, dtype), path, meta)
     else:
         _save_diffusers(path, model, comps, dtype, meta)
     return path
@@ -317,28 +324,55 @@ def _rank_and_alpha(comps: dict, alpha: float | None) -> tuple[int, float]:
     cfg = comps["unet"].peft_config[ADAPTER_NAME]
     for name, mod in comps.items():
         other = mod.peft_config[ADAPTER_NAME]
-        if other.r != cfg.r or other.lora_alpha != cfg.lora_alpha or other.use_rslora:
-            raise LoraNbError(f"The {name} LoRA has rank/alpha {other.r}/{other.lora_alpha} (rsLoRA={other.use_rslora}) "
-                              f"but the UNet has {cfg.r}/{cfg.lora_alpha}: one rank and alpha (no rsLoRA) per file.")
-    if alpha is not None and not math.isclose(float(alpha), float(cfg.lora_alpha)):
-        raise LoraNbError(f"save_lora(alpha={alpha}) but the adapter was built with alpha={cfg.lora_alpha}: "
+        if (other.r, _config_alpha(other)) != (cfg.r, _config_alpha(cfg)) or getattr(other, "use_rslora", False):
+            raise LoraNbError(f"The {name} LoRA has rank/alpha {other.r}/{_config_alpha(other)} (rsLoRA="
+                              f"{getattr(other, 'use_rslora', False)}) but the UNet has {cfg.r}/{_config_alpha(cfg)}: "
+                              "one rank and alpha (no rsLoRA) per file.")
+    if alpha is not None and not math.isclose(float(alpha), float(_config_alpha(cfg))):
+        raise LoraNbError(f"save_lora(alpha={alpha}) but the adapter was built with alpha={_config_alpha(cfg)}: "
                           "the file would not reproduce the model. Pass the alpha used in add_lora, or leave it out.")
-    return int(cfg.r), float(cfg.lora_alpha)
+    return int(cfg.r), float(_config_alpha(cfg))
+
+
+def _config_alpha(peft_cfg) -> float:
+    return float(peft_cfg.lora_alpha if hasattr(peft_cfg, "lora_alpha") else peft_cfg.alpha)
+
+
+def network_args(peft_cfg) -> dict[str, str]:
+    """``ss_network_args`` as sd-scripts (``conv_dim``/``conv_alpha``) and LyCORIS (``algo`` …) write them."""
+    kind = type(peft_cfg).__name__
+    args = {}
+    if kind != "LoraConfig":
+        args["algo"] = "loha" if kind == "LoHaConfig" else "lokr"
+        if kind == "LoKrConfig":
+            args["factor"] = str(peft_cfg.decompose_factor)
+        for key in ("rank_dropout", "module_dropout"):
+            if getattr(peft_cfg, key):
+                args[key] = str(getattr(peft_cfg, key))
+    elif peft_cfg.lora_dropout:
+        args["dropout"] = str(peft_cfg.lora_dropout)
+    if peft_cfg.rank_pattern:
+        args["conv_dim"] = str(next(iter(peft_cfg.rank_pattern.values())))
+        args["conv_alpha"] = _fmt_number(next(iter(peft_cfg.alpha_pattern.values())))
+    return args
 
 
 def _ss_metadata(model, comps: dict, rank: int, alpha: float, extra: dict | None) -> dict[str, str]:
-    return ss_metadata(model.family, str(model.source), rank, alpha, any(n != "unet" for n in comps), extra)
+    args = network_args(comps["unet"].peft_config[ADAPTER_NAME])
+    return ss_metadata(model.family, str(model.source), rank, alpha, any(n != "unet" for n in comps), extra, args)
 
 
 def ss_metadata(family: str, source: str, rank: int, alpha: float, text_encoder_trained: bool,
-                extra: dict | None = None) -> dict[str, str]:
-    """The ``ss_*`` metadata strings of a kohya LoRA file (AUTOMATIC1111 shows them)."""
+                extra: dict | None = None, args: dict[str, str] | None = None) -> dict[str, str]:
+    """The ``ss_*`` metadata strings of a kohya LoRA file (AUTOMATIC1111 shows them); ``args`` the
+    network's ``ss_network_args`` (:func:`network_args`), which also decide ``ss_network_module``."""
+    args = args or {}
     meta = {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": "lycoris.kohya" if "algo" in args else "networks.lora",
         "ss_network_dim": str(rank),
         "ss_network_alpha": _fmt_number(alpha),
         "ss_base_model_version": BASE_MODEL_VERSIONS.get(family, family),
-        "ss_network_args": json.dumps({}),
+        "ss_network_args": json.dumps(args),
         "ss_text_encoder_trained": str(text_encoder_trained),
         "ss_sd_model_name": Path(source).name if Path(source).exists() else source,
     }
@@ -630,34 +664,36 @@ def guess_family(tensors: dict, metadata: dict[str, str]) -> str:
 
 
 def inspect_lora(path: str | Path) -> dict:
-    """What a LoRA file holds: format, family, rank, alpha, module counts per component,
-    dtype, size, metadata (``ss_*`` and others) and problems (NaN/Inf, all-zero up weights)."""
+    """What a LoRA file holds: format, network type, family, rank, alpha, module counts per component (and
+    how many are 3x3 convolutions), dtype, size, metadata (``ss_*`` and others) and problems (NaN/Inf,
+    all-zero up weights)."""
     path = Path(path)
     tensors, metadata = read_lora_file(path)
-    downs = _down_keys(tensors)
-    if not downs:
-        raise LoraNbError(f"{path} is not a LoRA file: no lora_down/lora_up (or lora_A/lora_B) keys among its "
-                          f"{len(tensors)} tensor(s). (LoHa/LoKr files, hada_*/lokr_* keys, are not read by lora-nb "
-                          "yet; a full model checkpoint is a base model, not a LoRA.)")
+    modules = _adapter_modules(tensors)
+    if not modules:
+        raise LoraNbError(f"{path} is not a LoRA file: no lora_down/lora_up, lora_A/lora_B, hada_* or lokr_* keys "
+                          f"among its {len(tensors)} tensor(s) (a full model checkpoint is a base model, not a LoRA).")
+    fmt = file_format(tensors)
     counts: dict[str, int] = {}
-    ranks, alphas, problems = set(), set(), []
-    for k in downs:
-        comp = _component_of(k)
+    ranks, alphas, problems, conv = set(), set(), [], 0
+    grouped = networks.group_file_tensors(tensors) if fmt == "kohya" else {}
+    for k in (_down_keys(tensors) if fmt != "kohya" else []):
+        grouped[_module_of(k)] = {"lora_down.weight": tensors[k], "lora_up.weight": tensors[_up_key(k)]}
+    for module in modules:
+        parts = grouped[module]
+        comp = _component_of(module)
         counts[comp] = counts.get(comp, 0) + 1
-        module = _module_of(k)
-        shape = tuple(tensors[k].shape)
-        if len(shape) not in (2, 4):
-            problems.append(f"{k} has shape {list(shape)}: a LoRA down weight is [rank, in] or [rank, in, kh, kw]")
-            continue
-        ranks.add(int(shape[0]))
-        alpha = tensors.get(f"{module}.alpha")
-        if alpha is not None and alpha.numel() == 1:
-            alphas.add(float(alpha.float()))
-        elif alpha is not None:
-            problems.append(f"{module}.alpha has {alpha.numel()} values: alpha is one number per module")
-        up = tensors.get(_up_key(k))
-        if up is not None and not bool(up.float().abs().sum() > 0):
-            problems.append(f"all-zero up weight: {module} (this module does nothing; untrained?)")
+        found = _module_problems(module, parts)
+        problems += found
+        if any(not p.startswith("all-zero") for p in found):
+            continue  # a malformed module has no rank or alpha to report
+        shapes = [t.shape for n, t in parts.items() if n != "alpha"]
+        conv += any(len(s) == 4 and s[-1] > 1 for s in shapes) or ("lora_down.weight" not in parts
+                                                                    and _is_conv_hada(module))
+        r, alpha = networks.file_rank_alpha(parts)
+        ranks.add(r)
+        if "alpha" in parts:
+            alphas.add(alpha)
     for k, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t.float()).all()):
             problems.append(f"NaN/Inf values in {k} (the LoRA is broken: training diverged, retrain with a lower "
@@ -667,18 +703,46 @@ def inspect_lora(path: str | Path) -> dict:
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()})
     return {
         "path": str(path),
-        "format": file_format(tensors),
+        "format": fmt,
+        "network": networks.network_type_of_file(tensors) if fmt == "kohya" else "lora",
         "family": guess_family(tensors, metadata),
         "rank": _single_or_list(ranks),
         "alpha": _single_or_list(alphas),
         "modules": counts,
         "modules_total": sum(counts.values()),
+        "conv_modules": int(conv),
         "tensors": len(tensors),
         "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
         "size_bytes": path.stat().st_size,
         "metadata": metadata,
         "problems": problems,
     }
+
+
+# The kohya names of the UNet's 3x3 convolutions (diffusers names for SD1.x, LDM names for SDXL).
+CONV3X3_NAME = re.compile(r"lora_unet_(?:.*_resnets_\d+_conv[12]|.*_in_layers_2|.*_out_layers_3|.*samplers_0_conv"
+                          r"|input_blocks_\d+_0_op|output_blocks_\d+_\d+_conv|conv_in|conv_out|input_blocks_0_0|out_2)$")
+
+
+def _is_conv_hada(module: str) -> bool:
+    """A LoHa/LoKr module on a 3x3 convolution: their tensors are flattened matrices, so the name tells."""
+    return bool(CONV3X3_NAME.match(module))
+
+
+def _module_problems(module: str, parts: dict) -> list[str]:
+    problems = []
+    alpha = parts.get("alpha")
+    if alpha is not None and alpha.numel() != 1:
+        problems.append(f"{module}.alpha has {alpha.numel()} values: alpha is one number per module")
+    for name in ("lora_down.weight", "lora_up.weight"):
+        if name in parts and parts[name].dim() not in (2, 4):
+            problems.append(f"{module}.{name} has shape {list(parts[name].shape)}: a LoRA weight is [rank, in] or "
+                            "[rank, in, kh, kw]")
+    zero_at = [n for n in ("lora_up.weight", "hada_w1_a", "hada_w2_a", "lokr_w1", "lokr_w1_a") if n in parts
+               and not bool(parts[n].float().abs().sum() > 0)]
+    if zero_at:
+        problems.append(f"all-zero up weight: {module} (this module does nothing; untrained?)")
+    return problems
 
 
 def _alphas_from_metadata(metadata: dict[str, str]) -> set[float]:
@@ -707,7 +771,8 @@ def format_inspection(info: dict) -> str:
     size_mb = info["size_bytes"] / 1e6
     lines = [
         f"LoRA file: {info['path']} ({size_mb:.2f} MB)",
-        f"  format:   {info['format']}",
+        f"  format:   {info['format']}    network: {info.get('network', 'lora')}"
+        + (f" ({info['conv_modules']} on 3x3 convolutions)" if info.get("conv_modules") else ""),
         f"  family:   {info['family']}",
         f"  rank:     {info['rank']}    alpha: {info['alpha']}",
         f"  dtype:    {info['dtype']}    tensors: {info['tensors']}",
@@ -744,12 +809,19 @@ def load_lora(pipe, path: str | Path, adapter_name: str = "lora", strength: floa
     _check_fits_pipeline(pipe, path, tensors, metadata)
     expected = _expected_counts(tensors)
     _delete_adapter_if_present(pipe, adapter_name)
+    network_type = networks.network_type_of_file(tensors)
     try:
-        pipe.load_lora_weights(str(path), adapter_name=adapter_name)
-    except (ValueError, KeyError, RuntimeError) as exc:
+        if networks.is_lycoris(network_type):
+            _load_lycoris(pipe, path, tensors, adapter_name, network_type)
+        else:
+            pipe.load_lora_weights(str(path), adapter_name=adapter_name)
+    except (ValueError, KeyError, RuntimeError, LoraNbError) as exc:
         _delete_adapter_if_present(pipe, adapter_name)
+        if isinstance(exc, LoraNbError):
+            raise
         raise LoraNbError(f"diffusers could not load {path.name}: {str(exc)[:400]}. The file may come from another "
-                          "base model, or use a LoRA variant (LyCORIS/LoHa/DoRA) this course does not load.") from None
+                          "base model, or use a LoRA variant (DoRA, Tucker convolutions) this course does not "
+                          "load.") from None
     loaded = _loaded_counts(pipe, adapter_name)
     missing = {c: n - loaded.get(c, 0) for c, n in expected.items() if loaded.get(c, 0) != n}
     if missing:
@@ -759,6 +831,30 @@ def load_lora(pipe, path: str | Path, adapter_name: str = "lora", strength: floa
                           + "). The file's key names don't match this model: was it made for another base model?")
     set_lora_strength(pipe, adapter_name, strength)
     return loaded
+
+
+def _load_lycoris(pipe, path: Path, tensors: dict, adapter_name: str, network_type: str) -> None:
+    """Load a LoHa/LoKr file (diffusers loads LoRA only): each module's peft layer is built at the file's
+    rank, alpha and factors, and its tensors copied in (:mod:`lora_nb.networks`)."""
+    modules = networks.group_file_tensors(tensors)
+    networks.check_loadable(path.name, modules)
+    comps = _pipe_components(pipe)
+    family = "sdxl" if "text_encoder_2" in comps else "sd15"
+    names = kohya_names(family, pipe.unet.config, comps)
+    unknown = sorted(n for n in modules if n not in names)
+    if unknown:
+        raise LoraNbError(f"{path.name}: {len(unknown)} module(s) are not in this model (e.g. {unknown[0]}): "
+                          "was it made for another base model?")
+    per_comp: dict[str, dict] = {}
+    for name, parts in modules.items():
+        comp, mod_path = names[name]
+        per_comp.setdefault(comp, {})[mod_path] = (name, parts)
+    for comp, mods in per_comp.items():
+        cfg = networks.peft_config_for_file(network_type, {p: parts for p, (_, parts) in mods.items()})
+        comps[comp].add_adapter(cfg, adapter_name=adapter_name)
+        layers = networks.adapter_layers(comps[comp], adapter_name)
+        for mod_path, (name, parts) in mods.items():
+            networks.copy_file_tensors(layers[mod_path], adapter_name, parts, f"{path.name}: {name}")
 
 
 def set_lora_strength(pipe, adapter_name: str, strength: float) -> None:
@@ -781,16 +877,22 @@ def _pipe_components(pipe) -> dict[str, torch.nn.Module]:
 
 def _expected_counts(tensors: dict) -> dict[str, int]:
     counts: dict[str, int] = {}
-    for k in _down_keys(tensors):
-        comp = _component_of(k)
+    for name in _adapter_modules(tensors):
+        comp = _component_of(name)
         counts[comp] = counts.get(comp, 0) + 1
     return counts
+
+
+def _adapter_modules(tensors: dict) -> list[str]:
+    """The module names of a file that carry an adapter (LoRA, LoHa or LoKr tensors)."""
+    return sorted({k.split(".", 1)[0] for k in tensors if networks.tensor_kind(k) in ("lora", "loha", "lokr")}
+                  if file_format(tensors) == "kohya" else {_module_of(k) for k in _down_keys(tensors)})
 
 
 def _loaded_counts(pipe, adapter_name: str) -> dict[str, int]:
     counts = {}
     for name, comp in _pipe_components(pipe).items():
-        n = sum(1 for m in comp.modules() if adapter_name in getattr(m, "lora_A", {}))
+        n = len(networks.adapter_layers(comp, adapter_name))
         if n:
             counts[name] = n
     return counts

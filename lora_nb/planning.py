@@ -12,11 +12,12 @@ from pathlib import Path
 
 import torch
 
-from lora_nb import LoraNbError
+from lora_nb import LoraNbError, lora_io
 from lora_nb.archs import build_architecture
 from lora_nb.config import Config, StepsPlan, check_config, plan_steps, preset, setting_help
 from lora_nb.course_settings import CourseSettings, is_unset, prompt_lines
-from lora_nb.estimate import estimate_lora_file_size, lora_parameter_count
+from lora_nb.estimate import (estimate_lora_file_size, file_size_of, lora_parameter_count, network_shapes,
+                              parameter_count_of)
 from lora_nb.folders import list_images
 from lora_nb.images import regularization_advice
 from lora_nb.lora_io import training_metadata
@@ -42,6 +43,9 @@ PARAMETER_SETTINGS = {
     "rank": "network.rank",
     "alpha": "network.alpha",
     "unet_targets": "network.unet_targets",
+    "network_type": "network.type",
+    "conv_rank": "network.conv_rank",
+    "conv_alpha": "network.conv_alpha",
     "min_snr_gamma": "training.min_snr_gamma",
     "debiased_estimation": "training.debiased_estimation",
     "zero_terminal_snr": "training.zero_terminal_snr",
@@ -226,12 +230,38 @@ def report_settings(cfg: Config, scan, model=None, cuda_available: bool | None =
         train_te = cfg.optimizer.text_encoder_lr > 0
         meta = training_metadata(cfg, plan, scan.tag_frequency)
         meta.update(ss_epoch=str(plan.epochs), ss_steps=str(plan.total_steps))
+        net = lora_io.network_options(cfg.network)
         file_bytes = estimate_lora_file_size(model, cfg.network.rank, cfg.network.alpha, cfg.network.unet_targets,
-                                             train_te, cfg.save.precision, meta)
-        lora_params = lora_parameter_count(model, cfg.network.rank, cfg.network.unet_targets, train_te)
+                                             train_te, cfg.save.precision, meta, net)
+        lora_params = lora_parameter_count(model, cfg.network.rank, cfg.network.unet_targets, train_te, net)
     toy = str(cfg.model.source) == "toy" or (Path(str(cfg.model.source)) / "toy_build.json").exists()
     return SettingsReport(cfg, plan, images, file_bytes, lora_params, scale, warnings=warnings, errors=errors,
                           notes=regularization_lines(cfg, images, toy))
+
+
+NETWORK_SETTINGS = ("network.type", "network.conv_rank", "network.conv_alpha", "network.lokr_factor",
+                    "network.dropout", "network.rank_dropout", "network.module_dropout", "network.block_lr_weights")
+
+
+def network_type_rows(family: str, rank: int, alpha: float, conv_rank: int, precision: str = "fp16",
+                      train_text_encoder: bool = True) -> list[dict]:
+    """For each network type at ``rank`` (3x3 convolutions at ``conv_rank`` where the type has them): the
+    modules it trains, its parameters and its file size on the full-size ``family`` architecture (built
+    on the meta device, so the numbers are the real layers' and nothing is allocated)."""
+    arch = build_architecture(family, "meta")
+    rows = []
+    for network_type, conv in (("lora", 0), ("locon", conv_rank), ("loha", 0), ("loha", conv_rank),
+                               ("lokr", 0), ("lokr", conv_rank)):
+        if conv == 0 and network_type == "locon":
+            continue
+        net = {"network_type": network_type, "conv_rank": conv}
+        shapes = network_shapes(arch, rank, "kohya", train_text_encoder, net)
+        modules = len([k for k in shapes if k.endswith(".alpha")])
+        params = sum(parameter_count_of(shapes).values())
+        size = file_size_of(shapes, arch, rank, alpha, train_text_encoder, precision, None, net)
+        rows.append({"type": network_type, "conv_rank": conv, "modules": modules, "parameters": params,
+                     "MB": round(size / 1e6, 1)})
+    return rows
 
 
 def measure_step_time(cfg: Config, steps: int = 4, model=None) -> tuple[float, int | None]:

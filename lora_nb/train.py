@@ -329,9 +329,9 @@ def prepare_model(cfg: Config, model, device, precision: str) -> PreparedModel:
     train_te = cfg.optimizer.text_encoder_lr > 0
     torch.manual_seed(cfg.training.seed)  # the LoRA's random init: same seed, same LoRA, in any process
     lora_io.add_lora(model, cfg.network.rank, cfg.network.alpha, unet_targets=cfg.network.unet_targets,
-                     train_text_encoder=train_te)
+                     train_text_encoder=train_te, **lora_io.network_options(cfg.network))
     if cfg.network.init_from:  # continue an existing LoRA (a saved state, when resuming, overrides it later)
-        lora_io.init_lora_from(model, Path(cfg.network.init_from).expanduser(), cfg.network.rank, cfg.network.alpha)
+        lora_io.init_lora_from(model, Path(cfg.network.init_from).expanduser())
     if precision != "no":
         cast_training_params([pipe.unet] + (model.text_encoders if train_te else []), dtype=torch.float32)
     if cfg.training.gradient_checkpointing:
@@ -493,7 +493,7 @@ def build_optimization(cfg: Config, net: PreparedModel, plan: StepsPlan, acceler
     o, model = cfg.optimizer, net.model
     unet_params = [p for p in model.pipe.unet.parameters() if p.requires_grad]
     te_params = [p for te in model.text_encoders for p in te.parameters() if p.requires_grad] if net.train_te else []
-    groups = [{"params": unet_params, "lr": o.effective_unet_lr, "name": "unet"}]
+    groups = unet_param_groups(model.pipe.unet, o.effective_unet_lr, cfg.network.block_lr_weights)
     if te_params:
         groups.append({"params": te_params, "lr": o.text_encoder_lr, "name": "text_encoder"})
     optimizer = build_optimizer(o.optimizer, groups, o.weight_decay)
@@ -502,6 +502,22 @@ def build_optimization(cfg: Config, net: PreparedModel, plan: StepsPlan, acceler
                                    o.lr_power)
     prepared = accelerator.prepare(model.pipe.unet, *(model.text_encoders if net.train_te else []), optimizer)
     return Optimization(prepared[-1], lr_scheduler, prepared[0], list(prepared[1:-1]) or None, unet_params + te_params)
+
+
+def unet_param_groups(unet, lr: float, block_weights: list[float]) -> list[dict]:
+    """The UNet's trained parameters as one group at ``lr``, or, with ``block_weights`` [down, mid, up]
+    (``network.block_lr_weights``, sd-scripts' down/mid/up_lr_weight), one group per block at ``lr`` times
+    its weight (the rest of the UNet, conv_in and the like, at ``lr``)."""
+    trained = [(name, p) for name, p in unet.named_parameters() if p.requires_grad]
+    if not block_weights:
+        return [{"params": [p for _, p in trained], "lr": lr, "name": "unet"}]
+    blocks = {"down_blocks.": ("unet_down", block_weights[0]), "mid_block.": ("unet_mid", block_weights[1]),
+              "up_blocks.": ("unet_up", block_weights[2])}
+    groups = {"unet": {"params": [], "lr": lr, "name": "unet"}}
+    for name, p in trained:
+        key, weight = next((v for k, v in blocks.items() if name.startswith(k)), ("unet", 1.0))
+        groups.setdefault(key, {"params": [], "lr": lr * weight, "name": key})["params"].append(p)
+    return [g for g in groups.values() if g["params"]]
 
 
 # ------------------------------------------------------------------------- 5. the run in its workspace

@@ -183,12 +183,12 @@ def test_kohya_module_counts_on_full_size_architectures():
     # every SDXL module gets an LDM name, and diffusers' own loader maps it back to the module
     from diffusers.loaders.lora_conversion_utils import _convert_unet_lora_key, _maybe_map_sgm_blocks_to_diffusers
 
-    ldm = lora_io.sdxl_ldm_block_map(sdxl.config)
-    assert ldm["down_blocks.1.attentions.0"] == "input_blocks.4.1"
-    assert ldm["down_blocks.2.attentions.1"] == "input_blocks.8.1"
-    assert ldm["up_blocks.1.attentions.2"] == "output_blocks.5.1"
+    assert lora_io.sdxl_ldm_path("down_blocks.1.attentions.0.proj_in", sdxl.config) == "input_blocks.4.1.proj_in"
+    assert lora_io.sdxl_ldm_path("down_blocks.2.attentions.1.proj_in", sdxl.config) == "input_blocks.8.1.proj_in"
+    assert lora_io.sdxl_ldm_path("up_blocks.1.attentions.2.proj_in", sdxl.config) == "output_blocks.5.1.proj_in"
     names = lora_io.unet_target_modules(sdxl, "kohya")
-    fake = {f"{lora_io.kohya_module_name('unet', n, 'sdxl', ldm)}.lora_down.weight": torch.zeros(1) for n in names}
+    fake = {f"{lora_io.kohya_module_name('unet', n, 'sdxl', sdxl.config)}.lora_down.weight": torch.zeros(1)
+            for n in names}
     mapped = _maybe_map_sgm_blocks_to_diffusers(dict(fake), sdxl.config)
     as_loaded = {_convert_unet_lora_key(k) for k in mapped}
     assert as_loaded == {_convert_unet_lora_key("lora_unet_" + n.replace(".", "_") + ".lora_down.weight")

@@ -1,0 +1,163 @@
+"""Network types (lora, locon, loha, lokr): what each trains, the tensors its file holds, that the file
+reloads to the in-memory model, and that the trainer runs each one."""
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import make_config
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from lora_nb import LoraNbError, lora_io
+from lora_nb.archs import build_architecture
+from lora_nb.config import check_config, preset
+from lora_nb.estimate import estimate_lora_file_size
+from lora_nb.models import load_base_model
+from lora_nb.train import train, unet_param_groups
+
+TYPES = [("lora", 0), ("locon", 4), ("loha", 0), ("loha", 4), ("lokr", 0), ("lokr", 4)]
+NAMES = {"lora": {"lora_down.weight", "lora_up.weight", "alpha"},
+         "locon": {"lora_down.weight", "lora_up.weight", "alpha"},
+         "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"},
+         "lokr": {"lokr_w1", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "alpha"}}
+
+
+def _outputs(pipe, family):
+    """The UNet's prediction and every text encoder's hidden states on fixed random inputs."""
+    g = torch.Generator().manual_seed(1)
+    unet = pipe.unet
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    ctx = torch.randn(1, 77, unet.config.cross_attention_dim, generator=g)
+    extra = {}
+    if family == "sdxl":
+        extra["added_cond_kwargs"] = {"text_embeds": torch.randn(1, 32, generator=g), "time_ids": torch.zeros(1, 6)}
+    ids = torch.randint(0, 90, (1, 77), generator=g)
+    with torch.no_grad():
+        outs = [unet(x, 10, ctx, **extra).sample]
+        for enc in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+            if enc is not None:
+                outs.append(enc(ids, output_hidden_states=True).hidden_states[-2])
+    return outs
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_every_type_saves_the_tensor_names_the_uis_read_and_reloads_to_the_same_model(family, tiny_sd15_dir,
+                                                                                     tiny_sdxl_dir, tmp_path):
+    folder = tiny_sd15_dir if family == "sd15" else tiny_sdxl_dir
+    base = _outputs(load_base_model(folder).pipe, family)
+    for network_type, conv_rank in TYPES:
+        model = load_base_model(folder)
+        torch.manual_seed(0)
+        counts = lora_io.add_lora(model, 4, 2.0, init="random", network_type=network_type, conv_rank=conv_rank,
+                                  conv_alpha=1.0)
+        trained = _outputs(model.pipe, family)
+        path = lora_io.save_lora(tmp_path / f"{network_type}{conv_rank}.safetensors", model, precision="fp32")
+        tensors = load_file(str(path))
+        tails = {k.split(".", 1)[1] for k in tensors}
+        assert tails <= NAMES[network_type] and {"alpha"} < tails, (network_type, tails)
+        info = lora_io.inspect_lora(path)
+        assert info["network"] == network_type and info["modules"] == counts and not info["problems"]
+        assert (info["conv_modules"] > 0) == (conv_rank > 0)
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+        args = json.loads(meta["ss_network_args"])
+        assert meta["ss_network_module"] == ("lycoris.kohya" if network_type in ("loha", "lokr") else "networks.lora")
+        assert args.get("algo") == (network_type if network_type in ("loha", "lokr") else None)
+        assert args.get("conv_dim") == (str(conv_rank) if conv_rank else None)
+
+        fresh = load_base_model(folder)
+        assert lora_io.load_lora(fresh.pipe, path, adapter_name="back") == counts
+        for mine, loaded, untouched in zip(trained, _outputs(fresh.pipe, family), base):
+            assert (mine - untouched).abs().max() > 1e-3  # the network changes every part ...
+            assert (mine - loaded).abs().max() <= 1e-4  # ... and the file gives that change back
+        lora_io.set_lora_strength(fresh.pipe, "back", 0.0)
+        assert (_outputs(fresh.pipe, family)[0] - base[0]).abs().max() <= 1e-5
+        assert estimate_lora_file_size(load_base_model(folder), 4, 2.0, "kohya", True, "fp32", None,
+                                       {"network_type": network_type, "conv_rank": conv_rank}) == os.path.getsize(path)
+
+
+def test_module_sets_match_sd_scripts_and_lycoris_at_full_size():
+    """sd-scripts: SD1.5 UNet 192 modules, 278 with conv_dim (its 22 ResNet blocks give 3 each, 14 of them a
+    1x1 shortcut, plus 3 down- and 3 upsamplers); SDXL 722 and 788. LyCORIS's full preset adds conv_in,
+    conv_out and the two time-embedding linears; without conv_dim it keeps the ResNets' linears and 1x1s."""
+    from lora_nb import networks
+
+    sd15, sdxl = build_architecture("sd15", "meta").pipe.unet, build_architecture("sdxl", "meta").pipe.unet
+    for unet, base in ((sd15, 192), (sdxl, 722)):
+        transformer = len(lora_io.unet_target_modules(unet, "kohya"))
+        assert transformer == base
+        lin, conv = networks.unet_extra_modules(unet, "locon", 8)
+        full_lin, full_conv = networks.unet_extra_modules(unet, "loha", 8)
+        assert len(full_lin) == len(lin) + 2 and len(full_conv) == len(conv) + 2
+        assert networks.unet_extra_modules(unet, "loha", 0) == (full_lin, [])
+        assert networks.unet_extra_modules(unet, "lora", 8) == ([], [])
+    assert len(lora_io.unet_target_modules(sd15)) + sum(map(len, networks.unet_extra_modules(sd15, "locon", 8))) == 278
+    assert len(lora_io.unet_target_modules(sdxl)) + sum(map(len, networks.unet_extra_modules(sdxl, "locon", 8))) == 788
+
+
+def test_sdxl_resnet_and_sampler_modules_get_their_ldm_names():
+    unet = build_architecture("sdxl", "meta").pipe.unet
+    name = lambda p: lora_io.kohya_module_name("unet", p, "sdxl", unet.config)  # noqa: E731
+    assert name("down_blocks.1.resnets.0.conv1") == "lora_unet_input_blocks_4_0_in_layers_2"
+    assert name("down_blocks.0.downsamplers.0.conv") == "lora_unet_input_blocks_3_0_op"
+    assert name("mid_block.resnets.1.time_emb_proj") == "lora_unet_middle_block_2_emb_layers_1"
+    assert name("up_blocks.0.resnets.2.conv_shortcut") == "lora_unet_output_blocks_2_0_skip_connection"
+    assert name("up_blocks.0.upsamplers.0.conv") == "lora_unet_output_blocks_2_2_conv"
+    assert name("up_blocks.2.resnets.0.conv2") == "lora_unet_output_blocks_6_0_out_layers_3"
+    assert name("conv_in") == "lora_unet_input_blocks_0_0" and name("time_embedding.linear_2") == "lora_unet_time_embed_2"
+
+
+def test_wrong_combinations_are_refused_with_the_fix():
+    def errors(**net):
+        cfg = preset("toy").with_overrides({f"network.{k}": v for k, v in net.items()})
+        return {p.setting: p.message for p in check_config(cfg, cuda_available=False) if p.level == "error"}
+
+    assert "locon" in errors(conv_rank=4)["network.conv_rank"]
+    assert "give them a rank" in errors(type="locon")["network.conv_rank"]
+    assert "rank_dropout" in errors(type="loha", dropout=0.1)["network.dropout"]
+    assert "network.dropout" in errors(type="lora", module_dropout=0.1)["network.module_dropout"]
+    assert "lokr" in errors(type="loha", lokr_factor=4)["network.lokr_factor"]
+    assert "one of lora, locon, loha, lokr" in errors(type="dora")["network.type"]
+    assert "three multipliers" in errors(block_lr_weights=[1.0, 0.5])["network.block_lr_weights"]
+    cfg = preset("toy").with_overrides({"network.type": "lokr", "save.formats": ["kohya", "diffusers"]})
+    assert any(p.setting == "save.formats" for p in check_config(cfg, cuda_available=False))
+    assert not errors(type="lokr", conv_rank=4, lokr_factor=8, rank_dropout=0.1, block_lr_weights=[1, 0.5, 2])
+
+
+def test_block_lr_weights_give_each_unet_block_its_own_learning_rate(tiny_sd15_dir):
+    model = load_base_model(tiny_sd15_dir)
+    lora_io.add_lora(model, 4, 2.0, network_type="locon", conv_rank=2)
+    unet = model.pipe.unet
+    groups = {g["name"]: g for g in unet_param_groups(unet, 1e-4, [2.0, 0.5, 1.0])}
+    assert groups["unet_down"]["lr"] == pytest.approx(2e-4) and groups["unet_mid"]["lr"] == pytest.approx(5e-5)
+    assert groups["unet_up"]["lr"] == pytest.approx(1e-4)
+    trained = [p for p in unet.parameters() if p.requires_grad]
+    assert sum(len(g["params"]) for g in groups.values()) == len(trained)
+    assert [g["name"] for g in unet_param_groups(unet, 1e-4, [])] == ["unet"]
+
+
+@pytest.mark.parametrize("network_type", ["loha", "lokr"])
+def test_the_trainer_trains_lycoris_types_and_continues_their_files(network_type, tiny_sd15_dir, tiny_dataset,
+                                                                    tmp_path):
+    cfg = make_config(tiny_sd15_dir, tiny_dataset, tmp_path / "a", **{
+        "network.type": network_type, "network.conv_rank": 2, "network.rank_dropout": 0.1,
+        "optimizer.text_encoder_lr": 1e-4, "optimizer.learning_rate": 1e-3, "training.epochs": 1,
+        "network.block_lr_weights": [1.0, 0.5, 1.0], "save.precision": "fp32"})
+    result = train(cfg, resume=False, progress=False)
+    final = [f for f in result.files if f.suffix == ".safetensors"][-1]
+    info = lora_io.inspect_lora(final)
+    assert info["network"] == network_type and info["conv_modules"] > 0 and "text_encoder" in info["modules"]
+    assert not info["problems"]  # every module moved away from its no-op start
+    again = make_config(tiny_sd15_dir, tiny_dataset, tmp_path / "b", **{
+        "network.type": network_type, "network.conv_rank": 2, "network.init_from": str(final),
+        "training.max_steps": 1, "save.precision": "fp32", "optimizer.learning_rate": 1e-12,
+        "optimizer.text_encoder_lr": 1e-12})
+    wrong = again.with_overrides({"network.type": "lora", "network.conv_rank": 0})
+    with pytest.raises(LoraNbError, match="network.init_from"):
+        train(wrong, resume=False, progress=False)
+    out = train(again, resume=False, progress=False)
+    first, second = load_file(str(final)), load_file(str([f for f in out.files if f.suffix == ".safetensors"][-1]))
+    assert first.keys() == second.keys()
+    assert all(torch.allclose(first[k], second[k], atol=1e-6) for k in first)  # LR 1e-12: the file came back whole
