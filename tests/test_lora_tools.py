@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from lora_nb import LoraNbError, lora_io, lora_tools
+from lora_nb import LoraNbError, cli, lora_io, lora_tools
 from lora_nb.models import load_base_model
 
 TOL = 1e-4
@@ -213,3 +213,43 @@ def test_extract_leaves_out_a_text_encoder_that_did_not_change(files, tiny_sd15_
 def test_extract_refuses_models_of_two_families(tiny_sd15_dir, tiny_sdxl_dir, tmp_path):
     with pytest.raises(LoraNbError, match="sd15 model.*sdxl"):
         lora_tools.extract_lora(tiny_sd15_dir, tiny_sdxl_dir, tmp_path / "x.safetensors", rank=4)
+
+
+# --------------------------------------------------------------------------- the command line
+
+def _cli(capsys, *argv) -> tuple[int, str, str]:
+    capsys.readouterr()
+    rc = cli.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def _one_line_error(capsys, *argv) -> str:
+    rc, _, err = _cli(capsys, *argv)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("lora-nb: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_cli_resize_of_a_missing_file_or_a_loha_file_is_one_line_and_exit_2(capsys, tmp_path):
+    out = tmp_path / "o.safetensors"
+    line = _one_line_error(capsys, "resize", tmp_path / "missing.safetensors", "--rank", 4, "-o", out)
+    assert "does not exist" in line
+    loha = {"lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a": torch.randn(32, 4),
+            "lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_b": torch.randn(4, 32),
+            "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(4.0)}
+    save_file(loha, str(tmp_path / "loha.safetensors"))
+    line = _one_line_error(capsys, "resize", tmp_path / "loha.safetensors", "--rank", 2, "-o", out)
+    assert "LoHa/LoKr" in line and "hada_w1_a" in line
+    assert not out.exists()
+
+
+def test_cli_resize_merge_and_bad_dynamic(files, capsys, tmp_path):
+    rc, out, _ = _cli(capsys, "resize", files.a, "--rank", 4, "-o", tmp_path / "r.safetensors")
+    assert rc == 0 and "modules at rank 4" in out
+    assert "Frobenius norm kept per module: min" in out and "MB ->" in out
+    dst = tmp_path / "m.safetensors"
+    rc, out, _ = _cli(capsys, "merge", files.a, files.b, "--ratios", 0.7, 0.3, "--rank", 8, "-o", dst)
+    assert rc == 0 and "modules at rank 8" in out
+    assert "fro:X" in _one_line_error(capsys, "resize", files.a, "--rank", 4, "--dynamic", "sv:2", "-o", dst)
+    assert "one ratio per file" in _one_line_error(capsys, "merge", files.a, files.b, "--ratios", 1, "-o", dst)
