@@ -431,7 +431,9 @@ def extract_lora(base: str | Path, tuned: str | Path, dst: str | Path, rank: int
     """Extract a LoRA of rank ``rank`` from a fine-tuned model ``tuned`` and its ``base`` (folders, single files
     or hub ids): per module kohya trains, SVD of ``W_tuned − W_base``, alpha = rank. ``conv_rank`` > 0 also
     extracts the UNet's 3×3 convolutions at that rank (a LoCon; SD1.5 only: kohya names SDXL's resnets by
-    their LDM blocks, which lora-nb does not map). A text encoder that did not change is left out."""
+    their LDM blocks, which lora-nb does not map). A text encoder that did not change is left out. Unlike
+    sd-scripts, the factors are not clamped to their 99th percentile: the file applies the truncated difference
+    exactly (a fine-tune's rare large values are kept, at the rank asked for)."""
     from lora_nb.lora_io import kohya_module_name, sdxl_ldm_block_map
     from lora_nb.models import load_base_model
 
