@@ -1,4 +1,4 @@
-"""The ``lora-nb`` command line: train, inspect, config, course, diagnose, experiments.
+"""The ``lora-nb`` command line: train, inspect, resize, merge, extract, config, course, diagnose, experiments.
 
 Errors a learner can fix are printed as one clear message (exit status 2),
 never as a traceback. Each command imports the modules it runs inside its own
@@ -61,6 +61,38 @@ def cmd_inspect(args) -> int:
     else:
         print(format_inspection(info))
     return 1 if info.get("problems") else 0
+
+
+def cmd_resize(args) -> int:
+    from lora_nb.lora_tools import format_report, resize_lora
+
+    print(format_report(resize_lora(args.file, args.output, args.rank, args.dynamic), "resized"))
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from lora_nb.lora_tools import format_report, merge_into_checkpoint, merge_loras
+
+    if args.into_checkpoint:
+        if len(args.files) != 1 or args.ratios or args.rank:
+            raise LoraNbError("merge --into-checkpoint takes one LoRA file and --ratio (not --ratios / --rank).")
+        fmt = "single-file" if args.output.endswith(".safetensors") else "diffusers"
+        done = merge_into_checkpoint(args.into_checkpoint, args.files[0], args.output, args.ratio, fmt, args.precision)
+        print(f"merged {args.files[0]} x {args.ratio:g} into {args.into_checkpoint}: wrote {done['path']} ({fmt}; "
+              + ", ".join(f"{c} {n} modules" for c, n in done["modules"].items()) + ")")
+        return 0
+    if len(args.files) < 2:
+        raise LoraNbError("merge needs two or more LoRA files (or one with --into-checkpoint BASE).")
+    print(format_report(merge_loras(args.files, args.ratios, args.output, args.rank), "merged"))
+    return 0
+
+
+def cmd_extract(args) -> int:
+    from lora_nb.lora_tools import extract_lora, format_report
+
+    done = extract_lora(args.base, args.tuned, args.output, args.rank, args.conv_rank, args.precision)
+    print(format_report(done, "extracted"))
+    return 0
 
 
 def cmd_config(args) -> int:
@@ -132,6 +164,42 @@ def _parse_param(pair: list[str]) -> tuple[str, object]:
     return name, parsed
 
 
+def add_lora_tool_parsers(sub) -> None:
+    """The ``resize``, ``merge`` and ``extract`` commands (lora_nb.lora_tools)."""
+    rs = sub.add_parser("resize", help="rewrite a LoRA file at a lower rank (SVD, as sd-scripts' resize_lora)")
+    rs.add_argument("file", help="a kohya-format LoRA .safetensors")
+    rs.add_argument("--rank", type=int, required=True, help="the new rank (with --dynamic: the most any module gets)")
+    rs.add_argument("--dynamic", metavar="fro:X", help="per module the fewest ranks keeping X of its Frobenius "
+                                                      "norm, e.g. fro:0.9")
+    rs.add_argument("-o", "--output", required=True, help="the .safetensors file to write")
+    rs.set_defaults(func=cmd_resize)
+
+    mg = sub.add_parser("merge", help="merge LoRA files into one (SVD), or one LoRA into a base model")
+    mg.add_argument("files", nargs="+", help="LoRA .safetensors files (one with --into-checkpoint)")
+    mg.add_argument("--ratios", nargs="+", type=float, help="one weight per file (default 1 each)")
+    mg.add_argument("--rank", type=int, help="rank of the merged LoRA (default: the largest source rank; the sum "
+                                             "of the ranks is exact)")
+    mg.add_argument("--into-checkpoint", metavar="BASE", help="fuse the LoRA into this base model (folder, "
+                                                              "single file or hub id)")
+    mg.add_argument("--ratio", type=float, default=1.0, help="with --into-checkpoint: the LoRA's strength")
+    mg.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
+                    help="with --into-checkpoint: the saved model's precision")
+    mg.add_argument("-o", "--output", required=True, help="a .safetensors LoRA; with --into-checkpoint a folder "
+                                                         "(diffusers) or a .safetensors file (single file)")
+    mg.set_defaults(func=cmd_merge)
+
+    ex = sub.add_parser("extract", help="extract a LoRA from a fine-tuned model and its base (SVD of the "
+                                        "difference)")
+    ex.add_argument("base", help="the base model (folder, single file or hub id)")
+    ex.add_argument("tuned", help="the fine-tuned model, same architecture")
+    ex.add_argument("--rank", type=int, required=True)
+    ex.add_argument("--conv-rank", type=int, default=0, help="also the UNet's 3x3 convolutions at this rank "
+                                                             "(a LoCon; SD1.5 only)")
+    ex.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="fp16")
+    ex.add_argument("-o", "--output", required=True, help="the .safetensors file to write")
+    ex.set_defaults(func=cmd_extract)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lora_nb.config import PRESETS
 
@@ -148,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("file")
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.set_defaults(func=cmd_inspect)
+
+    add_lora_tool_parsers(sub)
 
     c = sub.add_parser("config", help="print a full config YAML")
     c.add_argument("--preset", choices=list(PRESETS), help="start from a preset (--list-presets says what each is)")
