@@ -151,6 +151,20 @@ def cmd_experiments(args) -> int:
     return 0
 
 
+def cmd_compare_networks(args) -> int:
+    import time as _time
+
+    from lora_nb.network_comparison import format_comparison, run_comparison, write_comparison
+
+    table = run_comparison(args.out, seeds=args.seeds, steps=args.steps, max_steps=args.max_steps or None)
+    command = f"lora-nb compare-networks --seeds {args.seeds} --out {args.out}" + (
+        f" --max-steps {args.max_steps}" if args.max_steps else "")
+    js, md = write_comparison(table, args.report or args.out, command, _time.strftime("%Y-%m-%d"))
+    print(format_comparison(table, command, _time.strftime("%Y-%m-%d")))
+    print(f"wrote {js} and {md}")
+    return 0
+
+
 def _parse_param(pair: list[str]) -> tuple[str, object]:
     import yaml
 
@@ -194,7 +208,7 @@ def add_lora_tool_parsers(sub) -> None:
     ex.add_argument("tuned", help="the fine-tuned model, same architecture")
     ex.add_argument("--rank", type=int, required=True)
     ex.add_argument("--conv-rank", type=int, default=0, help="also the UNet's 3x3 convolutions at this rank "
-                                                             "(a LoCon; SD1.5 only)")
+                                                             "(a LoCon: sd-scripts' conv_dim set)")
     ex.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default="fp16")
     ex.add_argument("-o", "--output", required=True, help="the .safetensors file to write")
     ex.set_defaults(func=cmd_extract)
@@ -245,6 +259,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=int, default=20, help="denoising steps of each measured image")
     e.add_argument("--measured-only", action="store_true", help="train nothing: the table of the runs measured so far")
     e.set_defaults(func=cmd_experiments)
+
+    n = sub.add_parser("compare-networks", help="lora, locon, loha and lokr at the course LoRA's file size, and "
+                                                "the course LoRA resized to rank 4 and 2, judged on the toy world")
+    n.add_argument("--seeds", type=int, default=3, help="training seeds per type (3 or more)")
+    n.add_argument("--out", default="runs/networks", help="folder of the runs (kept; a rerun resumes)")
+    n.add_argument("--report", default="", help="folder for networks.json / networks.md (default: --out)")
+    n.add_argument("--steps", type=int, default=20, help="denoising steps of each judged image")
+    n.add_argument("--max-steps", type=int, default=0, help="cap each run's training steps (quick checks; 0 = none)")
+    n.set_defaults(func=cmd_compare_networks)
 
     d = sub.add_parser("diagnose", help="over/underfitting diagnosis of a trained workspace")
     d.add_argument("workspace")

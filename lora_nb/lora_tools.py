@@ -374,28 +374,16 @@ def _save_diffusers_folder(pipe, dst: Path, dtype: torch.dtype, record: dict) ->
 
 # --------------------------------------------------------------------------- extract
 
-def conv_target_modules(unet) -> list[str]:
-    """The UNet's 3×3 convolutions a kohya LoCon trains: ``conv1``/``conv2`` of every resnet and the
-    down/upsamplers' ``conv``."""
-    names = []
-    for name, mod in unet.named_modules():
-        if isinstance(mod, torch.nn.Conv2d) and tuple(mod.kernel_size) == (3, 3) and (
-                (".resnets." in name and name.endswith((".conv1", ".conv2")))
-                or ".downsamplers." in name or ".upsamplers." in name):
-            names.append(name)
-    return names
-
-
 def extract_targets(model, conv: bool) -> list[tuple[str, str]]:
-    """``(component, module path)`` of every module kohya trains: the UNet's transformer modules, both text
-    encoders', and with ``conv`` the UNet's 3×3 convolutions (SD1.5 only: see :func:`extract_lora`)."""
-    from lora_nb.lora_io import _text_encoder_names, text_encoder_target_modules, unet_target_modules
+    """``(component, module path)`` of every module kohya trains (:func:`lora_nb.lora_io.network_modules`): the
+    UNet's transformer modules and both text encoders', and with ``conv`` the rest of sd-scripts' LoCon set
+    (the ResNet blocks' and samplers' layers, 3×3 convolutions included)."""
+    from lora_nb.lora_io import network_modules
 
-    targets = [("unet", p) for p in unet_target_modules(model.pipe.unet, "kohya")]
-    if conv:
-        targets += [("unet", p) for p in conv_target_modules(model.pipe.unet)]
-    for comp, enc in zip(_text_encoder_names(model.family), model.text_encoders):
-        targets += [(comp, p) for p in text_encoder_target_modules(enc, "kohya")]
+    targets = []
+    for comp, _module, paths, conv_paths in network_modules(model, "kohya", True, "locon" if conv else "lora",
+                                                           1 if conv else 0):
+        targets += [(comp, p) for p in list(paths) + list(conv_paths)]
     return targets
 
 
@@ -430,11 +418,10 @@ def extract_lora(base: str | Path, tuned: str | Path, dst: str | Path, rank: int
                  precision: str = "fp16") -> dict:
     """Extract a LoRA of rank ``rank`` from a fine-tuned model ``tuned`` and its ``base`` (folders, single files
     or hub ids): per module kohya trains, SVD of ``W_tuned − W_base``, alpha = rank. ``conv_rank`` > 0 also
-    extracts the UNet's 3×3 convolutions at that rank (a LoCon; SD1.5 only: kohya names SDXL's resnets by
-    their LDM blocks, which lora-nb does not map). A text encoder that did not change is left out. Unlike
+    extracts the UNet's 3×3 convolutions at that rank (a LoCon: sd-scripts' conv_dim module set). A text encoder that did not change is left out. Unlike
     sd-scripts, the factors are not clamped to their 99th percentile: the file applies the truncated difference
     exactly (a fine-tune's rare large values are kept, at the rank asked for)."""
-    from lora_nb.lora_io import kohya_module_name, sdxl_ldm_block_map
+    from lora_nb.lora_io import kohya_module_name
     from lora_nb.models import load_base_model
 
     dst = Path(dst)
@@ -447,17 +434,13 @@ def extract_lora(base: str | Path, tuned: str | Path, dst: str | Path, rank: int
     if base_model.family != tuned_model.family:
         raise LoraNbError(f"{base} is an {base_model.family} model and {tuned} an {tuned_model.family} one: "
                           "extract a LoRA from a fine-tune and the base model it was trained from.")
-    if conv_rank and base_model.family != "sd15":
-        raise LoraNbError("--conv-rank works on SD1.5 models only: kohya names SDXL's resnet convolutions by "
-                          "LDM blocks lora-nb does not map yet. Leave --conv-rank out for SDXL.")
     diffs = weight_diffs(base_model, tuned_model, extract_targets(base_model, bool(conv_rank)))
     skipped = unchanged_text_encoders(diffs)
-    ldm_map = sdxl_ldm_block_map(base_model.pipe.unet.config) if base_model.family == "sdxl" else None
     tensors, report = {}, {}
     for (comp, path), d in diffs.items():
         if comp in skipped:
             continue
-        name = kohya_module_name(comp, path, base_model.family, ldm_map)
+        name = kohya_module_name(comp, path, base_model.family, base_model.pipe.unet.config)
         pair = decompose(d, conv_rank if d.ndim == 4 and d.shape[-1] > 1 else rank)
         tensors.update(pair_tensors(name, pair, PRECISIONS[precision]))
         report[name] = {"rank": pair["rank"], "alpha": pair["alpha"], "kept": pair["kept"]}

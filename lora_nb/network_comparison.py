@@ -41,15 +41,16 @@ def file_size_for(model, cfg: Config, overrides: dict) -> int:
 
 def matched_networks(model, course: Config) -> list[tuple[str, dict, int]]:
     """``(type, overrides, bytes)`` for each type at the rank (LoKr: and factor) nearest in file size to the
-    course's LoRA; alpha is half the rank, as in the course (conv layers at the same rank and alpha)."""
+    course's LoRA; alpha / rank as in the course (conv layers at the same rank and alpha)."""
     target = file_size_for(model, course, {})
+    scale = course.network.alpha / course.network.rank
     out = [("lora", {}, target)]
     for network_type in ("locon", "loha", "lokr"):
         options = []
         for r in CANDIDATE_RANKS:
-            conv = {"network.conv_rank": r, "network.conv_alpha": r / 2} if network_type == "locon" else {}
+            conv = {"network.conv_rank": r, "network.conv_alpha": r * scale} if network_type == "locon" else {}
             for factor in (LOKR_FACTORS if network_type == "lokr" else (-1,)):
-                o = {"network.type": network_type, "network.rank": r, "network.alpha": r / 2, **conv,
+                o = {"network.type": network_type, "network.rank": r, "network.alpha": r * scale, **conv,
                      **({"network.lokr_factor": factor} if factor != -1 else {})}
                 options.append((abs(file_size_for(model, course, o) - target), o))
         best = min(options, key=lambda t: t[0])[1]

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lora_nb import LoraNbError, cli, lora_io, lora_tools
+from lora_nb import networks, LoraNbError, cli, lora_io, lora_tools
 from lora_nb.models import load_base_model
 
 TOL = 1e-4
@@ -168,7 +168,7 @@ def tuned(files, tiny_sd15_dir):
     lora_io.load_lora(model.pipe, files.a)
     model.pipe.fuse_lora(lora_scale=1.0, adapter_names=["lora"])
     model.pipe.unload_lora_weights()
-    convs = lora_tools.conv_target_modules(model.pipe.unet)[:2]
+    convs = networks.unet_extra_modules(model.pipe.unet, "locon", 1)[1][:2]  # two 3×3 convolutions
     gen = torch.Generator().manual_seed(4)
     with torch.no_grad():
         for name in convs:
