@@ -17,7 +17,7 @@ import json
 import statistics
 from pathlib import Path
 
-from lora_nb import remedies
+from lora_nb import LoraNbError, remedies
 from lora_nb.config import Config, preset
 from lora_nb.fsutil import write_text_atomic
 from lora_nb.remedies import MEASURES, Run
@@ -74,20 +74,23 @@ def run_comparison(out: str | Path, seeds: int = 3, sample_seeds: list[int] | No
     exists); return the table ``{"rows": [...], "conclusions": [...], ...}``."""
     from lora_nb.models import load_model_for
 
+    if seeds < 1:
+        raise LoraNbError(f"--seeds {seeds}: use at least 1 (3 or more to tell a difference from noise).")
     out = Path(out)
     course = course or preset("toy")
     sample_seeds = list(sample_seeds or [0, 1])
     model = load_model_for(course)
-    rows = []
-    for network_type, overrides, size in matched_networks(model, course):
-        run = Run(network_type, "networks", describe(network_type, overrides), overrides)
-        per_seed = {}
-        for seed in range(seeds):
+    matched = matched_networks(model, course)
+    per_type: dict[str, dict] = {name: {} for name, _, _ in matched}
+    for seed in range(seeds):  # every type at one seed before the next seed: a stopped table is still balanced
+        for network_type, overrides, _size in matched:
+            run = Run(network_type, "networks", describe(network_type, overrides), overrides)
             folder = out / network_type / f"seed-{seed}"
-            cfg = remedies.run_config(course, run, seed, folder, max_steps)
             log(f"{network_type} seed {seed}: training and judging ({folder})")
-            per_seed[seed] = remedies.measure_run(cfg, folder, sample_seeds, steps)
-        rows.append({"name": network_type, "what": run.what, "bytes": size, **remedies.summarise(per_seed)})
+            cfg = remedies.run_config(course, run, seed, folder, max_steps)
+            per_type[network_type][seed] = remedies.measure_run(cfg, folder, sample_seeds, steps)
+    rows = [{"name": name, "what": describe(name, overrides), "bytes": size, **remedies.summarise(per_type[name])}
+            for name, overrides, size in matched]
     rows += resized_rows(out, course, seeds, sample_seeds, steps, log)
     return {"rows": rows, "conclusions": conclude(rows), "seeds": list(range(seeds)), "sample_seeds": sample_seeds,
             "steps": steps, "max_steps": max_steps}

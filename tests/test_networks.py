@@ -161,3 +161,19 @@ def test_the_trainer_trains_lycoris_types_and_continues_their_files(network_type
     first, second = load_file(str(final)), load_file(str([f for f in out.files if f.suffix == ".safetensors"][-1]))
     assert first.keys() == second.keys()
     assert all(torch.allclose(first[k], second[k], atol=1e-6) for k in first)  # LR 1e-12: the file came back whole
+
+
+def test_every_full_size_sdxl_name_maps_back_to_its_module_through_diffusers_own_converter():
+    """diffusers' SGM → diffusers key conversion (written independently of lora-nb, for kohya SDXL files)
+    gives each LoCon / LoHa module's diffusers path back: 788 + the full preset's 4 on SDXL."""
+    from diffusers.loaders.lora_conversion_utils import _convert_unet_lora_key, _maybe_map_sgm_blocks_to_diffusers
+
+    arch = build_architecture("sdxl", "meta")
+    unet = arch.pipe.unet
+    for network_type, expected in (("locon", 788), ("loha", 792)):
+        (_, _, paths, conv), *_ = lora_io.network_modules(arch, "kohya", False, network_type, 8)
+        fake = {f"{lora_io.kohya_module_name('unet', p, 'sdxl', unet.config)}.lora_down.weight": torch.zeros(1)
+                for p in paths + conv}
+        mapped = {_convert_unet_lora_key(k) for k in _maybe_map_sgm_blocks_to_diffusers(dict(fake), unet.config)}
+        wanted = {_convert_unet_lora_key("lora_unet_" + p.replace(".", "_") + ".lora_down.weight") for p in paths + conv}
+        assert mapped == wanted and len(mapped) == expected

@@ -91,8 +91,16 @@ def test_notebook_04_reports_the_worked_example_for_the_realistic_preset(tmp_pat
     nb = run_notebook("04_parameters.ipynb", tmp_path, workspace=str(tmp_path / "ws"), preset="realistic",
                       repeats=10, epochs=10, save_every_n_epochs=2, measure_time=False,
                       gradient_checkpointing="yes", cache_latents_to_disk="no", lr_scheduler="rex",
-                      optimizer="AdamWScheduleFree")
+                      optimizer="AdamWScheduleFree", network_type="locon", conv_rank=8)
     text = printed(nb)
+    # the network types, each with its modules, parameters and size on the full-size SD1.5, and their settings
+    from lora_nb.planning import NETWORK_SETTINGS
+
+    table = [line.split() for line in text.splitlines() if line.split()[:1] in (["lora"], ["locon"], ["loha"],
+                                                                                  ["lokr"])]
+    assert [row[0] for row in table] == ["lora", "locon", "loha", "loha", "lokr", "lokr"]
+    assert "full-size sd15, rank 64, fp16:" in text and table[1][1:3] == ["8", "350"]  # 264 + the 86 LoCon adds
+    assert set(NETWORK_SETTINGS) <= {line.split()[0] for line in text.splitlines() if line.split()}
     # every noise, loss and caption option is listed with its value and help; the new schedule and optimizer run
     from lora_nb.planning import NOISE_LOSS_CAPTION_SETTINGS
 
@@ -113,6 +121,7 @@ def test_notebook_04_reports_the_worked_example_for_the_realistic_preset(tmp_pat
     assert (tmp_path / "ws" / "config.yaml").exists() and (tmp_path / "ws" / "figures" / "04_lr_schedule.png").exists()
     saved = Config.load(tmp_path / "ws" / "config.yaml")
     assert saved.training.gradient_checkpointing is True and saved.dataset.cache_latents_to_disk is False
+    assert (saved.network.type, saved.network.conv_rank) == ("locon", 8)
 
 
 def test_file_size_estimate_matches_full_size_sd15_files_written_for_ranks_32_64_128(tmp_path):

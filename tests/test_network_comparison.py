@@ -1,0 +1,45 @@
+"""The network-types table: types matched to the course LoRA's file size, and conclusions only beyond the spread."""
+
+import pytest
+
+from lora_nb import network_comparison as nc
+from lora_nb.config import preset
+from lora_nb.models import load_model_for
+
+
+def test_each_type_is_matched_to_the_course_loras_file_size_at_the_courses_alpha_over_rank():
+    course = preset("toy")
+    model = load_model_for(course)
+    matched = nc.matched_networks(model, course)
+    assert [m[0] for m in matched] == ["lora", "locon", "loha", "lokr"]
+    target = matched[0][2]
+    assert target == nc.file_size_for(model, course, {})
+    for network_type, overrides, size in matched[1:]:
+        assert overrides["network.type"] == network_type
+        assert abs(size - target) / target < 0.15, (network_type, size, target)  # the nearest the ranks allow
+        assert overrides["network.alpha"] / overrides["network.rank"] == course.network.alpha / course.network.rank
+        assert size == nc.file_size_for(model, course, overrides)
+
+
+def _row(name, fidelity, spread):
+    measures = ("fidelity", "generalisation", "memorization", "leakage")
+    return {"name": name, "what": name, "bytes": 1000, "mean": {m: fidelity for m in measures},
+            "spread": {m: spread for m in measures}, "n": 3}
+
+
+def test_a_difference_counts_only_beyond_the_spread_between_seeds():
+    rows = [_row("lora", 0.80, 0.05), _row("locon", 0.83, 0.04), _row("loha", 0.60, 0.05)]
+    got = {(c["row"], c["measure"]): c["conclusion"] for c in nc.conclude(rows)}
+    assert got[("locon", "fidelity")] == "no difference this experiment can resolve"
+    assert got[("loha", "fidelity")] == "lower" and got[("loha", "leakage")] == "lower"
+    text = nc.format_comparison({"rows": rows, "conclusions": nc.conclude(rows), "seeds": [0, 1, 2],
+                                 "sample_seeds": [0, 1], "steps": 20}, "lora-nb compare-networks --seeds 3", "today")
+    assert "| locon | fidelity | 0.80 | 0.83 | +0.03 | 0.05 | no difference this experiment can resolve |" in text
+    assert "Reproduce: `lora-nb compare-networks --seeds 3`" in text
+
+
+def test_the_command_refuses_fewer_than_one_seed(tmp_path):
+    from lora_nb import LoraNbError
+
+    with pytest.raises(LoraNbError, match="seeds"):
+        nc.run_comparison(tmp_path, seeds=0)
