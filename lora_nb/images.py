@@ -458,7 +458,8 @@ def import_images(src: str | Path, dest_dir: str | Path, background: tuple[int, 
     taken: set[str] = set()
     seen_hashes: dict[str, str] = {}
     captions: dict[str, tuple[str, bytes]] = {}  # source name without extension → (source name, text)
-    for name, data, reason in tqdm(entries, total=total, desc="importing", unit="file", disable=not progress):
+    for raw, data, reason in tqdm(entries, total=total, desc="importing", unit="file", disable=not progress):
+        name = printable_name(raw)  # what the report says; the new file's name is made from the original
         if reason is not None:
             report.skipped.append(SkippedFile(name, reason))
             continue
@@ -475,7 +476,7 @@ def import_images(src: str | Path, dest_dir: str | Path, background: tuple[int, 
             report.skipped.append(SkippedFile(name, f"duplicate: same pixels as {seen_hashes[digest]}"))
             continue
         seen_hashes[digest] = name
-        base = safe_file_name(name)
+        base = safe_file_name(raw)
         stem, ext = os.path.splitext(base)
         changed = [n for n in notes if n != "grayscale"]
         copy_as_is = fmt in _COPYABLE_FORMATS and not changed and ext.lower() in _COPYABLE_FORMATS[fmt]
@@ -498,6 +499,12 @@ def import_images(src: str | Path, dest_dir: str | Path, background: tuple[int, 
     return report
 
 
+def printable_name(name: str) -> str:
+    """A file name as text that can be printed and written to JSON: bytes that are not UTF-8 (which Python
+    keeps as surrogates) become ``\\xNN`` escapes, so ``caf\\xe9.png`` is reported instead of failing."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _entries_of(src: Path, dest: Path, max_zip_files: int, max_zip_bytes: int, max_zip_ratio: int):
     """``(entries, count or None)`` of a folder or zip to import; refuses a missing source or a destination inside it."""
     if not src.exists():
@@ -506,6 +513,9 @@ def _entries_of(src: Path, dest: Path, max_zip_files: int, max_zip_bytes: int, m
         if dest.resolve() == src.resolve() or src.resolve() in dest.resolve().parents:
             raise LoraNbError(f"dest_dir {dest} is inside the source folder {src}: choose a folder outside it.")
         return _iter_folder(src), sum(len(files) for _, _, files in os.walk(src, followlinks=False))
+    if not src.is_file():  # a pipe, socket or device: reading it could block forever
+        raise LoraNbError(f"{src} is not a regular file (a pipe, socket or device): pass a folder of images or a "
+                          ".zip file.")
     if src.suffix.lower() == ".zip" or zipfile.is_zipfile(src):
         return _iter_zip(src, max_zip_files, max_zip_bytes, max_zip_ratio), None
     raise LoraNbError(f"{src} is neither a folder nor a .zip file: pass the folder that holds your images.")

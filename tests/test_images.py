@@ -396,3 +396,28 @@ def test_a_16_bit_png_in_the_dataset_trains_as_its_grey_not_white(tmp_path):
     assert Image.open(path).mode.startswith("I")
     arr, _, _ = load_training_image(path, (64, 64))
     assert abs(float(arr.mean())) < 0.05  # mid grey is 0 in [-1, 1]
+
+
+def test_a_pipe_given_as_the_source_is_refused_at_once_and_odd_names_are_reported_as_text(tmp_path):
+    """A FIFO source used to block in zipfile.is_zipfile; a name that is not UTF-8 is imported under a safe name
+    and reported with \\x escapes (so the report can be printed and written as JSON)."""
+    import dataclasses
+    import json
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    from lora_nb import LoraNbError
+    from lora_nb.images import import_images
+
+    os.mkfifo(tmp_path / "photos.zip")
+    with pytest.raises(LoraNbError, match="not a regular file"):
+        import_images(tmp_path / "photos.zip", tmp_path / "out", progress=False)
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray(np.full((80, 80, 3), 90, np.uint8)).save(os.fsencode(src) + b"/caf\xe9.png")
+    report = import_images(src, tmp_path / "out2", progress=False)
+    assert [i.original for i in report.imported] == ["caf\\xe9.png"]
+    assert os.listdir(tmp_path / "out2") == ["caf_.png"]
+    json.dumps(dataclasses.asdict(report), ensure_ascii=False).encode("utf-8")  # raises on a surrogate
