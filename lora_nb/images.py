@@ -358,7 +358,8 @@ def check_zip(zf: zipfile.ZipFile, zip_name: str, max_files: int = MAX_ZIP_FILES
                 "unpacked into (path traversal, 'zip slip'). Re-create the zip from a plain folder."
             )
         total += info.file_size
-        if info.compress_size > 0 and info.file_size > 1_000_000 and info.file_size / info.compress_size > max_ratio:
+        if (info.compress_size > 0 and info.file_size > 1_000_000 and info.file_size / info.compress_size > max_ratio
+                and not _fits_as_image(zf, info)):
             raise LoraNbError(
                 f"{zip_name}: refused, the entry {info.filename!r} expands {info.file_size / info.compress_size:.0f}x "
                 f"(limit {max_ratio}x), which is how zip bombs work. If it is a genuine uncompressed image "
@@ -368,6 +369,20 @@ def check_zip(zf: zipfile.ZipFile, zip_name: str, max_files: int = MAX_ZIP_FILES
         raise LoraNbError(
             f"{zip_name}: refused, it unpacks to {total / 1e9:.1f} GB (limit {max_total_bytes / 1e9:.1f} GB)."
         )
+
+
+def _fits_as_image(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bool:
+    """Whether a highly compressed zip entry is an image within the pixel limit whose file is no larger than
+    such an image can be (a solid-colour photo or BMP compresses thousands of times and is harmless): only
+    the first MiB is read, for the header."""
+    try:
+        with zf.open(info) as f:
+            head = f.read(1 << 20)
+        with Image.open(io.BytesIO(head)) as img:
+            w, h = img.size
+    except Exception:  # noqa: BLE001 - not an image header: the ratio rule applies
+        return False
+    return w * h <= MAX_PIXELS and info.file_size <= 4 * w * h + 1_000_000
 
 
 def _zip_is_symlink(info: zipfile.ZipInfo) -> bool:
@@ -446,7 +461,9 @@ def import_images(src: str | Path, dest_dir: str | Path, background: tuple[int, 
     A zip is read in memory, never unpacked by path: entries with absolute
     paths or ``..`` are refused (zip slip), symlink entries are skipped, and
     zips over ``max_zip_files`` entries, ``max_zip_bytes`` unpacked or with an
-    entry expanding more than ``max_zip_ratio`` times are refused (zip bombs).
+    entry expanding more than ``max_zip_ratio`` times are refused (zip bombs), unless
+    that entry's header shows an image within ``max_pixels`` no larger than such an
+    image can be (a solid-colour photo compresses that well and is harmless).
     Refusals raise :class:`LoraNbError`; bad files never do.
     """
     from tqdm.auto import tqdm

@@ -255,6 +255,20 @@ def test_zip_bomb_is_refused(tmp_path):
         im.import_images(z, tmp_path / "dest", progress=False)
 
 
+def test_a_highly_compressed_image_within_the_pixel_limit_is_not_taken_for_a_zip_bomb(tmp_path):
+    """A solid-colour 2000x2000 BMP (12 MB) deflates about a thousand times: the header says it is an image
+    within the pixel limit and no larger than such an image can be, so it is imported, not refused."""
+    buf = io.BytesIO()
+    Image.new("RGB", (2000, 2000), (30, 120, 200)).save(buf, format="BMP")
+    z = tmp_path / "solid.zip"
+    with zipfile.ZipFile(z, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("solid.bmp", buf.getvalue())
+        info = zf.getinfo("solid.bmp")
+    assert info.file_size / info.compress_size > im.MAX_ZIP_RATIO
+    report = im.import_images(z, tmp_path / "dest", progress=False)
+    assert [(i.width, i.height) for i in report.imported] == [(2000, 2000)]
+
+
 def test_zip_limits_on_count_and_total_size(tmp_path):
     z = tmp_path / "many.zip"
     with zipfile.ZipFile(z, "w") as zf:
