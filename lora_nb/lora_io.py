@@ -711,6 +711,7 @@ def inspect_lora(path: str | Path) -> dict:
         "modules": counts,
         "modules_total": sum(counts.values()),
         "conv_modules": int(conv),
+        "dora": sum(1 for k in tensors if k.endswith(".dora_scale")),
         "tensors": len(tensors),
         "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
         "size_bytes": path.stat().st_size,
@@ -772,7 +773,9 @@ def format_inspection(info: dict) -> str:
     lines = [
         f"LoRA file: {info['path']} ({size_mb:.2f} MB)",
         f"  format:   {info['format']}    network: {info.get('network', 'lora')}"
-        + (f" ({info['conv_modules']} on 3x3 convolutions)" if info.get("conv_modules") else ""),
+        + (f" ({info['conv_modules']} on 3x3 convolutions)" if info.get("conv_modules") else "")
+        + (f", DoRA on {info['dora']} modules (lora-nb does not load DoRA; AUTOMATIC1111 and ComfyUI do)"
+           if info.get("dora") else ""),
         f"  family:   {info['family']}",
         f"  rank:     {info['rank']}    alpha: {info['alpha']}",
         f"  dtype:    {info['dtype']}    tensors: {info['tensors']}",
@@ -810,6 +813,8 @@ def load_lora(pipe, path: str | Path, adapter_name: str = "lora", strength: floa
     expected = _expected_counts(tensors)
     _delete_adapter_if_present(pipe, adapter_name)
     network_type = networks.network_type_of_file(tensors)
+    if file_format(tensors) == "kohya":  # diffusers would drop DoRA's scales without a word
+        networks.check_loadable(path.name, networks.group_file_tensors(tensors))
     try:
         if networks.is_lycoris(network_type):
             _load_lycoris(pipe, path, tensors, adapter_name, network_type)

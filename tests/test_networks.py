@@ -78,6 +78,22 @@ def test_every_type_saves_the_tensor_names_the_uis_read_and_reloads_to_the_same_
                                        {"network_type": network_type, "conv_rank": conv_rank}) == os.path.getsize(path)
 
 
+def test_inspect_names_dora_and_load_refuses_it_with_where_it_loads(tiny_sd15_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    model = load_base_model(tiny_sd15_dir)
+    lora_io.add_lora(model, 4, 2.0, init="random", train_text_encoder=False)
+    path = lora_io.save_lora(tmp_path / "plain.safetensors", model, precision="fp32")
+    tensors = load_file(str(path))
+    name = next(k for k in tensors if k.endswith(".lora_down.weight")).split(".")[0]
+    tensors[f"{name}.dora_scale"] = torch.ones(1, tensors[f"{name}.lora_down.weight"].shape[1])
+    save_file(tensors, str(tmp_path / "dora.safetensors"))
+    info = lora_io.inspect_lora(tmp_path / "dora.safetensors")
+    assert info["dora"] == 1 and "DoRA on 1 modules" in lora_io.format_inspection(info)
+    with pytest.raises(LoraNbError, match="DoRA"):
+        lora_io.load_lora(load_base_model(tiny_sd15_dir).pipe, tmp_path / "dora.safetensors")
+
+
 def test_module_sets_match_sd_scripts_and_lycoris_at_full_size():
     """sd-scripts: SD1.5 UNet 192 modules, 278 with conv_dim (its 22 ResNet blocks give 3 each, 14 of them a
     1x1 shortcut, plus 3 down- and 3 upsamplers); SDXL 722 and 788. LyCORIS's full preset adds conv_in,
