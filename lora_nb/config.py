@@ -65,6 +65,7 @@ class DatasetConfig:
     tag_dropout: float = 0.0  # share of tags left out of each step's caption (the first keep_tokens never)
     caption_prefix: str = ""  # text put before every training caption as trained (never shuffled or dropped)
     caption_suffix: str = ""  # text put after every training caption as trained
+    masked_loss: bool = False  # weight the loss by each image's mask (<name>.mask.png beside it, else its alpha): learn the subject, not the background
     reg_dir: str = ""  # regularization images (same class, without the subject); empty = none
     prior_loss_weight: float = 1.0  # weight of the regularization images' loss
     enable_buckets: bool = False  # no crop: aspect-ratio buckets instead of one size

@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 from lora_nb import LoraNbError
 from lora_nb.captions import add_trigger, read_caption, split_tags
 from lora_nb import folders
-from lora_nb.folders import CAPTION_EXTENSIONS, IMAGE_EXTENSIONS, match_concept_folder
+from lora_nb.folders import mask_file_for, CAPTION_EXTENSIONS, IMAGE_EXTENSIONS, match_concept_folder
 from lora_nb.crop import bucket_for_image, make_buckets
 from lora_nb.images import image_size, load_image
 from lora_nb.workspace import repo_data_dir
@@ -163,6 +163,14 @@ def load_training_image(path: Path, size: tuple[int, int], flip: bool = False):
     except LoraNbError as exc:
         raise LoraNbError(f"Cannot read training image {exc}. Remove it or re-import the dataset "
                           "(notebook 01 skips broken files).") from None
+    ow, oh = im.size
+    im, top, left = _cover_crop(im, size, flip)
+    arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+    return arr.transpose(2, 0, 1).copy(), (oh, ow), (top, left)
+
+
+def _cover_crop(im, size: tuple[int, int], flip: bool):
+    """Cover-resize ``im`` to ``size`` (w, h), centre-crop, mirror when ``flip``: ``(image, top, left)``."""
     w, h = size
     ow, oh = im.size
     scale = max(w / ow, h / oh)
@@ -170,10 +178,33 @@ def load_training_image(path: Path, size: tuple[int, int], flip: bool = False):
     im = im.resize((nw, nh), Image.LANCZOS if scale < 1 else Image.BICUBIC)
     left, top = (nw - w) // 2, (nh - h) // 2
     im = im.crop((left, top, left + w, top + h))
-    if flip:
-        im = ImageOps.mirror(im)
-    arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
-    return arr.transpose(2, 0, 1).copy(), (oh, ow), (top, left)
+    return (ImageOps.mirror(im) if flip else im), top, left
+
+
+def load_training_mask(path: Path, size: tuple[int, int], flip: bool = False) -> np.ndarray | None:
+    """The loss mask of a training image (``dataset.masked_loss``), cropped exactly as the image is: its
+    ``<stem>.mask.png`` (white = learn, black = ignore) or else its alpha channel; None when it has neither.
+    Returns float32 (h, w) in [0, 1]."""
+    mask_path = mask_file_for(path)
+    try:
+        if mask_path is not None:
+            with Image.open(mask_path) as m, Image.open(path) as im:
+                mask = ImageOps.exif_transpose(m).convert("L")
+                shown = ImageOps.exif_transpose(im).size
+            if mask.size != shown:
+                raise LoraNbError(f"The loss mask {mask_path} is {mask.size[0]}x{mask.size[1]} but its image is "
+                                  f"{shown[0]}x{shown[1]}: save the mask at the image's size.")
+        else:
+            with Image.open(path) as im:
+                im = ImageOps.exif_transpose(im)
+                if im.mode not in ("RGBA", "LA") and not (im.mode == "P" and "transparency" in im.info):
+                    return None
+                mask = im.convert("RGBA").getchannel("A")
+    except (OSError, ValueError) as exc:
+        raise LoraNbError(f"Cannot read the loss mask of {path} ({mask_path or 'alpha channel'}: {exc}): fix or "
+                          "remove the mask, or set dataset.masked_loss false.") from None
+    mask, _top, _left = _cover_crop(mask, size, flip)
+    return np.asarray(mask, dtype=np.float32) / 255.0
 
 
 # Never enlarge a picture more than this to fill its bucket: a smaller bucket of its own shape instead

@@ -27,6 +27,20 @@ def is_image_file(path: str | Path) -> bool:
     return p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
 
 
+MASK_SUFFIX = ".mask"  # <name>.mask.png beside <name>.jpg: the loss mask of dataset.masked_loss, not an image
+
+
+def is_mask_file(path: str | Path) -> bool:
+    """``photo.mask.png`` (beside ``photo.jpg``): a loss mask, listed with no images."""
+    return Path(path).stem.lower().endswith(MASK_SUFFIX)
+
+
+def mask_file_for(image: str | Path) -> Path | None:
+    """The loss mask beside ``image`` (``<stem>.mask.png``), or None."""
+    candidate = Path(image).with_name(Path(image).stem + MASK_SUFFIX + ".png")
+    return candidate if candidate.is_file() else None
+
+
 def list_images(folder: str | Path, recursive: bool = True, follow_links: bool = False) -> list[Path]:
     """Image files in ``folder`` (and its non-hidden sub-folders when ``recursive``), sorted.
 
@@ -41,7 +55,7 @@ def list_images(folder: str | Path, recursive: bool = True, follow_links: bool =
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for f in files:
             p = Path(root) / f
-            if is_image_file(p) and (follow_links or not p.is_symlink()) and p.is_file():
+            if is_image_file(p) and not is_mask_file(p) and (follow_links or not p.is_symlink()) and p.is_file():
                 found.append(p)
         if not recursive:
             break

@@ -426,6 +426,7 @@ def training_metadata(cfg, plan, tag_frequency: dict, dataset_dirs: dict | None 
         "ss_caption_tag_dropout_rate": str(d.tag_dropout),
         "ss_caption_prefix": d.caption_prefix,
         "ss_caption_suffix": d.caption_suffix,
+        "ss_masked_loss": str(bool(d.masked_loss)),
         "ss_shuffle_caption": str(bool(d.shuffle_caption)),
         "ss_keep_tokens": str(d.keep_tokens),
         "ss_max_token_length": str(d.max_token_length),

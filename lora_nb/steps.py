@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lora_nb.dataset import Item, load_training_image
+from lora_nb.dataset import Item, load_training_image, load_training_mask
 
 
 # --------------------------------------------------------------------------- text
@@ -118,10 +119,12 @@ class Sample:
     pixels: list[np.ndarray]  # one per flip variant (uncached path)
     latents: list[torch.Tensor] | None
     time_ids: list[torch.Tensor]
+    masks: list[torch.Tensor] | None = None  # the loss mask at latent size, per flip variant (dataset.masked_loss)
 
 
 def prepare_samples(items: list[Item], size: tuple[int, int], model, flip_aug: bool, cache: bool,
-                    seed: int, device, desc: str = "Caching latents", disk_cache=None) -> list[Sample]:
+                    seed: int, device, desc: str = "Caching latents", disk_cache=None,
+                    masked: bool = False) -> list[Sample]:
     """Load each image once; with ``cache`` encode it with the VAE once (and its flip when flip_aug).
 
     ``disk_cache`` (a :class:`lora_nb.latent_cache.LatentCache`) keeps the VAE's output between runs:
@@ -159,8 +162,18 @@ def prepare_samples(items: list[Item], size: tuple[int, int], model, flip_aug: b
                 lat.append((mean + std * noise).float().cpu())
         if store and not stored:
             store.write(key, encoded, item.image)
-        out.append(Sample(item, pix, lat if cache else None, tids))
+        masks = [latent_mask(item.image, at, flip, model.vae_scale) for flip in flips] if masked else None
+        out.append(Sample(item, pix, lat if cache else None, tids, masks))
     return out
+
+
+def latent_mask(image: Path, size: tuple[int, int], flip: bool, vae_scale: int) -> torch.Tensor:
+    """The image's loss mask averaged down to latent size, ``(1, h/8, w/8)``; all ones without a mask."""
+    mask = load_training_mask(image, size, flip)
+    w, h = size
+    if mask is None:
+        return torch.ones(1, h // vae_scale, w // vae_scale)
+    return F.interpolate(torch.from_numpy(mask)[None, None], size=(h // vae_scale, w // vae_scale), mode="area")[0]
 
 
 def latents_of(model, samples: list[Sample], variants: list[int], device, gen) -> torch.Tensor:
@@ -259,18 +272,22 @@ def loss_weights(noise_scheduler, timesteps, gamma: float, prediction_type: str,
 
 
 def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str = "l2",
-                   huber_c: torch.Tensor | float | None = None) -> torch.Tensor:
+                   huber_c: torch.Tensor | float | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """The loss per sample (one value per batch element), computed in fp32: ``l2`` the mean squared error;
     ``huber`` 2c(√(r² + c²) − c) and ``smooth_l1`` 2(√(r² + c²) − c) per value (sd-scripts' pseudo-Huber
     losses, residual r, ``huber_c`` c per sample: :func:`huber_c_of`), equal to r² for |r| ≪ c (huber) and
-    growing only linearly for large residuals, so outlier pixels pull less."""
+    growing only linearly for large residuals, so outlier pixels pull less. ``mask`` ``(B, 1, h, w)`` weights
+    each latent position (``dataset.masked_loss``: 0 where the picture is not to be learned)."""
     dims = tuple(range(1, pred.dim()))
     if loss_type == "l2":
-        return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=dims)
-    c = torch.as_tensor(huber_c if huber_c is not None else 0.1, dtype=torch.float32, device=pred.device)
-    c = c.reshape(-1, *([1] * (pred.dim() - 1))) if c.dim() else c
-    smooth = torch.sqrt((pred.float() - target.float()) ** 2 + c ** 2) - c
-    per_value = 2 * c * smooth if loss_type == "huber" else 2 * smooth
+        per_value = F.mse_loss(pred.float(), target.float(), reduction="none")
+    else:
+        c = torch.as_tensor(huber_c if huber_c is not None else 0.1, dtype=torch.float32, device=pred.device)
+        c = c.reshape(-1, *([1] * (pred.dim() - 1))) if c.dim() else c
+        smooth = torch.sqrt((pred.float() - target.float()) ** 2 + c ** 2) - c
+        per_value = 2 * c * smooth if loss_type == "huber" else 2 * smooth
+    if mask is not None:  # sd-scripts' masked loss: each latent position weighted by the mask, then the mean
+        per_value = per_value * mask.to(per_value.device, per_value.dtype)
     return per_value.mean(dim=dims)
 
 

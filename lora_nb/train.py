@@ -403,9 +403,12 @@ def cache_training_data(cfg: Config, data: TrainingData, net: PreparedModel, acc
     model, device, seed, d = net.model, accelerator.device, cfg.training.seed, cfg.dataset
     disk = LatentCache.for_vae(latent_cache_dir(cfg), model.pipe.vae) if d.cache_latents_to_disk else None
     samples = steps.prepare_samples(data.items, net.size, model, d.flip_aug, d.cache_latents, seed, device,
-                                    disk_cache=disk)
+                                    disk_cache=disk, masked=d.masked_loss)
     reg_samples = steps.prepare_samples(data.reg_items, net.size, model, d.flip_aug, d.cache_latents, seed + 1,
-                                        device, "Caching regularization latents", disk_cache=disk)
+                                        device, "Caching regularization latents", disk_cache=disk, masked=d.masked_loss)
+    if d.masked_loss and all(bool((m == 1).all()) for x in samples for m in x.masks):
+        warnings.append(f"dataset.masked_loss is on but none of the {len(samples)} training images has a mask "
+                        "(<name>.mask.png beside it, or an alpha channel): it trains as without.")
     val_samples = steps.prepare_samples(data.val_items, net.size, model, False, True, seed + 2, device,
                                         "Caching validation latents", disk_cache=disk)
     embedder = TextEmbedder(model, cfg.network.clip_skip, device, text_cache_wanted(cfg, net.train_te, warnings),
@@ -684,7 +687,8 @@ def training_step(s: Session, batch: list[steps.Sample], rngs, epoch: int) -> di
         time_ids = torch.stack([x.time_ids[v] for x, v in zip(batch, variants)]).to(device) if pooled is not None else None
         pred = opt.unet(noisy.to(net.weight_dtype), timesteps, embeds.to(net.weight_dtype),
                         **steps.unet_conditioning(pooled, time_ids, net.weight_dtype)).sample
-        per_sample = steps.diffusion_loss(pred, target, t.loss_type, huber_c)
+        mask = (torch.stack([x.masks[v] for x, v in zip(batch, variants)]) if cfg.dataset.masked_loss else None)
+        per_sample = steps.diffusion_loss(pred, target, t.loss_type, huber_c, mask)
         per_sample = per_sample * steps.loss_weights(net.noise_scheduler, timesteps, cfg.training.min_snr_gamma,
                                                      net.prediction_type, cfg.training.debiased_estimation).to(device)
         per_sample = torch.where(is_reg, per_sample * cfg.dataset.prior_loss_weight, per_sample)

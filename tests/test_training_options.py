@@ -151,3 +151,58 @@ def test_init_from_continues_an_existing_lora_and_refuses_one_it_cannot(tiny_sd1
             "training.epochs": 1, "network.init_from": str(first.final), **overrides})
         with pytest.raises(LoraNbError, match=reason):
             train(cfg, progress=False)
+
+
+def test_masked_loss_ignores_what_the_mask_leaves_out():
+    """Changing the prediction only where the mask is 0 leaves the loss as it was (l2 and huber)."""
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[:, :, 2:6, 1:5] = 1.0
+    changed = torch.where(mask.bool(), pred, pred + 5 * torch.randn(pred.shape, generator=g))
+    for loss_type in ("l2", "huber"):
+        a = steps.diffusion_loss(pred, target, loss_type, torch.full((2,), 0.1), mask)
+        b = steps.diffusion_loss(changed, target, loss_type, torch.full((2,), 0.1), mask)
+        assert torch.allclose(a, b) and not torch.allclose(a, steps.diffusion_loss(changed, target, loss_type,
+                                                                                      torch.full((2,), 0.1)))
+    assert torch.equal(steps.diffusion_loss(pred, target, mask=torch.zeros(2, 1, 8, 8)), torch.zeros(2))
+
+
+def test_masks_come_from_a_mask_file_or_the_alpha_channel_cropped_as_the_image_is(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from lora_nb import LoraNbError
+    from lora_nb.dataset import load_training_mask
+    from lora_nb.folders import list_images
+
+    Image.new("RGB", (96, 64), (200, 10, 10)).save(tmp_path / "a.jpg")
+    m = np.zeros((64, 96), np.uint8)
+    m[:, :48] = 255  # the left half is the subject
+    Image.fromarray(m).save(tmp_path / "a.mask.png")
+    rgba = np.zeros((64, 64, 4), np.uint8)
+    rgba[16:48, 16:48, 3] = 255
+    Image.fromarray(rgba).save(tmp_path / "b.png")
+    Image.new("RGB", (64, 64)).save(tmp_path / "c.png")
+    assert [p.name for p in list_images(tmp_path)] == ["a.jpg", "b.png", "c.png"]  # a mask is no training image
+    a = load_training_mask(tmp_path / "a.jpg", (64, 64))  # cover-resized to 96x64, centre-cropped to 64x64
+    assert a.shape == (64, 64) and a[:, :16].min() == 1.0 and a[:, 48:].max() == 0.0
+    assert load_training_mask(tmp_path / "a.jpg", (64, 64), flip=True)[:, 48:].min() == 1.0
+    b = load_training_mask(tmp_path / "b.png", (32, 32))
+    assert b[10:22, 10:22].min() > 0.99 and b[:4].max() < 0.01  # halved: the opaque square is 8..24
+    assert load_training_mask(tmp_path / "c.png", (64, 64)) is None
+    Image.fromarray(m[:32]).save(tmp_path / "a.mask.png")
+    with pytest.raises(LoraNbError, match="save the mask at the image's size"):
+        load_training_mask(tmp_path / "a.jpg", (64, 64))
+
+
+def test_masked_training_runs_writes_its_metadata_and_says_when_no_image_has_a_mask(tiny_sd15_dir, tiny_dataset,
+                                                                                  tmp_path):
+    events = []
+    cfg = make_config(tiny_sd15_dir, tiny_dataset, tmp_path / "ws", **{"dataset.masked_loss": True,
+                                                                        "training.max_steps": 2})
+    result = train(cfg, resume=False, progress=False, on_event=events.append)
+    with safe_open(str(result.files[-1]), framework="pt") as f:
+        assert f.metadata()["ss_masked_loss"] == "True"
+    assert any("none of the 4 training images has a mask" in e.data.get("message", "") for e in events
+               if e.kind == "warning")
