@@ -856,7 +856,8 @@ def _load_lycoris(pipe, path: Path, tensors: dict, adapter_name: str, network_ty
         comp, mod_path = names[name]
         per_comp.setdefault(comp, {})[mod_path] = (name, parts)
     for comp, mods in per_comp.items():
-        cfg = networks.peft_config_for_file(network_type, {p: parts for p, (_, parts) in mods.items()})
+        cfg = networks.peft_config_for_file(network_type, {p: parts for p, (_, parts) in mods.items()},
+                                            {p: comps[comp].get_submodule(p) for p in mods})
         comps[comp].add_adapter(cfg, adapter_name=adapter_name)
         layers = networks.adapter_layers(comps[comp], adapter_name)
         for mod_path, (name, parts) in mods.items():

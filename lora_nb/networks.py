@@ -237,9 +237,9 @@ def copy_file_tensors(layer, adapter: str, parts: dict[str, torch.Tensor], where
             param.copy_(value.reshape(param.shape).to(param.dtype))
 
 
-def peft_config_for_file(network_type: str, modules: dict[str, dict[str, torch.Tensor]]):
-    """The peft config that rebuilds these file modules (``{module path: tensors}``) exactly: each module
-    at its own rank and alpha, LoKr factors as the file has them."""
+def peft_config_for_file(network_type: str, modules: dict[str, dict[str, torch.Tensor]], layers: dict[str, object]):
+    """The peft config that rebuilds these file modules (``{module path: tensors}``, their base ``layers``)
+    exactly: each module at its own rank and alpha, LoKr factors as the file has them."""
     from peft import LoHaConfig, LoKrConfig
 
     ranks, alphas = {}, {}
@@ -252,4 +252,30 @@ def peft_config_for_file(network_type: str, modules: dict[str, dict[str, torch.T
     if network_type == "loha":
         return LoHaConfig(**common)
     both = any("lokr_w1_a" in parts for parts in modules.values())
-    return LoKrConfig(**common, decompose_both=both, decompose_factor=-1)
+    return LoKrConfig(**common, decompose_both=both, decompose_factor=lokr_factor_of(modules, layers))
+
+
+def lokr_factor_of(modules: dict[str, dict[str, torch.Tensor]], layers: dict[str, object]) -> int:
+    """The ``lokr_factor`` a LoKr file was made with: the one for which peft's factorization of every layer's
+    output and input width gives the file's small Kronecker factor ``w1`` (-1 when it is the automatic one)."""
+    from peft.tuners.lokr.layer import factorization
+
+    def w1_shape(parts):
+        if "lokr_w1" in parts:
+            return tuple(parts["lokr_w1"].shape[:2])
+        return parts["lokr_w1_a"].shape[0], parts["lokr_w1_b"].shape[1]
+
+    def dims(layer):
+        base = getattr(layer, "base_layer", layer)
+        if isinstance(base, torch.nn.Conv2d):
+            return base.out_channels, base.in_channels
+        return base.out_features, base.in_features
+
+    shapes = {path: (w1_shape(parts), dims(layers[path])) for path, parts in modules.items()}
+    candidates = [-1] + sorted({d for (w1, _) in shapes.values() for d in w1})
+    for factor in candidates:
+        if all((factorization(out, factor)[0], factorization(inp, factor)[0]) == w1
+               for w1, (out, inp) in shapes.values()):
+            return factor
+    raise LoraNbError("This LoKr file's Kronecker factors follow no single factor (each module was split its own "
+                      "way): lora-nb loads LoKr files made with one lokr_factor; AUTOMATIC1111 and ComfyUI load it.")

@@ -78,6 +78,19 @@ def test_every_type_saves_the_tensor_names_the_uis_read_and_reloads_to_the_same_
                                        {"network_type": network_type, "conv_rank": conv_rank}) == os.path.getsize(path)
 
 
+@pytest.mark.parametrize("factor", [2, 4])
+def test_a_lokr_file_made_with_a_factor_is_loaded_back_with_that_factor(factor, tiny_sd15_dir, tmp_path):
+    """The factor is read from the file's shapes (peft's automatic split would give other ones)."""
+    model = load_base_model(tiny_sd15_dir)
+    torch.manual_seed(0)
+    lora_io.add_lora(model, 6, 3.0, init="random", network_type="lokr", conv_rank=4, lokr_factor=factor)
+    mine = _outputs(model.pipe, "sd15")
+    path = lora_io.save_lora(tmp_path / "k.safetensors", model, precision="fp32")
+    fresh = load_base_model(tiny_sd15_dir)
+    lora_io.load_lora(fresh.pipe, path)
+    assert all((a - b).abs().max() <= 1e-4 for a, b in zip(mine, _outputs(fresh.pipe, "sd15")))
+
+
 def test_inspect_names_dora_and_load_refuses_it_with_where_it_loads(tiny_sd15_dir, tmp_path):
     from safetensors.torch import save_file
 
