@@ -170,6 +170,10 @@ def test_notebook_04_widgets_update_the_printed_steps_in_chromium(chromium, play
             form = page.locator(".jp-OutputArea .widget-vbox", has=page.locator("b", has_text="Training settings"))
             output = form.locator(".widget-output")
             expect(output).to_contain_text(first, timeout=3 * WAIT_MS)  # kernel start + imports + meta SD1.5
+            # the rest of Run All finished (its last cell writes config.yaml) before a field is changed, as a
+            # person reading down the page would: a change made while cells still run waits for them
+            written = f"wrote {lab['root'] / 'ws' / 'config.yaml'}"
+            expect(page.locator(".jp-Notebook")).to_contain_text(written, timeout=3 * WAIT_MS)
 
             def field(label: str, kind: str):
                 return form.locator(f".widget-inline-hbox:has(> label:text-is('{label}')) {kind}")
