@@ -57,7 +57,6 @@ TEXT_ENCODER_ATTENTION_TARGETS = TEXT_ENCODER_TARGETS[:4]
 TARGET_CHOICES = ("kohya", "attention")
 FORMATS = ("kohya", "diffusers")
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-INIT_CHOICES = {"gaussian": "gaussian", "default": True, "random": False}
 BASE_MODEL_VERSIONS = {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
@@ -135,8 +134,8 @@ def add_lora(model, rank: int, alpha: float, unet_targets: str = "kohya", train_
         raise LoraNbError(f"rank={rank} must be a positive integer (typical: 4 to 128).")
     if alpha <= 0:
         raise LoraNbError(f"alpha={alpha} must be positive (typical: rank/2 to rank; 1 is common too).")
-    if init not in INIT_CHOICES:
-        raise LoraNbError(f"init={init!r} is not known: use one of {', '.join(INIT_CHOICES)}.")
+    if init not in networks.INIT_CHOICES:
+        raise LoraNbError(f"init={init!r} is not known: use one of {', '.join(networks.INIT_CHOICES)}.")
     counts = {}
     for name, module, targets, conv_targets in network_modules(model, unet_targets, train_text_encoder,
                                                                 network_type, conv_rank):

@@ -42,6 +42,9 @@ TYPE_TENSORS = {
 }
 UNSUPPORTED_TENSORS = ("hada_t1", "hada_t2", "lokr_t2", "lora_mid.weight", "dora_scale", "oft_blocks", "oft_diag",
                        "diff", "w_norm")
+# peft's LoRA init for lora-nb's choices: gaussian (B = 0, diffusers' choice), default (Kaiming A, B = 0),
+# random (A and B random: tests, the network changes the output from the start). LoHa/LoKr: no-op or random.
+INIT_CHOICES = {"gaussian": "gaussian", "default": True, "random": False}
 RESNET_PARENTS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 FULL_PRESET_NAMES = ("conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2")
 
@@ -119,7 +122,7 @@ def peft_config(network_type: str, rank: int, alpha: float, targets: list[str], 
     ranks = {_exact(p): int(conv_rank) for p in conv_targets}
     alphas = {_exact(p): float(conv_alpha) for p in conv_targets}
     if network_type in ("lora", "locon"):
-        init_value = {"gaussian": "gaussian", "default": True, "random": False}[init]
+        init_value = INIT_CHOICES[init]
         return LoraConfig(r=int(rank), lora_alpha=float(alpha), target_modules=every, rank_pattern=ranks,
                           alpha_pattern=alphas, lora_dropout=float(dropout), init_lora_weights=init_value)
     common = dict(r=int(rank), alpha=float(alpha), target_modules=every, rank_pattern=ranks, alpha_pattern=alphas,
