@@ -18,6 +18,7 @@ from lora_nb.config import Config, StepsPlan, check_config, plan_steps, preset, 
 from lora_nb.course_settings import CourseSettings, is_unset, prompt_lines
 from lora_nb.estimate import (estimate_lora_file_size, file_size_of, lora_parameter_count, network_shapes,
                               parameter_count_of)
+from lora_nb.dataset import resolve_data_path
 from lora_nb.folders import list_images
 from lora_nb.images import regularization_advice
 from lora_nb.lora_io import training_metadata
@@ -143,7 +144,7 @@ def regularization_lines(cfg: Config, images: int, toy: bool) -> list[str]:
     (the toy preset pairs one with each of its pictures, and says why)."""
     if not cfg.dataset.reg_dir:
         return ["no class pictures (dataset.reg_dir is empty): the subject may leak into its class word"]
-    folder = Path(cfg.dataset.reg_dir)
+    folder = resolve_data_path(cfg.dataset.reg_dir)  # as the trainer finds it: presets' data/… from any folder
     n = len(list_images(folder)) if folder.is_dir() else 0
     return [f"class pictures: {n} in {folder}"] + regularization_advice(n, images, toy=toy)
 

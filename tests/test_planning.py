@@ -36,3 +36,14 @@ def test_speed_memory_rows_show_value_and_help_for_each_setting():
     assert set(rows) == set(planning.SPEED_MEMORY_SETTINGS)
     assert all(help_text for _, _, help_text in rows.values())
     assert rows["dataset.cache_latents"][1] == "True"
+
+
+def test_the_class_picture_count_finds_the_presets_folder_from_any_working_folder(tmp_path, monkeypatch):
+    """04 run from another folder (a Jupyter server's root) counted 0 class pictures in data/toy-reg while the
+    steps math paired every picture with one: the count resolves the path as the trainer does."""
+    from lora_nb.config import preset
+    from lora_nb.planning import regularization_lines
+
+    monkeypatch.chdir(tmp_path)
+    lines = regularization_lines(preset("toy"), 48, toy=True)
+    assert lines[0].startswith("class pictures: 48 in ")
