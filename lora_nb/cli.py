@@ -37,7 +37,11 @@ def _print_event(event) -> None:
     if event.kind == "start":
         plan = event.data["plan"]
         print(plan.describe() + f" (precision: {event.data['precision']}, device: {event.data['device']})")
-        if event.data["resumed_from_epoch"]:
+        if event.data.get("resumed_epoch_step"):
+            print(f"Resuming at step {event.data['resumed_at_step']}, inside epoch "
+                  f"{event.data['resumed_from_epoch'] + 1} (after {event.data['resumed_epoch_step']} of its steps), "
+                  "from the saved state.")
+        elif event.data["resumed_from_epoch"]:
             print(f"Resuming after epoch {event.data['resumed_from_epoch']} from the saved state.")
     elif event.kind == "warning":
         print(f"warning: {event.data['message']}", file=sys.stderr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import math
 import re
 from dataclasses import dataclass, field
@@ -124,7 +125,9 @@ class OptimizerConfig:
 class TrainingConfig:
     epochs: int = 10  # passes over the dataset (each image × repeats per pass)
     batch_size: int = 1  # images per step: faster epochs, more memory
-    mixed_precision: str = "no"  # no / fp16 / bf16: half-precision compute, LoRA weights stay fp32 (fp16 needs a CUDA GPU)
+    gradient_accumulation_steps: int = 1  # batches summed before each optimizer step: effective batch = batch_size × this, at one batch's memory
+    mixed_precision: str = "no"  # no / fp16 / bf16: half-precision compute, LoRA weights stay fp32 (unless full_precision_lora); fp16 needs a CUDA GPU
+    full_precision_lora: str = "fp32"  # fp32 / fp16 / bf16: the LoRA's own weights and optimizer state too (sd-scripts' full_fp16/full_bf16): least memory, coarser updates
     seed: int = 42  # same seed + settings → same LoRA
     noise_offset: float = 0.0  # 0.05–0.1 helps very dark/bright images
     min_snr_gamma: float = 0.0  # 0 = off; 5 is the usual value
@@ -156,6 +159,8 @@ class SampleConfig:
 @dataclass
 class SaveConfig:
     every_n_epochs: int = 1  # 0 = only the final file
+    every_n_steps: int = 0  # also a LoRA file every N optimizer steps (<name>-step00000120); 0 = off
+    state_every_n_steps: int = 0  # also the resumable state every N steps: an interrupted epoch continues where it stopped; 0 = at epoch ends
     precision: str = "fp16"  # fp16 / bf16 / fp32
     formats: list[str] = field(default_factory=lambda: ["kohya"])  # kohya and/or diffusers
     output_name: str = "lora"  # file name: <name>.safetensors, <name>-e0002.safetensors …
@@ -166,6 +171,7 @@ class SaveConfig:
 @dataclass
 class LoggingConfig:
     tensorboard: bool = False  # also write TensorBoard event files under <workspace>/logs/ (loss, LR, samples)
+    wandb_project: str = ""  # also log to Weights & Biases under this project (pip install wandb; wandb login); empty = off
 
 
 @dataclass
@@ -765,11 +771,37 @@ def _check_training(c: _Checks, t: TrainingConfig, cuda_available: bool) -> None
     elif t.mixed_precision == "bf16" and not cuda_available and not cpu_has_native_bf16():
         c.warn("training.mixed_precision", "bf16 on this CPU is emulated (no AVX512-BF16 or AMX): training will be "
              "slower than fp32. Set training.mixed_precision=no.")
+    if not 1 <= t.gradient_accumulation_steps <= 1024:
+        c.err("training.gradient_accumulation_steps", f"must be 1 (off) to 1024 (got {t.gradient_accumulation_steps:g}); "
+                                                      "2–8 is usual, for an effective batch of 4–16 on a small GPU.")
+    _check_full_precision_lora(c, t, cuda_available)
     if t.min_snr_gamma < 0:
         c.err("training.min_snr_gamma", "must be 0 (off) or positive (5 is usual).")
     if t.noise_offset < 0:
         c.err("training.noise_offset", "must be 0 (off) or positive (0.05–0.1).")
     _check_noise_and_loss(c, t)
+
+
+LORA_PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def _check_full_precision_lora(c: _Checks, t: TrainingConfig, cuda_available: bool) -> None:
+    """The LoRA's own weights in half precision only with the same half-precision compute."""
+    f = t.full_precision_lora
+    if f not in LORA_PRECISIONS:
+        c.err("training.full_precision_lora", f"{f!r} is unknown: use fp32, fp16 or bf16.")
+    elif f != "fp32" and t.mixed_precision != f:
+        c.err("training.full_precision_lora", f"{f} weights need training.mixed_precision={f} (the model then "
+                                              f"computes in {f} too); set it, or use fp32.")
+    elif f == "fp16" and cuda_available:
+        c.warn("training.full_precision_lora", "fp16 LoRA weights: an update below about 1/2000 of a weight is "
+               "lost, values above 65504 overflow (the loss scaler then skips the step) and the optimizer's small "
+               "values underflow; prefer bf16 where the GPU has it (T4 does not, A100/L4/H100 do).")
+    elif f == "fp16":
+        c.warn("training.full_precision_lora", "fp16 needs a CUDA GPU: the LoRA stays fp32 here, like the compute.")
+    elif f == "bf16":
+        c.warn("training.full_precision_lora", "bf16 LoRA weights: an update below about 1/500 of a weight is lost "
+               "(an AdamW step of 1e-4 leaves a weight of 0.1 unchanged); keep it for the smallest cards.")
 
 
 LOSS_TYPES = ("l2", "huber", "smooth_l1")
@@ -841,6 +873,15 @@ def _check_sample_and_save(c: _Checks, cfg: Config) -> None:
         c.err("sample.sampler", f"{s.sampler!r} is unknown: use one of {', '.join(SAMPLERS)}.")
     if s.every_n_epochs < 0 or sv.every_n_epochs < 0:
         c.err("save.every_n_epochs" if sv.every_n_epochs < 0 else "sample.every_n_epochs", "must be 0 (off) or more.")
+    if sv.every_n_steps < 0 or sv.state_every_n_steps < 0:
+        c.err("save.every_n_steps" if sv.every_n_steps < 0 else "save.state_every_n_steps",
+              "must be 0 (off) or a number of optimizer steps (e.g. 100).")
+    if sv.state_every_n_steps and not sv.save_state:
+        c.err("save.state_every_n_steps", "saves the resumable state, which save.save_state=false turns off: set "
+                                          "save.save_state=true, or state_every_n_steps=0.")
+    if cfg.logging.wandb_project and importlib.util.find_spec("wandb") is None:
+        c.err("logging.wandb_project", "needs the wandb package: pip install wandb, then wandb login (or set "
+                                       "WANDB_MODE=offline to log to files); or leave the setting empty.")
     if sv.precision not in SAVE_PRECISIONS:
         c.err("save.precision", f"{sv.precision!r} is unknown: use fp16, bf16 or fp32.")
     bad = [f for f in sv.formats if f not in SAVE_FORMATS]
@@ -922,46 +963,55 @@ def raise_for_errors(problems: list[Problem]) -> list[Problem]:
 class StepsPlan:
     images: int  # training images (without repeats)
     samples_per_epoch: int  # images × repeats (doubled with regularization, as kohya does)
-    steps_per_epoch: int
+    steps_per_epoch: int  # optimizer steps
     epochs: int
-    total_steps: int
+    total_steps: int  # optimizer steps: the LR schedule, logging and saving count these
     saves: int  # LoRA files written: one every N epochs, the last epoch's being the final file
+    batch_size: int = 1
+    accumulation: int = 1  # batches summed into each optimizer step
+    batches_per_epoch: int = 0
+
+    @property
+    def effective_batch(self) -> int:
+        return self.batch_size * self.accumulation
 
     def describe(self) -> str:
-        return (f"{self.images} images → {self.samples_per_epoch} samples per epoch → {self.steps_per_epoch} steps per epoch; "
+        steps = f"{self.steps_per_epoch} steps per epoch"
+        if self.accumulation > 1:
+            steps += (f" (each step sums {self.accumulation} batches of {self.batch_size}: an effective batch of "
+                      f"{self.effective_batch})")
+        return (f"{self.images} images → {self.samples_per_epoch} samples per epoch → {steps}; "
                 f"{self.epochs} epochs → {self.total_steps} steps; {self.saves} LoRA file(s) saved")
 
 
 def plan_steps(folders: list[tuple[int, int]], batch_size: int, epochs: int, save_every: int = 0,
                with_regularization: bool = False, max_steps: int = 0,
-               steps_of_epochs: list[int] | None = None) -> StepsPlan:
+               batches_of_epochs: list[int] | None = None, accumulation: int = 1) -> StepsPlan:
     """The steps math in one place.
 
-    ``folders`` is ``[(image_count, repeats), …]``. Steps per epoch =
+    ``folders`` is ``[(image_count, repeats), …]``. Batches per epoch =
     ceil(Σ images × repeats / batch); with regularization images kohya pairs
-    every training sample with one class image, doubling the samples. Files
-    saved: one at every ``save_every``-th epoch before the last, plus the final
+    every training sample with one class image, doubling the samples. An optimizer step sums
+    ``accumulation`` batches, so steps per epoch = ceil(batches / accumulation) (an epoch's last step may
+    sum fewer). Files saved: one at every ``save_every``-th epoch before the last, plus the final
     file (``<name>.safetensors``) at the end: 10 epochs, every 2 → 5 files.
 
     With aspect-ratio buckets a batch holds one bucket only, so an epoch has a partial batch per bucket:
-    ``steps_of_epochs`` gives each epoch's real step count (the trainer lays the batches out in advance).
+    ``batches_of_epochs`` gives each epoch's real batch count (the trainer lays the batches out in advance).
     """
     images = sum(c for c, _ in folders)
     samples = sum(c * r for c, r in folders) * (2 if with_regularization else 1)
-    if steps_of_epochs is not None:
-        steps_per_epoch = steps_of_epochs[0] if steps_of_epochs else 0
-        ends = [sum(steps_of_epochs[:e + 1]) for e in range(len(steps_of_epochs))]
-        total = ends[-1] if ends else 0
-        if max_steps and max_steps < total:
-            total = max_steps
-            epochs = next(e + 1 for e, end in enumerate(ends) if end >= total)
-        return StepsPlan(images, samples, steps_per_epoch, epochs, total, _saves(epochs, save_every))
-    steps_per_epoch = math.ceil(samples / batch_size) if samples else 0
-    total = steps_per_epoch * epochs
-    if max_steps:
-        total = min(total, max_steps)
-        epochs = math.ceil(total / steps_per_epoch) if steps_per_epoch else 0
-    return StepsPlan(images, samples, steps_per_epoch, epochs, total, _saves(epochs, save_every))
+    if batches_of_epochs is None:
+        batches_of_epochs = [math.ceil(samples / batch_size) if samples else 0] * epochs
+    steps_of_epochs = [math.ceil(b / accumulation) for b in batches_of_epochs]
+    steps_per_epoch = steps_of_epochs[0] if steps_of_epochs else 0
+    ends = [sum(steps_of_epochs[:e + 1]) for e in range(len(steps_of_epochs))]
+    total = ends[-1] if ends else 0
+    if max_steps and max_steps < total:
+        total = max_steps
+        epochs = next(e + 1 for e, end in enumerate(ends) if end >= total)
+    return StepsPlan(images, samples, steps_per_epoch, epochs, total, _saves(epochs, save_every), batch_size,
+                     accumulation, batches_of_epochs[0] if batches_of_epochs else 0)
 
 
 def _saves(epochs: int, save_every: int) -> int:

@@ -15,7 +15,8 @@ from lora_nb import LoraNbError
 
 # Test hook (used by tests/test_faults.py to kill a process while a file is being replaced): when this
 # environment variable holds a file name, writing that file over an existing version pauses after the
-# new content is complete and before the rename, and says so on stderr.
+# new content is complete and before the rename, and says so on stderr (with <VAR>_SKIP=N, from the
+# (N+1)-th replacement on).
 PAUSE_ENV = "LORA_NB_TEST_PAUSE_BEFORE_REPLACE"
 
 
@@ -66,8 +67,14 @@ def disk_full_error(path: str | Path) -> LoraNbError:
     )
 
 
+_replaced: dict[str, int] = {}  # test hook: replacements of the watched file so far, per file name
+
+
 def _test_pause(path: Path) -> None:
     if os.environ.get(PAUSE_ENV) == path.name and path.exists():
+        _replaced[path.name] = _replaced.get(path.name, 0) + 1
+        if _replaced[path.name] <= int(os.environ.get(PAUSE_ENV + "_SKIP", "0")):  # pause at a later replacement
+            return
         print(f"lora-nb test hook: paused before replacing {path}", file=sys.stderr, flush=True)
         time.sleep(float(os.environ.get(PAUSE_ENV + "_SECONDS", "120")))
 

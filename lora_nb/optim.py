@@ -134,3 +134,17 @@ def lr_curve(name: str, base_lrs: list[float], warmup_steps: int, total_steps: i
         opt.step()
         sched.step()
     return out
+
+
+def allow_fp16_gradients(scaler) -> None:
+    """Let ``scaler`` (a ``torch.amp.GradScaler``) unscale fp16 gradients: ``training.full_precision_lora=fp16``
+    keeps the LoRA's weights, and so their gradients, in fp16 (sd-scripts' ``full_fp16``). torch refuses that
+    by default because fp16 gradients can overflow while being unscaled; with loss scaling the scaler sees the
+    overflow (inf) and skips the step, which is the caveat the setting's warning states. torch has no public
+    switch, so its unscale method is called with ``allow_fp16=True`` (sd-scripts does the same)."""
+    unscale = scaler._unscale_grads_
+
+    def unscale_allowing_fp16(optimizer, inv_scale, found_inf, allow_fp16):  # noqa: ARG001 - always allowed
+        return unscale(optimizer, inv_scale, found_inf, True)
+
+    scaler._unscale_grads_ = unscale_allowing_fp16

@@ -51,6 +51,7 @@ PARAMETER_SETTINGS = {
     "debiased_estimation": "training.debiased_estimation",
     "zero_terminal_snr": "training.zero_terminal_snr",
     "mixed_precision": "training.mixed_precision",
+    "gradient_accumulation_steps": "training.gradient_accumulation_steps",
     "gradient_checkpointing": "training.gradient_checkpointing",
     "cache_latents_to_disk": "dataset.cache_latents_to_disk",
     "enable_buckets": "dataset.enable_buckets",
@@ -71,8 +72,12 @@ PARAMETER_SETTINGS = {
 COURSE_PARAMETERS = ("model_source", "model_family", "resolution", "bucket_step", "repeats", "trigger_word")
 # the settings that trade speed against memory (notebook 04 shows them with their help)
 SPEED_MEMORY_SETTINGS = ("training.mixed_precision", "training.gradient_checkpointing", "optimizer.optimizer",
-                         "training.batch_size", "dataset.cache_latents", "dataset.cache_latents_to_disk",
+                         "training.batch_size", "training.gradient_accumulation_steps",
+                         "training.full_precision_lora", "dataset.cache_latents", "dataset.cache_latents_to_disk",
                          "dataset.cache_text_embeddings")
+# saving inside an epoch and the logs other tools read (notebook 04 lists them with their help)
+SAVE_AND_LOG_SETTINGS = ("save.every_n_steps", "save.state_every_n_steps", "logging.tensorboard",
+                         "logging.wandb_project")
 # the noise, loss and caption options notebook 04 lists with their help (set them in config.yaml or with
 # lora-nb train --set; each is off or neutral in every preset)
 NOISE_LOSS_CAPTION_SETTINGS = ("training.noise_offset", "training.multires_noise_iterations",
@@ -168,7 +173,11 @@ class SettingsReport:
         out = [
             f"dataset: {self.images} images × repeats → {p.samples_per_epoch} samples per epoch"
             + (" (each paired with a regularization image)" if c.dataset.reg_dir else ""),
-            f"steps per epoch: ceil({p.samples_per_epoch} / batch {c.training.batch_size}) = {p.steps_per_epoch}",
+            (f"steps per epoch: ceil({p.samples_per_epoch} / batch {c.training.batch_size}) = {p.steps_per_epoch}"
+             if p.accumulation == 1 else
+             f"steps per epoch: ceil({p.samples_per_epoch} / batch {c.training.batch_size}) = {p.batches_per_epoch} "
+             f"batches, {p.accumulation} summed into each step: ceil({p.batches_per_epoch} / {p.accumulation}) = "
+             f"{p.steps_per_epoch} (effective batch {p.effective_batch})"),
             f"total steps: {p.steps_per_epoch} × {p.epochs} epochs = {p.total_steps}",
             f"LoRA files saved: {p.saves} (every {c.save.every_n_epochs or '—'} epochs + the final file)",
             f"alpha / rank = {c.network.alpha:g} / {c.network.rank} = {self.alpha_scale:g} "
@@ -213,11 +222,12 @@ def report_settings(cfg: Config, scan, model=None, cuda_available: bool | None =
     folders = [(n, repeats if repeats is not None else r) for n, r in scan.folders]
     images = sum(n for n, _ in folders)
     plan = plan_steps(folders, max(cfg.training.batch_size, 1), max(cfg.training.epochs, 1),
-                      max(cfg.save.every_n_epochs, 0), bool(cfg.dataset.reg_dir), cfg.training.max_steps)
+                      max(cfg.save.every_n_epochs, 0), bool(cfg.dataset.reg_dir), cfg.training.max_steps,
+                      accumulation=max(cfg.training.gradient_accumulation_steps, 1))
     if images and cfg.training.batch_size > images:
         errors.append(f"training.batch_size: {cfg.training.batch_size} is larger than the dataset ({images} images).")
     pairing = 2 if cfg.dataset.reg_dir else 1  # with regularization, half of each batch is class images
-    views = plan.total_steps * cfg.training.batch_size / pairing / images if images else 0
+    views = plan.total_steps * plan.effective_batch / pairing / images if images else 0
     low, high = USUAL_VIEWS_PER_IMAGE
     if images and views < low:
         warnings.append(f"each image is seen only {views:.0f} times ({plan.total_steps} steps): most runs use "
@@ -319,7 +329,8 @@ def memory_advice(cfg: Config, family: str, gpu_gib: float | None) -> list[str]:
     if tight:
         want["training.gradient_checkpointing"] = ("true", t.gradient_checkpointing)
         want["optimizer.optimizer"] = ("AdamW8bit (or another 8-bit optimizer)", o.optimizer.endswith("8bit"))
-        want["training.batch_size"] = ("1–2", t.batch_size <= 2)
+        want["training.batch_size"] = ("1–2 (training.gradient_accumulation_steps keeps a larger effective batch)",
+                                       t.batch_size <= 2)
     missing = [f"{k}={v}" for k, (v, ok) in want.items() if not ok]
     card = f"{gpu_gib:.0f} GiB GPU, {'SD1.5' if family == 'sd15' else 'SDXL'}"
     if not missing:

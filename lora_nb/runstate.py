@@ -38,23 +38,27 @@ def config_fingerprint(cfg: Config) -> str:
 
 
 def save_state(ws: Workspace, fingerprint: str, model, optimizer, lr_scheduler, epoch: int, step: int,
-               train_te: bool) -> None:
-    """Everything needed to continue after ``epoch``, written atomically (one file)."""
+               train_te: bool, epoch_step: int = 0) -> None:
+    """Everything needed to continue after ``epoch`` (and ``epoch_step`` optimizer steps into the next one, for a
+    state saved inside an epoch), written atomically (one file). The global random state goes with it: the
+    LoRA's dropout draws from it, and a resumed run must draw what the uninterrupted one did."""
     from peft.utils import get_peft_model_state_dict
 
     lora = {"unet": get_peft_model_state_dict(model.pipe.unet)}
     if train_te:
         for i, te in enumerate(model.text_encoders):
             lora[f"text_encoder_{i}"] = get_peft_model_state_dict(te)
-    state = {"fingerprint": fingerprint, "epoch": epoch, "step": step, "lora": lora,
-             "optimizer": optimizer.state_dict(), "scheduler": lr_scheduler.state_dict()}
+    state = {"fingerprint": fingerprint, "epoch": epoch, "step": step, "epoch_step": epoch_step, "lora": lora,
+             "optimizer": optimizer.state_dict(), "scheduler": lr_scheduler.state_dict(),
+             "torch_rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     buffer = io.BytesIO()  # serialised in memory, written by Python: a full disk is an OSError, not a RuntimeError
     torch.save(state, buffer)
     write_bytes_atomic(ws.state / STATE_FILE, buffer.getvalue())
 
 
 def load_state(ws: Workspace, fingerprint: str, model, optimizer, lr_scheduler, train_te: bool):
-    """Restore the last saved state when it belongs to these settings; return (epoch, step) or None."""
+    """Restore the last saved state when it belongs to these settings; return (epoch, step, epoch_step) or None."""
     from peft.utils import set_peft_model_state_dict
 
     path = ws.state / STATE_FILE
@@ -72,7 +76,26 @@ def load_state(ws: Workspace, fingerprint: str, model, optimizer, lr_scheduler, 
             set_peft_model_state_dict(te, state["lora"][f"text_encoder_{i}"])
     optimizer.load_state_dict(state["optimizer"])
     lr_scheduler.load_state_dict(state["scheduler"])
-    return state["epoch"], state["step"]
+    if "torch_rng" in state:
+        torch.set_rng_state(state["torch_rng"])
+    if state.get("cuda_rng") and torch.cuda.is_available() and len(state["cuda_rng"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state["epoch"], state["step"], state.get("epoch_step", 0)
+
+
+def epoch_losses(metrics: Path, epoch: int) -> list[float]:
+    """The step losses already recorded for ``epoch`` (a run resumed inside it averages them with the rest)."""
+    if not metrics.exists():
+        return []
+    out = []
+    for line in metrics.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("epoch") == epoch and "loss" in rec:
+            out.append(rec["loss"])
+    return out
 
 
 def archive_previous_run(ws: Workspace, output_name: str, fingerprint: str) -> Path | None:

@@ -11,6 +11,7 @@ timesteps: the validation loss that compares across epochs.
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,8 +177,10 @@ def latent_mask(image: Path, size: tuple[int, int], flip: bool, vae_scale: int) 
     return F.interpolate(torch.from_numpy(mask)[None, None], size=(h // vae_scale, w // vae_scale), mode="area")[0]
 
 
-def latents_of(model, samples: list[Sample], variants: list[int], device, gen) -> torch.Tensor:
-    """Latents for a batch (from the cache, or encoded now), scaled for the UNet."""
+def latents_of(model, samples: list[Sample], variants: list[int], device, gens) -> torch.Tensor:
+    """Latents for a batch (from the cache, or encoded now), scaled for the UNet. Encoded now, each sample's
+    latent is drawn from its VAE distribution with its own generator (``gens``, one per sample; None: the
+    global one)."""
     vae = model.pipe.vae
     if samples[0].latents is not None:
         lat = torch.stack([s.latents[v] for s, v in zip(samples, variants)]).to(device)
@@ -185,13 +188,24 @@ def latents_of(model, samples: list[Sample], variants: list[int], device, gen) -
         x = torch.from_numpy(np.stack([s.pixels[v] for s, v in zip(samples, variants)])).to(device, vae.dtype)
         with torch.no_grad():
             dist = vae.encode(x).latent_dist
-            noise = torch.randn(dist.mean.shape, generator=gen).to(device, dist.mean.dtype)
+            shape = dist.mean.shape[1:]
+            noise = torch.stack([torch.randn(shape, generator=g) for g in (gens or [None] * len(samples))])
+            noise = noise.to(device, dist.mean.dtype)
             lat = (dist.mean + dist.std * noise).float()
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (lat - shift) * vae.config.scaling_factor
 
 
 # --------------------------------------------------------------------------- noise, target, loss
+
+def sample_generators(seed: int, epoch: int, position: int) -> tuple[torch.Generator, random.Random]:
+    """The random generators of one sample: from (seed, epoch, the sample's position in the epoch) alone.
+    Its flip, noise, timestep and caption changes are drawn from them, so they do not depend on which batch
+    the sample lands in: batch 4 draws what batch 2 × 2 accumulated draws, a data-parallel run what one
+    process draws, a run resumed in the middle of an epoch what the uninterrupted run drew."""
+    key = ((seed * 1_000_003 + epoch) * 1_000_033 + position) % 2**63
+    return torch.Generator().manual_seed(key), random.Random(key)
+
 
 def noise_like(latents: torch.Tensor, gen, noise_offset: float = 0.0, multires_iterations: int = 0,
                multires_discount: float = 0.3) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""TensorBoard event files for a run (``logging.tensorboard``): what the trainers people use log there.
+"""TensorBoard event files (``logging.tensorboard``) and Weights & Biases (``logging.wandb_project``) for a run:
+what the trainers people use log there.
 
 The trainer's :class:`lora_nb.train.Event` stream is written as it comes: each step's loss and learning rate
 per parameter group, each epoch's mean training loss and validation loss, and the preview images. The
@@ -48,6 +49,39 @@ class TensorBoardLog:
             return
         if event.kind != "step":
             self.writer.flush()
+
+
+class WandbLog:
+    """A callable for the trainer's events that logs them to a Weights & Biases run of ``project`` (the same
+    values as :class:`TensorBoardLog`; ``WANDB_MODE=offline`` keeps them in local files for a later
+    ``wandb sync``)."""
+
+    def __init__(self, project: str, folder: str | Path, config: dict):
+        try:
+            import wandb
+        except ImportError:
+            from lora_nb import LoraNbError
+
+            raise LoraNbError("logging.wandb_project needs the wandb package: pip install wandb, then wandb login "
+                              "(or leave the setting empty).") from None
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        self.wandb = wandb
+        self.run = wandb.init(project=project, dir=str(folder), config=config, reinit="finish_previous")
+
+    def __call__(self, event) -> None:
+        d = event.data or {}
+        if event.kind == "step":
+            self.run.log({"loss/step": d["loss"], **{f"lr/{g}": lr for g, lr in d.get("lr", {}).items()}},
+                         step=event.step)
+        elif event.kind == "epoch":
+            values = {f"loss/{k}": d[k] for k in ("train_loss", "val_loss") if d.get(k) is not None}
+            if values:
+                self.run.log(values, step=event.step)
+        elif event.kind == "sample":
+            self.run.log({f"samples/{Path(p).stem.split('-')[-1]}": self.wandb.Image(p) for p in d.get("paths", [])},
+                         step=event.step)
+        elif event.kind == "done":
+            self.run.finish()
 
 
 def chain(*listeners):

@@ -8,7 +8,8 @@
 3. :func:`cache_training_data` — VAE latents and (when the text encoder is frozen) caption embeddings;
 4. :func:`build_optimization` — the optimizer and the LR schedule, wrapped by accelerate;
 5. :func:`open_run` — the workspace: resume from the saved state, or move an earlier run aside;
-6. the loop — per epoch :func:`epoch_batches`, per batch :func:`training_step`, then :func:`end_of_epoch`
+6. the loop — per epoch :func:`epoch_steps`, per optimizer step :func:`training_step` (its batches through
+   :func:`batch_loss`, the gradients accumulated), the saves due by step count, then :func:`end_of_epoch`
    (save the LoRA, the state, validation loss, previews).
 
 One step (:mod:`lora_nb.steps` holds the pieces the diagnosis shares): (cached) latents → noise at a
@@ -44,9 +45,9 @@ from lora_nb.images import image_size
 from lora_nb.fsutil import atomic_path, is_disk_full, remove_stale_temp_files
 from lora_nb.latent_cache import LatentCache
 from lora_nb.models import load_model_for, use_noise_schedule
-from lora_nb.optim import build_optimizer, build_scheduler, use_averaged_weights
+from lora_nb.optim import allow_fp16_gradients, build_optimizer, build_scheduler, use_averaged_weights
 from lora_nb.sampling import render_previews, sample_prompts_of
-from lora_nb.tblog import TensorBoardLog, chain
+from lora_nb.tblog import TensorBoardLog, WandbLog, chain
 from lora_nb.workspace import Workspace
 
 
@@ -72,6 +73,7 @@ class TrainResult:
     seconds: float
     resumed_from_epoch: int = 0
     warnings: list[str] = field(default_factory=list)
+    resumed_at_step: int = 0  # the step a resumed run continued from (0: a new run)
 
 
 def before_step(step: int) -> None:
@@ -122,6 +124,9 @@ def _run_phases(cfg: Config, emit: Callable[[Event], None], model, resume: bool,
     accelerator, precision = start_accelerator(cfg)
     if cfg.logging.tensorboard and accelerator.is_main_process:
         emit = chain(emit, TensorBoardLog(Workspace(Path(cfg.save.output_dir)).logs))
+    if cfg.logging.wandb_project and accelerator.is_main_process:
+        emit = chain(emit, WandbLog(cfg.logging.wandb_project, Workspace(Path(cfg.save.output_dir)).logs,
+                                    cfg.to_dict()))
     with hold_workspace_of(cfg, accelerator, warnings):
         net = prepare_model(cfg, model, accelerator.device, precision)
         cached = cache_training_data(cfg, data, net, accelerator, warnings)
@@ -133,34 +138,53 @@ def _run_phases(cfg: Config, emit: Callable[[Event], None], model, resume: bool,
         run_loop(s, progress)
     final = next((f for f in reversed(run.files) if f.name == run.ws.lora_file(cfg.save.output_name).name), None)
     result = TrainResult(run.files, final, run.ws.root, data.plan, run.step, time.time() - t_start,
-                         run.start_epoch, warnings)
+                         run.start_epoch, warnings, run.resumed_at)
     emit(Event("done", run.step, data.plan.epochs, {"files": [str(f) for f in run.files], "seconds": result.seconds}))
     return result
 
 
 def run_loop(s: Session, progress: bool) -> None:
-    """The loop: per epoch its batches, one :func:`training_step` each, then :func:`end_of_epoch`."""
+    """The loop: per epoch its optimizer steps, one :func:`training_step` each (then the saves due by step
+    count), then :func:`end_of_epoch`. A run resumed inside an epoch skips the steps that epoch already took."""
     run, plan = s.run, s.data.plan
     bar = _progress_bar(plan.total_steps, run.step, progress and s.accelerator.is_main_process)
     try:
         with modules_off(s.cached.idle, s.accelerator.device):
             for epoch in range(run.start_epoch + 1, plan.epochs + 1):
                 s.opt.unet.train()
-                losses = []
-                for batch, rngs in epoch_batches(s, epoch):
+                done = run.epoch_step if epoch == run.start_epoch + 1 else 0
+                losses = runstate.epoch_losses(run.ws.metrics, epoch) if done else []
+                groups = epoch_steps(s, epoch)
+                for k, group in enumerate(groups[done:], start=done + 1):
                     if run.step >= plan.total_steps:
                         break
                     before_step(run.step)
-                    record = training_step(s, batch, rngs, epoch)
+                    record = training_step(s, group, epoch)
                     losses.append(record["loss"])
                     bar.set_postfix(loss=f"{record['loss']:.4f}", epoch=epoch, refresh=False)  # drawn by update's clock
                     bar.update(1)
+                    saves_by_step(s, epoch, k, mid_epoch=k < len(groups) and run.step < plan.total_steps)
                 end_of_epoch(s, epoch, losses)
                 if run.step >= plan.total_steps:
                     break
     finally:
         bar.close()
         run.close()
+
+
+def saves_by_step(s: Session, epoch: int, epoch_step: int, mid_epoch: bool) -> None:
+    """``save.every_n_steps``: a LoRA file ``<name>-step<N>``; ``save.state_every_n_steps``: the resumable state
+    inside an epoch (at the epoch's end :func:`end_of_epoch` saves it anyway)."""
+    sv, run = s.cfg.save, s.run
+    if sv.every_n_steps and run.step % sv.every_n_steps == 0 and run.is_main:
+        with use_averaged_weights(s.opt.optimizer):
+            save_lora_files(s, epoch, last=False, name=run.ws.step_name(s.cfg.save.output_name, run.step))
+    if sv.state_every_n_steps and run.step % sv.state_every_n_steps == 0 and mid_epoch and sv.save_state:
+        if run.is_main:
+            runstate.save_state(run.ws, run.fingerprint, s.net.model, s.opt.optimizer, s.opt.lr_scheduler,
+                                epoch - 1, run.step, s.net.train_te, epoch_step=epoch_step)
+            run.flush_metrics()
+        s.accelerator.wait_for_everyone()
 
 
 def hold_workspace_of(cfg: Config, accelerator, notes: list[str]):
@@ -175,6 +199,7 @@ def announce_start(s: Session, precision: str) -> None:
     run = s.run
     s.emit(Event("start", run.step, run.start_epoch, {"plan": s.data.plan, "warnings": s.warnings,
                                                       "precision": precision, "resumed_from_epoch": run.start_epoch,
+                                                      "resumed_at_step": run.step, "resumed_epoch_step": run.epoch_step,
                                                       "device": str(s.accelerator.device)}))
     for w in s.warnings:
         s.emit(Event("warning", data={"message": w}))
@@ -229,7 +254,7 @@ def load_training_data(cfg: Config) -> TrainingData:
     per_epoch = ([len(epoch_layout(data, e, cfg.training.seed, cfg.training.batch_size))
                   for e in range(1, cfg.training.epochs + 1)] if buckets else None)
     data.plan = plan_steps(folders, cfg.training.batch_size, cfg.training.epochs, cfg.save.every_n_epochs,
-                           bool(reg_items), cfg.training.max_steps, per_epoch)
+                           bool(reg_items), cfg.training.max_steps, per_epoch, cfg.training.gradient_accumulation_steps)
     data.warnings += [f"{w.setting}: {w.message}" for w in raise_for_errors(check_against_plan(cfg, data.plan))]
     return data
 
@@ -332,8 +357,9 @@ def prepare_model(cfg: Config, model, device, precision: str) -> PreparedModel:
                      train_text_encoder=train_te, **lora_io.network_options(cfg.network))
     if cfg.network.init_from:  # continue an existing LoRA (a saved state, when resuming, overrides it later)
         lora_io.init_lora_from(model, Path(cfg.network.init_from).expanduser())
-    if precision != "no":
-        cast_training_params([pipe.unet] + (model.text_encoders if train_te else []), dtype=torch.float32)
+    if precision != "no":  # the LoRA in fp32 unless training.full_precision_lora asks for this half precision
+        lora_dtype = weight_dtype if cfg.training.full_precision_lora == precision else torch.float32
+        cast_training_params([pipe.unet] + (model.text_encoders if train_te else []), dtype=lora_dtype)
     if cfg.training.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
         if train_te:
@@ -504,6 +530,8 @@ def build_optimization(cfg: Config, net: PreparedModel, plan: StepsPlan, acceler
                                    o.lr_restarts,
                                    o.lr_power)
     prepared = accelerator.prepare(model.pipe.unet, *(model.text_encoders if net.train_te else []), optimizer)
+    if accelerator.scaler is not None and cfg.training.full_precision_lora == "fp16":
+        allow_fp16_gradients(accelerator.scaler)
     return Optimization(prepared[-1], lr_scheduler, prepared[0], list(prepared[1:-1]) or None, unet_params + te_params)
 
 
@@ -536,12 +564,18 @@ class Run:
     is_main: bool
     metrics_file: object = None
     batch_log: object = None
+    epoch_step: int = 0  # optimizer steps already taken in epoch start_epoch + 1 (a state saved inside it)
+    resumed_at: int = 0  # the step the saved state was at (0: a new run)
 
     def write_metrics(self, record: dict, flush: bool = False) -> None:
         if self.metrics_file:
             self.metrics_file.write(json.dumps(record) + "\n")
             if flush:
                 self.metrics_file.flush()
+
+    def flush_metrics(self) -> None:
+        if self.metrics_file:
+            self.metrics_file.flush()
 
     def close(self) -> None:
         for f in (self.metrics_file, self.batch_log):
@@ -560,12 +594,12 @@ def open_run(cfg: Config, accelerator, net: PreparedModel, opt: Optimization, da
         for folder in (ws.root, ws.lora, ws.state, ws.samples):
             remove_stale_temp_files(folder)  # left by a killed run (the complete files are untouched)
     fingerprint = runstate.config_fingerprint(cfg)
-    start_epoch, step = 0, 0
+    start_epoch, step, epoch_step = 0, 0, 0
     if resume and cfg.save.save_state:
         loaded = runstate.load_state(ws, fingerprint, net.model, opt.optimizer, opt.lr_scheduler, net.train_te)
         if loaded:
-            start_epoch, step = loaded
-    if start_epoch == 0 and is_main:
+            start_epoch, step, epoch_step = loaded
+    if step == 0 and is_main:
         moved_to = runstate.archive_previous_run(ws, cfg.save.output_name, fingerprint)
         if moved_to:
             warnings.append(f"{ws.root} held a run with other settings: its LoRA files, metrics, samples and state "
@@ -574,7 +608,8 @@ def open_run(cfg: Config, accelerator, net: PreparedModel, opt: Optimization, da
     accelerator.wait_for_everyone()
     runstate.trim_metrics(ws.metrics, step)
     cfg.write_yaml(ws.train_config)
-    files = sorted(ws.lora.glob(f"{cfg.save.output_name}-e*.safetensors")) if start_epoch else []
+    files = (sorted(ws.lora.glob(f"{cfg.save.output_name}-e*.safetensors"))
+             + sorted(ws.lora.glob(f"{cfg.save.output_name}-step*.safetensors"))) if step else []
     dirs = {f: {"n_repeats": r, "img_count": sum(1 for it in data.items if it.folder == f)}
             for f, r in dict.fromkeys((it.folder, it.repeats) for it in data.items)}
     metadata = dict(lora_io.training_metadata(cfg, data.plan, data.tag_frequency, dirs, len(data.reg_items),
@@ -587,7 +622,7 @@ def open_run(cfg: Config, accelerator, net: PreparedModel, opt: Optimization, da
     batch_log = None
     if batch_log_dir:
         batch_log = open(Path(batch_log_dir) / f"batches-rank{accelerator.process_index}.jsonl", "a", encoding="utf-8")
-    return Run(ws, fingerprint, start_epoch, step, files, metadata, is_main, metrics_file, batch_log)
+    return Run(ws, fingerprint, start_epoch, step, files, metadata, is_main, metrics_file, batch_log, epoch_step, step)
 
 
 # ------------------------------------------------------------------------- 6. the loop
@@ -614,44 +649,48 @@ def epoch_order(items_repeats: list[int], epoch: int, seed: int) -> list[int]:
     return order
 
 
-def epoch_layout(data: TrainingData, epoch: int, seed: int, batch_size: int) -> list[list[tuple[bool, int]]]:
-    """The batches of one epoch as ``[(is_reg, index), …]`` lists, from (seed, epoch) alone (a resumed run
-    replays them). With regularization every training sample is paired with a class sample, as kohya does.
-    With buckets a batch holds one bucket only: each bucket's samples in that order, cut into batches, and
-    the batches shuffled."""
+def epoch_layout(data: TrainingData, epoch: int, seed: int, batch_size: int) -> list[list[tuple[bool, int, int]]]:
+    """The batches of one epoch as ``[(is_reg, index, position), …]`` lists, from (seed, epoch) alone (a resumed
+    run replays them); ``position`` is the sample's place in the epoch, which seeds its random draws
+    (:func:`steps.sample_generators`). With regularization every training sample is paired with a class
+    sample, as kohya does. With buckets a batch holds one bucket only: each bucket's samples in that order,
+    cut into batches, and the batches shuffled."""
     order = epoch_order([it.repeats for it in data.items], epoch, seed)
     combined = [(False, i) for i in order]
     if data.reg_items:
         n = len(data.reg_items)
         reg_order = (epoch_order([1] * n, epoch, seed + 7) * (len(order) // n + 1))[: len(order)]
         combined = [x for pair in zip(combined, [(True, j) for j in reg_order]) for x in pair]
+    placed = [(is_reg, i, pos) for pos, (is_reg, i) in enumerate(combined)]
     if data.buckets is None:
-        return [combined[i:i + batch_size] for i in range(0, len(combined), batch_size)]
+        return [placed[i:i + batch_size] for i in range(0, len(placed), batch_size)]
     groups: dict[tuple[int, int], list] = {}
-    for is_reg, i in combined:
-        groups.setdefault((data.reg_items if is_reg else data.items)[i].size, []).append((is_reg, i))
+    for entry in placed:
+        groups.setdefault((data.reg_items if entry[0] else data.items)[entry[1]].size, []).append(entry)
     batches = [g[i:i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
     random.Random(seed * 31_337 + epoch).shuffle(batches)
     return batches
 
 
-def epoch_batches(s: Session, epoch: int):
-    """Yield ``(batch, (gen, cap_rng))`` for one epoch: ``batch`` is a list of this process's samples; the
-    random generators, like the order, depend on (seed, epoch) alone."""
-    seed = s.cfg.training.seed
+def epoch_steps(s: Session, epoch: int) -> list[list[tuple[list[steps.Sample], list[int]]]]:
+    """The optimizer steps of one epoch, each a list of ``gradient_accumulation_steps`` batches (the epoch's
+    last step may hold fewer); a batch is ``(this process's samples, their positions in the epoch)``."""
     sources = {False: s.cached.samples, True: s.cached.reg_samples}
-    rngs = (torch.Generator().manual_seed(seed * 1_000_003 + epoch), random.Random(seed * 7_919 + epoch))
     world, rank = s.accelerator.num_processes, s.accelerator.process_index
-    for batch in epoch_layout(s.data, epoch, seed, s.cfg.training.batch_size):
+    batches = []
+    for batch in epoch_layout(s.data, epoch, s.cfg.training.seed, s.cfg.training.batch_size):
         mine = batch[rank::world] or batch[:1]
-        yield [sources[is_reg][i] for is_reg, i in mine], rngs
+        batches.append(([sources[is_reg][i] for is_reg, i, _ in mine], [pos for _, _, pos in mine]))
+    n = s.cfg.training.gradient_accumulation_steps
+    return [batches[i:i + n] for i in range(0, len(batches), n)]
 
 
-def batch_captions(cfg: Config, batch: list[steps.Sample], cap_rng: random.Random) -> list[str]:
+def batch_captions(cfg: Config, batch: list[steps.Sample], cap_rngs: list[random.Random]) -> list[str]:
     """The captions as this step trains them: tags shuffled (keeping the first ``keep_tokens``), some tags left
-    out (``tag_dropout``), the prefix and suffix around them, some captions dropped whole."""
+    out (``tag_dropout``), the prefix and suffix around them, some captions dropped whole (each sample's
+    changes drawn from its own generator)."""
     d, captions = cfg.dataset, []
-    for sample in batch:
+    for sample, cap_rng in zip(batch, cap_rngs):
         c = sample.item.caption
         if not sample.item.is_reg:
             if d.shuffle_caption:
@@ -663,48 +702,75 @@ def batch_captions(cfg: Config, batch: list[steps.Sample], cap_rng: random.Rando
     return captions
 
 
-def training_step(s: Session, batch: list[steps.Sample], rngs, epoch: int) -> dict:
-    """One optimizer step on ``batch``; returns (and records) ``{"step", "epoch", "loss", "lr", "time"}``."""
-    cfg, acc, net, opt, run = s.cfg, s.accelerator, s.net, s.opt, s.run
-    gen, cap_rng = rngs
+def batch_loss(s: Session, batch: list[steps.Sample], positions: list[int], epoch: int) -> torch.Tensor:
+    """The forward pass of one batch: each sample's weighted loss, ``(len(batch),)``. Every random draw of a
+    sample (flip, VAE sample, noise, timestep, caption changes) comes from its own generators."""
+    cfg, acc, net, t = s.cfg, s.accelerator, s.net, s.cfg.training
     device, model = acc.device, net.model
-    if run.batch_log:
-        run.batch_log.write(json.dumps({"step": run.step + 1, "rank": acc.process_index,
-                                        "images": [x.item.image.name for x in batch]}) + "\n")
-    variants = torch.randint(0, 2, (len(batch),), generator=gen).tolist() if cfg.dataset.flip_aug else [0] * len(batch)
+    rngs = [steps.sample_generators(t.seed, epoch, pos) for pos in positions]
+    gens = [g for g, _ in rngs]
+    variants = ([int(torch.randint(0, 2, (1,), generator=g)) for g in gens] if cfg.dataset.flip_aug
+                else [0] * len(batch))
     is_reg = torch.tensor([x.item.is_reg for x in batch], device=device)
-    captions = batch_captions(cfg, batch, cap_rng)
-    latents = steps.latents_of(model, batch, variants, device, gen)
-    t = cfg.training
-    noise = steps.noise_like(latents, gen, t.noise_offset, t.multires_noise_iterations, t.multires_noise_discount)
-    timesteps = steps.sample_timesteps(net.noise_scheduler, latents.shape[0], gen, device)
-    noisy = net.noise_scheduler.add_noise(latents, steps.perturbed_noise(noise, gen, t.ip_noise_gamma), timesteps)
+    captions = batch_captions(cfg, batch, [r for _, r in rngs])
+    latents = steps.latents_of(model, batch, variants, device, gens)
+    one = [latents[i:i + 1] for i in range(len(batch))]
+    noise = torch.cat([steps.noise_like(x, g, t.noise_offset, t.multires_noise_iterations, t.multires_noise_discount)
+                       for x, g in zip(one, gens)])
+    timesteps = torch.cat([steps.sample_timesteps(net.noise_scheduler, 1, g, device) for g in gens])
+    seen = torch.cat([steps.perturbed_noise(noise[i:i + 1], g, t.ip_noise_gamma) for i, g in enumerate(gens)])
+    noisy = net.noise_scheduler.add_noise(latents, seen, timesteps)
     target = steps.prediction_target(net.noise_scheduler, latents, noise, timesteps, net.prediction_type)
     huber_c = (steps.huber_c_of(net.noise_scheduler, timesteps, t.huber_c, t.huber_schedule).to(device)
                if t.loss_type != "l2" else None)
-    with acc.accumulate(opt.unet), acc.autocast():
+    with acc.autocast():
         embeds, pooled = s.cached.embedder(captions)
         time_ids = torch.stack([x.time_ids[v] for x, v in zip(batch, variants)]).to(device) if pooled is not None else None
-        pred = opt.unet(noisy.to(net.weight_dtype), timesteps, embeds.to(net.weight_dtype),
-                        **steps.unet_conditioning(pooled, time_ids, net.weight_dtype)).sample
+        pred = s.opt.unet(noisy.to(net.weight_dtype), timesteps, embeds.to(net.weight_dtype),
+                          **steps.unet_conditioning(pooled, time_ids, net.weight_dtype)).sample
         mask = (torch.stack([x.masks[v] for x, v in zip(batch, variants)]) if cfg.dataset.masked_loss else None)
         per_sample = steps.diffusion_loss(pred, target, t.loss_type, huber_c, mask)
-        per_sample = per_sample * steps.loss_weights(net.noise_scheduler, timesteps, cfg.training.min_snr_gamma,
-                                                     net.prediction_type, cfg.training.debiased_estimation).to(device)
-        per_sample = torch.where(is_reg, per_sample * cfg.dataset.prior_loss_weight, per_sample)
-        loss = per_sample.mean()
-        acc.backward(loss)
-        loss_here = check_health(s, loss)
-        lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(opt.optimizer.param_groups)}
-        opt.optimizer.step()
-        opt.lr_scheduler.step()
-        opt.optimizer.zero_grad(set_to_none=True)
+        per_sample = per_sample * steps.loss_weights(net.noise_scheduler, timesteps, t.min_snr_gamma,
+                                                     net.prediction_type, t.debiased_estimation).to(device)
+        return torch.where(is_reg, per_sample * cfg.dataset.prior_loss_weight, per_sample)
+
+
+def training_step(s: Session, group: list[tuple[list[steps.Sample], list[int]]], epoch: int) -> dict:
+    """One optimizer step on ``group``'s batches (gradient accumulation: each batch's backward pass adds to the
+    gradients, weighted so that the step learns the mean over all of the group's samples, exactly as one
+    batch of them would); returns (and records) ``{"step", "epoch", "loss", "lr", "time"}``."""
+    acc, opt, run = s.accelerator, s.opt, s.run
+    n = sum(len(batch) for batch, _ in group)
+    total = torch.zeros((), device=acc.device)
+    for j, (batch, positions) in enumerate(group):
+        if run.batch_log:
+            run.batch_log.write(json.dumps({"step": run.step + 1, "rank": acc.process_index,
+                                            "images": [x.item.image.name for x in batch]}) + "\n")
+        with no_gradient_sync(acc, opt, last=j == len(group) - 1):
+            loss = batch_loss(s, batch, positions, epoch).sum() / n
+            acc.backward(loss)
+        total = total + loss.detach().float()
+    loss_here = check_health(s, total)
+    lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(opt.optimizer.param_groups)}
+    opt.optimizer.step()
+    opt.lr_scheduler.step()
+    opt.optimizer.zero_grad(set_to_none=True)
     run.step += 1
-    loss_value = loss_here if acc.num_processes == 1 else acc.gather(loss.detach()[None]).mean().item()
+    loss_value = loss_here if acc.num_processes == 1 else acc.gather(total[None]).mean().item()
     record = {"step": run.step, "epoch": epoch, "loss": loss_value, "lr": lrs, "time": round(time.time() - s.t_start, 3)}
     run.write_metrics(record)
     s.emit(Event("step", run.step, epoch, record))
     return record
+
+
+def no_gradient_sync(acc, opt: Optimization, last: bool):
+    """Data-parallel: the processes average their gradients on the last batch of a step only."""
+    if last or acc.num_processes == 1:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    for module in [opt.unet] + (opt.text_encoders or []):
+        stack.enter_context(acc.no_sync(module))
+    return stack
 
 
 def check_health(s: Session, loss: torch.Tensor) -> float:
@@ -768,10 +834,11 @@ def write_previews(s: Session, epoch: int) -> None:
     s.emit(Event("sample", s.run.step, epoch, {"paths": [str(p) for p in paths]}))
 
 
-def save_lora_files(s: Session, epoch: int, last: bool) -> None:
-    """The LoRA as it is after ``epoch``, in every format asked (the last epoch's is the final file)."""
+def save_lora_files(s: Session, epoch: int, last: bool, name: str = "") -> None:
+    """The LoRA as it is now (after ``epoch``, or at a step inside it: ``name``), in every format asked (the last
+    epoch's is the final file)."""
     cfg, run = s.cfg, s.run
-    name = cfg.save.output_name if last else run.ws.epoch_name(cfg.save.output_name, epoch)
+    name = name or (cfg.save.output_name if last else run.ws.epoch_name(cfg.save.output_name, epoch))
     # each file carries its own name (AUTOMATIC1111's alias) and its own time
     meta = dict(run.metadata, ss_epoch=str(epoch), ss_steps=str(run.step), ss_output_name=name,
                 ss_training_finished_at=str(round(time.time(), 3)), **{"modelspec.title": name})

@@ -9,7 +9,7 @@
   course.yaml             the learner's run settings, shared by every notebook
   config.yaml             every training setting (notebook 04 → 05)
   train_config.yaml       the settings the last training really ran with (written by the trainer)
-  lora/                   LoRA files: <name>-e0002.safetensors …, <name>.safetensors
+  lora/                   LoRA files: <name>-e0002.safetensors …, <name>.safetensors (and <name>-step00000120 …)
   samples/                preview images per epoch
   metrics.jsonl           one line per step / epoch
   state/                  resumable training state
@@ -126,6 +126,10 @@ class Workspace:
     def epoch_name(self, output_name: str, epoch: int) -> str:
         """The name of an intermediate save: ``<name>-e0002``."""
         return f"{output_name}-e{epoch:04d}"
+
+    def step_name(self, output_name: str, step: int) -> str:
+        """The name of a save inside an epoch (``save.every_n_steps``): ``<name>-step00000120``."""
+        return f"{output_name}-step{step:08d}"
 
     def sample_image(self, epoch: int, index: int) -> Path:
         return self.samples / f"e{epoch:04d}-p{index:02d}.png"

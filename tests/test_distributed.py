@@ -18,8 +18,11 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_two_processes_split_the_batches_and_write_one_set_of_files(tiny_sd15_dir, tiny_dataset, tmp_path):
+    from safetensors.torch import load_file
+
     from lora_nb.lora_io import inspect_lora, load_lora
     from lora_nb.models import load_base_model
+    from lora_nb.train import train
 
     ws = tmp_path / "ws"
     cfg = make_config(tiny_sd15_dir, tiny_dataset, ws, **{"training.batch_size": 2, "training.epochs": 2,
@@ -44,3 +47,10 @@ def test_two_processes_split_the_batches_and_write_one_set_of_files(tiny_sd15_di
     assert seen == sorted(["img0.png", "img1.png", "img2.png", "img3.png"] * 2)  # 2 epochs, every image once each
     assert inspect_lora(ws / "lora" / "lora.safetensors")["problems"] == []
     load_lora(load_base_model(tiny_sd15_dir).pipe, ws / "lora" / "lora.safetensors")
+    # each sample draws its noise and timestep from its place in the epoch, not from the process it lands on:
+    # one process with the same batch trains the same LoRA (the two processes' gradients are averaged)
+    single = train(cfg.with_overrides({"save.output_dir": str(tmp_path / "single")}), progress=False)
+    a, b = load_file(str(single.final)), load_file(str(ws / "lora" / "lora.safetensors"))
+    assert a.keys() == b.keys()
+    worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    assert worst <= 1e-3 * max(float(v.abs().max()) for v in a.values()), worst

@@ -223,8 +223,9 @@ def test_killed_while_replacing_the_state_then_rerun_resumes_to_the_uninterrupte
     """``lora-nb train`` in a subprocess, SIGKILLed after epoch 1 was saved, at the worst moment: epoch 2's
     state is completely written to its temp file but not yet renamed over epoch 1's (a test hook pauses
     there). On disk: every .safetensors loads, the state is epoch 1's, complete. The rerun clears the
-    stale temp file, resumes after epoch 1 (LoRA, optimizer, LR schedule, step; data order and noise are
-    seeded per epoch) and ends with the LoRA an uninterrupted run with the same seed produces."""
+    stale temp file, resumes after epoch 1 (LoRA, optimizer, LR schedule, step; the data order is seeded per
+    epoch, each sample's noise by its place in the run) and ends with the LoRA an uninterrupted run with the
+    same seed produces."""
     overrides = {"training.epochs": 3, "save.precision": "fp32"}
     ref = train(make_config(tiny_sd15_dir, tiny_dataset, tmp_path / "reference", **overrides), progress=False)
 

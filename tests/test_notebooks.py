@@ -91,7 +91,7 @@ def test_notebook_04_reports_the_worked_example_for_the_realistic_preset(tmp_pat
     nb = run_notebook("04_parameters.ipynb", tmp_path, workspace=str(tmp_path / "ws"), preset="realistic",
                       repeats=10, epochs=10, save_every_n_epochs=2, measure_time=False,
                       gradient_checkpointing="yes", cache_latents_to_disk="no", lr_scheduler="rex",
-                      optimizer="AdamWScheduleFree", network_type="locon", conv_rank=8)
+                      optimizer="AdamWScheduleFree", network_type="locon", conv_rank=8, gradient_accumulation_steps=2)
     text = printed(nb)
     # the network types, each with its modules, parameters and size on the full-size SD1.5, and their settings
     from lora_nb.planning import NETWORK_SETTINGS
@@ -106,6 +106,12 @@ def test_notebook_04_reports_the_worked_example_for_the_realistic_preset(tmp_pat
 
     listed = {line.split()[0] for line in text.splitlines() if line.split()}
     assert set(NOISE_LOSS_CAPTION_SETTINGS) <= listed and "training.loss_type" in NOISE_LOSS_CAPTION_SETTINGS
+    # so is every saving, logging, accumulation and precision option
+    from lora_nb.planning import SAVE_AND_LOG_SETTINGS, SPEED_MEMORY_SETTINGS
+
+    assert set(SAVE_AND_LOG_SETTINGS) | set(SPEED_MEMORY_SETTINGS) <= listed
+    assert {"save.state_every_n_steps", "logging.wandb_project", "training.gradient_accumulation_steps",
+            "training.full_precision_lora"} <= listed
     assert "AdamWScheduleFree replaces the schedule" in text  # the advice that goes with it, rex is no constant
     # the speed and memory section: each setting with its value and help, and what to do on this machine
     words = " ".join(text.split())
@@ -113,15 +119,17 @@ def test_notebook_04_reports_the_worked_example_for_the_realistic_preset(tmp_pat
     assert "dataset.cache_latents_to_disk False" in words and "optimizer.optimizer AdamWScheduleFree" in words
     assert "no CUDA GPU here" in text
     assert "48 images" in text
-    assert "steps per epoch: ceil(480 / batch 1) = 480" in text
-    assert "total steps: 480 × 10 epochs = 4800" in text
+    assert ("steps per epoch: ceil(480 / batch 1) = 480 batches, 2 summed into each step: ceil(480 / 2) = 240 "
+            "(effective batch 2)") in text
+    assert "total steps: 240 × 10 epochs = 2400" in text
     assert "LoRA files saved: 5" in text
     report = json.loads((tmp_path / "ws" / "reports" / "parameters.json").read_text())
-    assert (report["steps_per_epoch"], report["total_steps"], report["files_saved"]) == (480, 4800, 5)
+    assert (report["steps_per_epoch"], report["total_steps"], report["files_saved"]) == (240, 2400, 5)
     assert (tmp_path / "ws" / "config.yaml").exists() and (tmp_path / "ws" / "figures" / "04_lr_schedule.png").exists()
     saved = Config.load(tmp_path / "ws" / "config.yaml")
     assert saved.training.gradient_checkpointing is True and saved.dataset.cache_latents_to_disk is False
     assert (saved.network.type, saved.network.conv_rank) == ("locon", 8)
+    assert saved.training.gradient_accumulation_steps == 2
 
 
 def test_file_size_estimate_matches_full_size_sd15_files_written_for_ranks_32_64_128(tmp_path):
