@@ -397,6 +397,24 @@ def crop_image(img: Image.Image, size=(512, 512), mode: str = "focus", subject: 
     return CropResult(window.resize(size, resample), box, mode, method, subject, img.size, notes)
 
 
+def subject_mask(result: CropResult) -> Image.Image | None:
+    """A loss mask for ``dataset.masked_loss`` from the subject box focus crop found: white (learn) inside the
+    box as it lands in the cropped picture, black (ignore) outside; None when no subject was found. A box is
+    coarse — some background inside it is learned — but it keeps the loss off the rest of the scene."""
+    if result.subject is None or result.mode != "focus":
+        return None
+    (x0, y0, x1, y1), (w, h) = result.box, result.image.size
+    sx, sy = w / (x1 - x0), h / (y1 - y0)
+    a0, b0, a1, b1 = result.subject
+    left, top = max(0, round((a0 - x0) * sx)), max(0, round((b0 - y0) * sy))
+    right, bottom = min(w, round((a1 - x0) * sx)), min(h, round((b1 - y0) * sy))
+    if right <= left or bottom <= top:
+        return None
+    mask = Image.new("L", (w, h), 0)
+    ImageDraw.Draw(mask).rectangle((left, top, right - 1, bottom - 1), fill=255)
+    return mask
+
+
 # --------------------------------------------------------------------------- aspect-ratio buckets
 
 def make_buckets(base=(512, 512), step: int = 64, min_side: int | None = None, max_side: int | None = None,
@@ -498,11 +516,13 @@ class CropFolderReport:
 
 def crop_folder(src, dest, size=(512, 512), mode: str = "focus", ext: str = ".png",
                 max_upscale: float = 2.0, buckets: list[tuple[int, int]] | None = None,
-                background: tuple[int, int, int] = (255, 255, 255), progress: bool = True) -> CropFolderReport:
+                background: tuple[int, int, int] = (255, 255, 255), progress: bool = True,
+                masks: bool = False) -> CropFolderReport:
     """Crop every image in ``src`` (a folder or a list of paths) into ``dest`` with :func:`crop_image`.
 
     Output names keep the source stem with ``ext``; files are written
-    atomically. Unreadable images are skipped and listed, never raised.
+    atomically. Unreadable images are skipped and listed, never raised. With ``masks`` (focus mode) each
+    picture whose subject was found gets its :func:`subject_mask` beside it as ``<stem>.mask.png``.
     """
     from tqdm.auto import tqdm
 
@@ -527,6 +547,9 @@ def crop_folder(src, dest, size=(512, 512), mode: str = "focus", ext: str = ".pn
             n += 1
         used.add(name.lower())
         out = atomic_save_image(res.image, dest / name)
+        mask = subject_mask(res) if masks else None
+        if mask is not None:
+            atomic_save_image(mask, dest / f"{Path(name).stem}.mask.png")
         report.results.append((str(p), str(out), res.box, res.method))
     return report
 

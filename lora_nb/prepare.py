@@ -26,8 +26,8 @@ from lora_nb import LoraNbError
 from lora_nb.captions import check_caption_extension, write_captions
 from lora_nb.crop import CropFolderReport, crop_folder, crop_image, make_buckets
 from lora_nb.folders import (
-    CAPTION_EXTENSIONS, IMAGE_EXTENSIONS, concept_folder_name, find_concept_folders, list_images,
-    make_regularization_folder,
+    CAPTION_EXTENSIONS, IMAGE_EXTENSIONS, MASK_SUFFIX, concept_folder_name, find_concept_folders, list_images,
+    make_regularization_folder, mask_file_for,
 )
 from lora_nb.fsutil import atomic_path
 from lora_nb.images import copy_images, load_image
@@ -131,9 +131,12 @@ class ProcessedFolder:
     sizes: dict[str, int] = field(default_factory=dict)  # "64x64" -> pictures written at that size
     removed: list[Path] = field(default_factory=list)
     buckets: list[tuple[int, int]] | None = None  # mode none: the buckets the pictures were resized into
+    masks: int = 0  # subject-box loss masks written beside the pictures
 
     def summary(self) -> str:
         return (f"{len(self.crops.results)} picture(s) cropped ({self.mode}) into {self.folder}; sizes: {self.sizes}"
+                + (f"; {self.masks} with a subject-box loss mask (<name>.mask.png, for dataset.masked_loss)"
+                   if self.masks else "")
                 + (f"; {len(self.crops.skipped)} skipped" if self.crops.skipped else ""))
 
     def before_after(self, n: int = 6) -> list[tuple]:
@@ -151,10 +154,10 @@ class ProcessedFolder:
 
 
 def rebuild_processed(workspace: Workspace, source: str | Path, size: tuple[int, int], mode: str = "focus",
-                      max_upscale: float = 2.0, bucket_step: int | None = None) -> ProcessedFolder:
+                      max_upscale: float = 2.0, bucket_step: int | None = None, masks: bool = False) -> ProcessedFolder:
     """Crop every picture of ``source`` into the workspace's ``processed/``, emptied of pictures first (a fresh
-    result: no leftover of an earlier crop mode), each with its caption file when it has one. ``source`` is
-    only read."""
+    result: no leftover of an earlier crop mode), each with its caption file when it has one, and with
+    ``masks`` its subject-box loss mask (:func:`lora_nb.crop.subject_mask`). ``source`` is only read."""
     source, folder = Path(source), workspace.processed
     _check_rebuildable(folder, workspace)
     pictures = list_images(source)
@@ -164,14 +167,17 @@ def rebuild_processed(workspace: Workspace, source: str | Path, size: tuple[int,
     folder.mkdir(parents=True, exist_ok=True)
     removed = clear_pictures(folder)
     buckets = make_buckets(size, step=bucket_step) if bucket_step else None  # the steps training's buckets use
-    crops = crop_folder(pictures, folder, size, mode, max_upscale=max_upscale, buckets=buckets, progress=False)
+    crops = crop_folder(pictures, folder, size, mode, max_upscale=max_upscale, buckets=buckets, progress=False,
+                        masks=masks)
     for original, written, _, _ in crops.results:  # 03 keeps these captions when no tagger can run
         copy_caption_files(Path(original), Path(written))
     sizes: Counter = Counter()
     for _, written, _, _ in crops.results:
         with Image.open(written) as im:
             sizes[f"{im.width}x{im.height}"] += 1
-    return ProcessedFolder(folder, source, tuple(size), mode, max_upscale, crops, dict(sizes), removed, buckets)
+    n_masks = sum(1 for _, written, _, _ in crops.results if mask_file_for(written) is not None)
+    return ProcessedFolder(folder, source, tuple(size), mode, max_upscale, crops, dict(sizes), removed, buckets,
+                           n_masks)
 
 
 # --------------------------------------------------------------------------- dataset/<R>_<concept>/ (03)
@@ -201,7 +207,7 @@ class TrainingFolder:
 def rebuild_training_folder(workspace: Workspace, captions: Mapping[str | Path, str], repeats: int, concept: str,
                             caption_ext: str = ".txt") -> TrainingFolder:
     """(Re)build ``dataset/<repeats>_<concept>/`` from ``captions`` (``{picture: caption}``): each picture copied
-    in with its caption file beside it.
+    in with its caption file beside it, and its loss mask (``<stem>.mask.png``) when it has one.
 
     First the concept's earlier pictures and captions go: those of this folder, and any folder of the same
     concept with other repeats (it would be trained too; a link there is removed, its target left alone).
@@ -238,6 +244,9 @@ def rebuild_training_folder(workspace: Workspace, captions: Mapping[str | Path, 
     final = {}
     for src, caption in captions.items():
         dest = _copy_atomic(Path(src), folder / _unique_name(Path(src).name, taken))
+        mask = mask_file_for(src)
+        if mask is not None:  # named after the copy, which may have been renamed
+            _copy_atomic(mask, dest.with_name(f"{dest.stem}{MASK_SUFFIX}.png"))
         final[str(dest)] = caption
     files = write_captions(folder, final, ext=caption_ext)
     return TrainingFolder(folder, final, files, removed, left, check_caption_extension(dataset, caption_ext))

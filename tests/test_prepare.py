@@ -202,3 +202,40 @@ def test_awkward_import_demo_keeps_good_files_skips_bad_ones_and_leaves_original
     assert result["phone photo (EXIF rotated).jpg"].startswith("kept 160x240")
     assert "too small" in result["icon 20x20.png"] and "not an image" in result["notes.txt"]
     assert all(p.is_file() and p.parent == tmp_path / "out" for p in demo.kept)
+
+
+def test_focus_crop_writes_subject_box_masks_that_03_copies_and_training_reads(tmp_path):
+    """``subject_masks`` in 02: each focus-cropped toy picture (a zorb off-centre, its box known) gets a
+    ``.mask.png``, white where the zorb lands in the crop; 03's copy takes the masks along, the trainer reads
+    them as masks (not pictures)."""
+    import numpy as np
+
+    from lora_nb.crop import toy_crop_set
+    from lora_nb.dataset import load_training_mask
+
+    ws = open_workspace(tmp_path / "ws")
+    ws.source.mkdir(parents=True)
+    samples = [s for s in toy_crop_set(12) if s[2] == (64, 64)][:4]
+    for i, (image, _, _, _) in enumerate(samples):
+        image.save(ws.source / f"zorb_{i}.png")
+    done = rebuild_processed(ws, ws.source, (64, 64), "focus", masks=True)
+    assert done.masks == 4 and "4 with a subject-box loss mask" in done.summary()
+    assert len(list_images(ws.processed)) == 4  # the masks are not pictures
+    for (image, truth, _, _), (_, written, box, _) in zip(samples, done.crops.results):
+        mask = np.asarray(Image.open(Path(written).with_name(Path(written).stem + ".mask.png"))) > 127
+        scale = 64 / (box[2] - box[0])
+        x0, y0, x1, y1 = ((truth[0] - box[0]) * scale, (truth[1] - box[1]) * scale,
+                          (truth[2] - box[0]) * scale, (truth[3] - box[1]) * scale)
+        ys, xs = np.nonzero(mask)
+        inter = max(0, min(x1, xs.max() + 1) - max(x0, xs.min())) * max(0, min(y1, ys.max() + 1) - max(y0, ys.min()))
+        union = (x1 - x0) * (y1 - y0) + mask.sum() - inter
+        assert inter / union > 0.5, (written, inter / union)  # the white box is where the zorb is
+        assert 0.05 < mask.mean() < 0.8  # and the rest is left out
+    built = rebuild_training_folder(ws, {w: "zorb" for w in done.written}, repeats=2, concept="zorb")
+    assert len(list(built.folder.glob("*.mask.png"))) == 4
+    items = scan_dataset(ws.dataset, caption_extension=".txt").items
+    assert len(items) == 4
+    loaded = load_training_mask(items[0].image, (64, 64))
+    assert loaded is not None and loaded.min() == 0 and loaded.max() == 1
+    plain = rebuild_processed(ws, ws.source, (64, 64), "center", masks=True)
+    assert plain.masks == 0 and not list(ws.processed.glob("*.mask.png"))  # only focus finds a subject
