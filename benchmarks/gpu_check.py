@@ -1,28 +1,37 @@
-"""GPU check: LoRA training speed and memory on full-size SD1.5 (512 px) and SDXL (1024 px).
+"""GPU check: the course's trainer (``lora_nb.train.train``) on full-size SD1.5 (512 px) and SDXL (1024 px).
 
-The architectures are built locally from their configurations with random
-weights (no download: timing and memory do not depend on the weights' values).
-For each case it times real LoRA training steps (kohya module set, rank 32,
-text encoder frozen) and prints one table: steps/s, images/s, peak GPU memory
-(torch.cuda.max_memory_allocated, of the training steps; with caching on, the VAE and
-text encoders are off the GPU as in the trainer) and model FLOP utilisation against the
-card's dense bf16 peak.
+The pipelines are built locally from the shipped configurations with random weights (no download: timing and
+memory do not depend on the weights' values) and saved as diffusers folders; a folder of generated pictures
+is the dataset. Each case is one real training run of ``train`` (kohya module set, rank 32, text encoder
+frozen, no previews or saves until the end) with its settings, and the table shows, for the training steps
+after a warm-up: steps/s, images/s, peak GPU memory (``torch.cuda.max_memory_allocated`` and
+``memory_reserved`` since the first timed step, so the one-off caching of latents is not counted) and model
+FLOP utilisation against the card's dense bf16 peak (FLOPs of one training step counted with
+``torch.utils.flop_counter``).
 
-Cases: SD1.5 512 px and SDXL 1024 px × batch 1 and 4 × fp16 and bf16, plain or
-with the memory savers (gradient checkpointing, 8-bit AdamW), and with cached
-latents/text embeddings (the default) or encoding every step (VAE + text encoders
-in the step).
+Cases: SD1.5 512 px and SDXL 1024 px × batch 1 and 4 × fp16 and bf16, plain or with the memory savers
+(gradient checkpointing, 8-bit AdamW), and with cached latents/text embeddings (the trainer's default: the VAE
+and text encoders then leave the GPU) or encoding every step (``dataset.cache_latents`` off).
 
-  python benchmarks/gpu_check.py              # on a CUDA GPU (about 5–8 minutes on an H100)
-  python benchmarks/gpu_check.py --tiny       # the same code on the CPU with tiny models (seconds)
+  python benchmarks/gpu_check.py              # on a CUDA GPU
+  python benchmarks/gpu_check.py --tiny       # the same code on the CPU with tiny models (seconds; in the tests)
+  python benchmarks/gpu_check.py --only sd15 --diffusers-script …/train_text_to_image_lora.py
+      # also runs the diffusers example on the SD1.5 512 px batch-4 case, for the throughput ratio
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "T4": 65.0, "A10": 125.0}
 
@@ -34,136 +43,130 @@ def card_peak_tflops() -> float | None:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
-def build(family: str, tiny: bool, device, dtype):
+def build_model_folder(family: str, tiny: bool, folder: Path) -> Path:
+    """A diffusers folder of the family: tiny (the test models) or full-size with random weights (fp16)."""
+    if (folder / "model_index.json").exists():
+        return folder
     if tiny:
-        import tempfile
+        from lora_nb.models import build_tiny_sd15, build_tiny_sdxl
 
-        from lora_nb.models import build_tiny_sd15, build_tiny_sdxl, load_base_model
+        return (build_tiny_sd15 if family == "sd15" else build_tiny_sdxl)(folder)
+    from lora_nb.archs import random_full_size_pipeline
 
-        folder = tempfile.mkdtemp(prefix="gpu-check-")
-        (build_tiny_sd15 if family == "sd15" else build_tiny_sdxl)(folder)
-        model = load_base_model(folder)
-        for m in [model.pipe.unet, model.pipe.vae] + model.text_encoders:
-            m.to(device)
-            if dtype != torch.float32:
-                m.to(dtype=dtype)
-        return model
-    from lora_nb.archs import build_architecture
+    pipe = random_full_size_pipeline(family, folder.parent / f"{family}-vocabulary")
+    pipe.save_pretrained(folder)
+    return folder
 
-    return build_architecture(family, device, dtype, with_vae=True)
+
+def make_pictures(folder: Path, px: int, n: int = 8) -> Path:
+    """``n`` pictures of coloured squares at ``px`` × ``px`` with captions, in ``folder/1_sks``."""
+    import numpy as np
+    from PIL import Image
+
+    sub = folder / "1_sks"
+    if sub.is_dir():
+        return folder
+    sub.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        a = np.full((px, px, 3), rng.integers(0, 255, 3), np.uint8)
+        x, y = rng.integers(0, px // 2, 2)
+        a[y:y + px // 3, x:x + px // 3] = rng.integers(0, 255, 3)
+        Image.fromarray(a).save(sub / f"{i:03d}.png")
+        (sub / f"{i:03d}.txt").write_text("sks, a square on a plain background", encoding="utf-8")
+    return folder
+
+
+def case_config(model: Path, data: Path, out: Path, px: int, batch: int, precision: str, savers: bool,
+                cached: bool, steps: int, tiny: bool):
+    from lora_nb.config import preset
+
+    cuda = torch.cuda.is_available()
+    return preset("toy").with_overrides({
+        "model.source": str(model), "dataset.dir": str(data), "dataset.resolution": f"{px}x{px}",
+        "dataset.repeats": 100, "dataset.trigger_word": "", "dataset.reg_dir": "", "dataset.validation_dir": "",
+        "dataset.validation_split": 0, "dataset.cache_latents": cached,
+        "dataset.cache_text_embeddings": "yes" if cached else "no",
+        "training.batch_size": batch, "training.max_steps": steps, "training.epochs": 1000,
+        "training.mixed_precision": precision if cuda else "no", "training.gradient_checkpointing": savers,
+        "network.rank": 4 if tiny else 32, "network.alpha": 4 if tiny else 16, "network.unet_targets": "kohya",
+        "optimizer.optimizer": "AdamW8bit" if savers else "AdamW", "optimizer.learning_rate": 1e-4,
+        "optimizer.text_encoder_lr": 0.0, "optimizer.lr_scheduler": "constant", "optimizer.lr_warmup_steps": 0,
+        "sample.every_n_epochs": 0, "save.every_n_epochs": 0, "save.save_state": False, "save.output_dir": str(out)})
+
+
+class StepWatch:
+    """An event callable for ``train``: the time of every step; at the end of step ``warmup`` it resets the peak
+    memory and starts counting FLOPs, which it stops at the end of the next step (that one step is not timed)."""
+
+    def __init__(self, warmup: int):
+        self.warmup, self.stamps, self.flops, self.counter = warmup, [], None, None
+
+    def __call__(self, event) -> None:
+        if event.kind != "step":
+            return
+        if self.counter is not None:  # the counted step has ended
+            self.counter.__exit__(None, None, None)
+            self.flops, self.counter = self.counter.get_total_flops(), None
+            self.stamps = []  # timing starts after the counted step
+        self.stamps.append(time.perf_counter())
+        if event.step == self.warmup:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            from torch.utils.flop_counter import FlopCounterMode
+
+            self.counter = FlopCounterMode(display=False)
+            self.counter.__enter__()
 
 
 def run_case(family: str, px: int, batch: int, precision: str, savers: bool, cached: bool, tiny: bool,
-             steps: int, warmup: int) -> dict:
-    from lora_nb.lora_io import add_lora
-    from lora_nb.optim import build_optimizer
+             steps: int, warmup: int, tmp: Path) -> dict:
+    from lora_nb.train import train
 
+    model = build_model_folder(family, tiny, tmp / f"{family}-{'tiny' if tiny else 'full'}")
+    data = make_pictures(tmp / f"pictures-{px}", px)
+    out = tmp / f"run-{family}-{px}-{batch}-{precision}-{savers}-{cached}"
+    cfg = case_config(model, data, out, px, batch, precision, savers, cached, warmup + 1 + steps, tiny)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    watch = StepWatch(warmup)
+    train(cfg, on_event=watch, progress=False, resume=False)
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision] if cuda else torch.float32
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    model = build(family, tiny, device, dtype)
-    unet = model.pipe.unet
-    for m in [unet, model.pipe.vae] + model.text_encoders:
-        m.requires_grad_(False)
-    add_lora(model, 32 if not tiny else 4, 16 if not tiny else 4, "kohya", train_text_encoder=False)
-    params = [p for p in unet.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()
-    if savers:
-        unet.enable_gradient_checkpointing()
-    if cached and cuda:  # as the trainer does: with latents and embeddings cached, VAE and text encoders leave the GPU
-        for m in [model.pipe.vae] + model.text_encoders:
-            m.to("cpu")
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    opt = build_optimizer("AdamW8bit" if savers else "AdamW", [{"params": params, "lr": 1e-4}])
-    scaler = torch.amp.GradScaler("cuda") if (cuda and precision == "fp16") else None
-    vae_scale = 2 ** (len(model.pipe.vae.config.block_out_channels) - 1)
-    lat = px // vae_scale
-    cross = unet.config.cross_attention_dim
-    tokens = 77 if not tiny else model.pipe.tokenizer.model_max_length
-    sdxl = family == "sdxl"
-    vae_dtype = torch.float32 if sdxl else dtype  # SDXL's VAE overflows in fp16
-
-    def step():
-        with torch.autocast(device.type, dtype=dtype, enabled=cuda):
-            if cached:
-                latents = torch.randn(batch, 4, lat, lat, device=device, dtype=dtype)
-                embeds = torch.randn(batch, tokens, cross, device=device, dtype=dtype)
-                pooled = torch.randn(batch, 1280 if not tiny else 32, device=device, dtype=dtype) if sdxl else None
-            else:
-                with torch.no_grad():
-                    pixels = torch.randn(batch, 3, px, px, device=device, dtype=vae_dtype)
-                    latents = model.pipe.vae.to(vae_dtype).encode(pixels).latent_dist.sample().to(dtype)
-                    ids = torch.randint(0, model.text_encoders[0].config.vocab_size, (batch, tokens), device=device)
-                    outs = [te(ids, output_hidden_states=True) for te in model.text_encoders]
-                    embeds = torch.cat([o.hidden_states[-2] for o in outs], -1) if sdxl else outs[0][0]
-                    pooled = outs[-1][0] if sdxl else None
-            noise = torch.randn_like(latents)
-            t = torch.randint(0, 1000, (batch,), device=device)
-            kwargs = {}
-            if sdxl:
-                kwargs["added_cond_kwargs"] = {"text_embeds": pooled,
-                                               "time_ids": torch.tensor([[px, px, 0, 0, px, px]] * batch,
-                                                                        device=device, dtype=dtype)}
-            pred = unet(latents + noise, t, embeds, **kwargs).sample
-            loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
-        if scaler:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    flops = None
-    try:
-        from torch.utils.flop_counter import FlopCounterMode
-
-        with FlopCounterMode(display=False) as counter:
-            step()
-        flops = counter.get_total_flops()
-    except Exception:  # noqa: BLE001 - FLOP counting is optional
-        step()
-    for _ in range(warmup):
-        step()
     if cuda:
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-    dt = (time.perf_counter() - t0) / steps
+    dt = statistics.median(b - a for a, b in zip(watch.stamps, watch.stamps[1:]))
     peak = card_peak_tflops()
-    row = {"model": f"{family} {px}px", "batch": batch, "precision": precision if cuda else "fp32 (cpu)",
-           "savers": savers, "cached": cached, "steps_s": 1 / dt, "images_s": batch / dt,
-           "peak_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-           "mfu": (flops / dt / 1e12 / peak) if (flops and peak) else None}
-    if cuda:
-        torch.cuda.empty_cache()
-    return row
+    return {"model": f"{family} {px}px", "batch": batch, "precision": precision if cuda else "fp32 (cpu)",
+            "savers": savers, "cached": cached, "steps_s": 1 / dt, "images_s": batch / dt,
+            "peak_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+            "reserved_gb": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
+            "mfu": (watch.flops / dt / 1e12 / peak) if (watch.flops and peak) else None}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiny", action="store_true", help="tiny models (runs anywhere, CPU included)")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--only", choices=["sd15", "sdxl"], default=None)
-    args = p.parse_args()
-    cuda = torch.cuda.is_available()
-    tiny = args.tiny or not cuda
-    steps = args.steps or (2 if tiny else 10)
-    warmup = 1 if tiny else 3
-    print(f"device: {torch.cuda.get_device_name(0) if cuda else 'CPU'} · torch {torch.__version__} · "
-          f"{'tiny models' if tiny else 'full-size architectures, random weights'}")
+def diffusers_example_row(script: str, python: str, model: Path, data: Path, tmp: Path, steps: int) -> dict:
+    """The diffusers example on SD1.5 512 px batch 4 (fp16, its defaults otherwise): training steps/s."""
+    import os
+
+    from cpu_train import diffusers_dataset, run_process, tensorboard_steps_per_second
+
+    folder = diffusers_dataset(tmp, data)
+    out = tmp / "hf-run"
+    cmd = [python, script, f"--pretrained_model_name_or_path={model}", f"--train_data_dir={folder}",
+           f"--cache_dir={tmp / 'hf-cache'}", "--resolution=512", "--train_batch_size=4",
+           f"--max_train_steps={steps}", "--rank=32", "--learning_rate=1e-4", "--lr_scheduler=constant",
+           "--lr_warmup_steps=0", "--seed=42", f"--output_dir={out}", "--dataloader_num_workers=0",
+           "--checkpointing_steps=1000000", "--mixed_precision=fp16"]
+    wall, _, _ = run_process(cmd, dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"), tmp / "hf.log")
+    rate = tensorboard_steps_per_second(out / "logs")
+    return {"model": "sd15 512px", "batch": 4, "precision": "fp16 (diffusers example)", "savers": False,
+            "cached": False, "steps_s": rate, "images_s": 4 * rate, "peak_gb": None, "reserved_gb": None, "mfu": None}
+
+
+def cases_for(tiny: bool, cuda: bool, only: str | None) -> list[tuple]:
     cases = []
     for family, px in (("sd15", 512), ("sdxl", 1024)):
-        if args.only and family != args.only:
+        if only and family != only:
             continue
         px = 64 if tiny else px
         for precision in ("fp16", "bf16") if cuda else ("fp32",):
@@ -171,22 +174,60 @@ def main() -> None:
                 cases.append((family, px, batch, precision, True, True))
                 cases.append((family, px, batch, precision, False, True))
             cases.append((family, px, 1, precision, True, False))
-    rows = []
-    for c in cases:
-        try:
-            rows.append(run_case(*c, tiny=tiny, steps=steps, warmup=warmup))
-        except torch.cuda.OutOfMemoryError:
-            rows.append({"model": f"{c[0]} {c[1]}px", "batch": c[2], "precision": c[3], "savers": c[4],
-                         "cached": c[5], "steps_s": float("nan"), "images_s": float("nan"), "peak_gb": "OOM", "mfu": None})
-    print(f"\n{'model':<13} {'batch':>5} {'precision':<11} {'savers':<7} {'cached':<7} {'steps/s':>8} {'images/s':>9} "
-          f"{'peak GB':>8} {'MFU':>6}")
+    return cases
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"\n{'model':<13} {'batch':>5} {'precision':<24} {'savers':<7} {'cached':<7} {'steps/s':>8} "
+          f"{'images/s':>9} {'peak GB':>8} {'reserved':>8} {'MFU':>6}")
     for r in rows:
-        peak = r["peak_gb"] if isinstance(r["peak_gb"], str) else (f"{r['peak_gb']:.2f}" if r["peak_gb"] is not None else "—")
+        gb = lambda v: v if isinstance(v, str) else (f"{v:.2f}" if v is not None else "—")
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "—"
-        print(f"{r['model']:<13} {r['batch']:>5} {r['precision']:<11} {str(r['savers']):<7} {str(r['cached']):<7} "
-              f"{r['steps_s']:>8.2f} {r['images_s']:>9.2f} {peak:>8} {mfu:>6}")
-    print("\nsavers = gradient checkpointing + 8-bit AdamW; cached = latents and text embeddings precomputed.")
-    print("Targets: SD1.5 512px batch 1 with savers ≤ 6 GB; SDXL 1024px batch 1 with savers ≤ 12 GB.")
+        print(f"{r['model']:<13} {r['batch']:>5} {r['precision']:<24} {str(r['savers']):<7} {str(r['cached']):<7} "
+              f"{r['steps_s']:>8.2f} {r['images_s']:>9.2f} {gb(r['peak_gb']):>8} {gb(r['reserved_gb']):>8} {mfu:>6}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="tiny models (runs anywhere, CPU included)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per case (after the warm-up)")
+    p.add_argument("--only", choices=["sd15", "sdxl"], default=None)
+    p.add_argument("--dir", default=None, help="where to build the models and runs (default: a temporary folder)")
+    p.add_argument("--diffusers-script", help="diffusers' examples/text_to_image/train_text_to_image_lora.py")
+    p.add_argument("--diffusers-python", default=sys.executable, help="a python where that script runs")
+    args = p.parse_args()
+    cuda = torch.cuda.is_available()
+    tiny = args.tiny or not cuda
+    steps = args.steps or (2 if tiny else 10)
+    warmup = 1 if tiny else 3
+    print(f"device: {torch.cuda.get_device_name(0) if cuda else 'CPU'} · torch {torch.__version__} · "
+          f"{'tiny models' if tiny else 'full-size architectures, random weights'} · lora_nb.train.train", flush=True)
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as scratch:
+        tmp = Path(args.dir or scratch)
+        tmp.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for c in cases_for(tiny, cuda, args.only):
+            try:
+                rows.append(run_case(*c, tiny=tiny, steps=steps, warmup=warmup, tmp=tmp))
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                rows.append({"model": f"{c[0]} {c[1]}px", "batch": c[2], "precision": c[3], "savers": c[4],
+                             "cached": c[5], "steps_s": float("nan"), "images_s": float("nan"), "peak_gb": "OOM",
+                             "reserved_gb": "OOM", "mfu": None})
+            except Exception as exc:  # noqa: BLE001 - a trainer error (e.g. a stop with advice) is a row, not the end
+                rows.append({"model": f"{c[0]} {c[1]}px", "batch": c[2], "precision": c[3], "savers": c[4],
+                             "cached": c[5], "steps_s": float("nan"), "images_s": float("nan"),
+                             "peak_gb": type(exc).__name__, "reserved_gb": "", "mfu": None})
+            print(f"  done: {rows[-1]['model']} batch {rows[-1]['batch']} {rows[-1]['precision']} "
+                  f"savers={rows[-1]['savers']} cached={rows[-1]['cached']}", flush=True)
+        if args.diffusers_script and not tiny and args.only != "sdxl":
+            rows.append(diffusers_example_row(args.diffusers_script, args.diffusers_python, tmp / "sd15-full",
+                                              tmp / "pictures-512", tmp, warmup + steps + 1))
+        print_table(rows)
+    print("\nsavers = gradient checkpointing + 8-bit AdamW; cached = latents and text embeddings computed once "
+          "(the VAE and text encoders off the GPU while training).")
+    print("Targets: SD1.5 512px batch 1 with savers ≤ 6 GB; SDXL 1024px batch 1 with savers ≤ 12 GB; "
+          "SD1.5 512px batch 4 ≥ 1.2× the diffusers example's steps/s.")
 
 
 if __name__ == "__main__":

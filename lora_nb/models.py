@@ -186,9 +186,15 @@ def _family_from_keys(keys, path: Path) -> str:
 
 
 def _pipeline_class(family: str):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    """The family's pipeline class, imported alone (diffusers imports its pipelines lazily: an SD1.5 run does not
+    pay for the SDXL pipeline's modules)."""
+    if family == "sdxl":
+        from diffusers import StableDiffusionXLPipeline
 
-    return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+        return StableDiffusionXLPipeline
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline
 
 
 def looks_like_hub_id(source: str) -> bool:

@@ -52,7 +52,7 @@ def test_interrupted_training_resumes_in_notebook_05_to_the_same_final_lora(faul
 
     run_course(interrupted, only=["05"], params={"strengths": "0, 1"}, log=lambda *_: None)
     nb = nbformat.read(interrupted / "executed" / "05_training.ipynb", as_version=4)
-    assert "continued after epoch 1" in "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+    assert "continued from step 2" in "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
 
     straight = tmp_path / "straight"
     train(make_config(tiny_sd15_dir, tiny_dataset, straight, **overrides), progress=False)
