@@ -364,8 +364,12 @@ def _ss_metadata(model, comps: dict, rank: int, alpha: float, extra: dict | None
 def ss_metadata(family: str, source: str, rank: int, alpha: float, text_encoder_trained: bool,
                 extra: dict | None = None, args: dict[str, str] | None = None) -> dict[str, str]:
     """The ``ss_*`` metadata strings of a kohya LoRA file (AUTOMATIC1111 shows them); ``args`` the
-    network's ``ss_network_args`` (:func:`network_args`), which also decide ``ss_network_module``."""
-    args = args or {}
+    network's ``ss_network_args`` (:func:`network_args`), which also decide ``ss_network_module``; an
+    ``ss_network_args`` in ``extra`` (training settings sd-scripts passes as network args, such as the block LR
+    weights) is merged into them."""
+    args, extra = dict(args or {}), dict(extra or {})
+    if "ss_network_args" in extra:
+        args.update(json.loads(extra.pop("ss_network_args")))
     meta = {
         "ss_network_module": "lycoris.kohya" if "algo" in args else "networks.lora",
         "ss_network_dim": str(rank),
@@ -420,6 +424,9 @@ def training_metadata(cfg, plan, tag_frequency: dict, dataset_dirs: dict | None 
         "ss_debiased_estimation": str(bool(t.debiased_estimation)),
         "ss_zero_terminal_snr": str(bool(t.zero_terminal_snr)),
         **({"ss_network_weights": Path(cfg.network.init_from).name} if cfg.network.init_from else {}),
+        **({"ss_network_args": json.dumps(dict(zip(("down_lr_weight", "mid_lr_weight", "up_lr_weight"),
+                                                  (_fmt_number(w) for w in cfg.network.block_lr_weights))))}
+           if cfg.network.block_lr_weights else {}),
         "ss_multires_noise_iterations": str(t.multires_noise_iterations or None),
         "ss_multires_noise_discount": str(t.multires_noise_discount),
         "ss_ip_noise_gamma": str(t.ip_noise_gamma or None),

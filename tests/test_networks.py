@@ -179,6 +179,8 @@ def test_the_trainer_trains_lycoris_types_and_continues_their_files(network_type
     info = lora_io.inspect_lora(final)
     assert info["network"] == network_type and info["conv_modules"] > 0 and "text_encoder" in info["modules"]
     assert not info["problems"]  # every module moved away from its no-op start
+    args = json.loads(info["metadata"]["ss_network_args"])  # LyCORIS's algo, sd-scripts' block LR weights
+    assert args["algo"] == network_type and (args["down_lr_weight"], args["mid_lr_weight"]) == ("1", "0.5")
     again = make_config(tiny_sd15_dir, tiny_dataset, tmp_path / "b", **{
         "network.type": network_type, "network.conv_rank": 2, "network.init_from": str(final),
         "training.max_steps": 1, "save.precision": "fp32", "optimizer.learning_rate": 1e-12,
