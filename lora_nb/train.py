@@ -181,9 +181,9 @@ def saves_by_step(s: Session, epoch: int, epoch_step: int, mid_epoch: bool) -> N
             save_lora_files(s, epoch, last=False, name=run.ws.step_name(s.cfg.save.output_name, run.step))
     if sv.state_every_n_steps and run.step % sv.state_every_n_steps == 0 and mid_epoch and sv.save_state:
         if run.is_main:
+            run.flush_metrics()  # the steps' losses first: a resumed epoch averages them with its own
             runstate.save_state(run.ws, run.fingerprint, s.net.model, s.opt.optimizer, s.opt.lr_scheduler,
                                 epoch - 1, run.step, s.net.train_te, epoch_step=epoch_step)
-            run.flush_metrics()
         s.accelerator.wait_for_everyone()
 
 
