@@ -32,6 +32,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from cpu_train import make_dataset  # noqa: E402 - the benchmarks folder is put on the path just above
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "T4": 65.0, "A10": 125.0}
 
@@ -55,25 +58,6 @@ def build_model_folder(family: str, tiny: bool, folder: Path) -> Path:
 
     pipe = random_full_size_pipeline(family, folder.parent / f"{family}-vocabulary")
     pipe.save_pretrained(folder)
-    return folder
-
-
-def make_pictures(folder: Path, px: int, n: int = 8) -> Path:
-    """``n`` pictures of coloured squares at ``px`` × ``px`` with captions, in ``folder/1_sks``."""
-    import numpy as np
-    from PIL import Image
-
-    sub = folder / "1_sks"
-    if sub.is_dir():
-        return folder
-    sub.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        a = np.full((px, px, 3), rng.integers(0, 255, 3), np.uint8)
-        x, y = rng.integers(0, px // 2, 2)
-        a[y:y + px // 3, x:x + px // 3] = rng.integers(0, 255, 3)
-        Image.fromarray(a).save(sub / f"{i:03d}.png")
-        (sub / f"{i:03d}.txt").write_text("sks, a square on a plain background", encoding="utf-8")
     return folder
 
 
@@ -125,7 +109,7 @@ def run_case(family: str, px: int, batch: int, precision: str, savers: bool, cac
     from lora_nb.train import train
 
     model = build_model_folder(family, tiny, tmp / f"{family}-{'tiny' if tiny else 'full'}")
-    data = make_pictures(tmp / f"pictures-{px}", px)
+    data = make_dataset(tmp / f"pictures-{px}", n=8, size=px)  # coloured squares with captions, as cpu_train's
     out = tmp / f"run-{family}-{px}-{batch}-{precision}-{savers}-{cached}"
     cfg = case_config(model, data, out, px, batch, precision, savers, cached, warmup + 1 + steps, tiny)
     if torch.cuda.is_available():
@@ -148,7 +132,7 @@ def diffusers_example_row(script: str, python: str, model: Path, data: Path, tmp
     """The diffusers example on SD1.5 512 px batch 4 (fp16, its defaults otherwise): training steps/s."""
     import os
 
-    from cpu_train import diffusers_dataset, run_process, tensorboard_steps_per_second
+    from cpu_train import diffusers_dataset, run_process, tensorboard_steps_per_second  # noqa: PLC0415
 
     folder = diffusers_dataset(tmp, data)
     out = tmp / "hf-run"

@@ -114,6 +114,36 @@ def fault_before_step(monkeypatch):
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
 
+def kill_train_when_paused(cfg_path, env: dict) -> str:
+    """Run ``lora-nb train cfg_path`` in a subprocess with ``env`` (which sets the file-replacement pause hook of
+    :mod:`lora_nb.fsutil`), SIGKILL it the moment it says it paused, and return its stderr so far."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    proc = subprocess.Popen([sys.executable, "-m", "lora_nb.cli", "train", str(cfg_path)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    paused, seen = threading.Event(), []
+
+    def watch():
+        for line in proc.stderr:
+            seen.append(line)
+            if "lora-nb test hook: paused before replacing" in line:
+                paused.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    try:
+        assert paused.wait(timeout=240), "".join(seen)[-3000:]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    return "".join(seen)
+
+
 def code_cells(path: Path) -> tuple[list[str], int]:
     """The source of every code cell, and the index (among them) of the setup cell."""
     nb = json.loads(path.read_text(encoding="utf-8"))

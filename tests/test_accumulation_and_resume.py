@@ -8,14 +8,11 @@ accumulated trains, and a run killed inside an epoch and resumed ends where the 
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import threading
+import os
 
 import pytest
 import torch
-from conftest import make_config
+from conftest import kill_train_when_paused, make_config
 from safetensors.torch import load_file
 
 from lora_nb import cli
@@ -103,27 +100,10 @@ def test_a_run_killed_inside_an_epoch_resumes_to_the_uninterrupted_result(tiny_s
 
     ws = tmp_path / "killed"
     cfg_path = make_config(tiny_sd15_dir, tiny_dataset, ws, **overrides).write_yaml(tmp_path / "train.yaml")
-    env = dict(__import__("os").environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
                LORA_NB_TEST_PAUSE_BEFORE_REPLACE="training_state.pt",
                LORA_NB_TEST_PAUSE_BEFORE_REPLACE_SKIP="4")  # states 1 (new), 2–5 replace; pause replacing 5 by 6
-    proc = subprocess.Popen([sys.executable, "-m", "lora_nb.cli", "train", str(cfg_path)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    paused, seen = threading.Event(), []
-
-    def watch():
-        for line in proc.stderr:
-            seen.append(line)
-            if "lora-nb test hook: paused before replacing" in line:
-                paused.set()
-
-    threading.Thread(target=watch, daemon=True).start()
-    try:
-        assert paused.wait(timeout=240), "".join(seen)[-3000:]
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_train_when_paused(cfg_path, env)
     state = torch.load(ws / "state" / "training_state.pt", map_location="cpu", weights_only=True)
     assert (state["epoch"], state["step"], state["epoch_step"]) == (1, 5, 1), "killed one step into epoch 2"
 

@@ -15,13 +15,12 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_config
+from conftest import kill_train_when_paused, make_config
 from safetensors.torch import load_file
 
 from lora_nb import LoraNbError, cli
@@ -231,27 +230,7 @@ def test_killed_while_replacing_the_state_then_rerun_resumes_to_the_uninterrupte
 
     ws = tmp_path / "killed"
     cfg_path = make_config(tiny_sd15_dir, tiny_dataset, ws, **overrides).write_yaml(tmp_path / "train.yaml")
-    command = [sys.executable, "-m", "lora_nb.cli", "train", str(cfg_path)]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=_subprocess_env(LORA_NB_TEST_PAUSE_BEFORE_REPLACE="training_state.pt"))
-    paused = threading.Event()
-    seen: list[str] = []
-
-    def watch():
-        for line in proc.stderr:
-            seen.append(line)
-            if "lora-nb test hook: paused before replacing" in line:
-                paused.set()
-
-    threading.Thread(target=watch, daemon=True).start()
-    try:
-        assert paused.wait(timeout=240), "".join(seen)[-3000:]
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL
+    kill_train_when_paused(cfg_path, _subprocess_env(LORA_NB_TEST_PAUSE_BEFORE_REPLACE="training_state.pt"))
 
     assert _assert_every_lora_file_loads(ws) == ["lora-e0001.safetensors", "lora-e0002.safetensors"]
     state = _state(ws)
