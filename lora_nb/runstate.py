@@ -85,16 +85,19 @@ def load_state(ws: Workspace, fingerprint: str, model, optimizer, lr_scheduler, 
 
 def epoch_losses(metrics: Path, epoch: int) -> list[float]:
     """The step losses already recorded for ``epoch`` (a run resumed inside it averages them with the rest)."""
-    if not metrics.exists():
+    return [rec["loss"] for _, rec in _metric_lines(metrics) if rec.get("epoch") == epoch and "loss" in rec]
+
+
+def _metric_lines(path: Path) -> list[tuple[str, dict]]:
+    """``(line, record)`` for each readable line of a metrics file (a line cut by a kill is skipped)."""
+    if not path.exists():
         return []
     out = []
-    for line in metrics.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            rec = json.loads(line)
+            out.append((line, json.loads(line)))
         except json.JSONDecodeError:
             continue
-        if rec.get("epoch") == epoch and "loss" in rec:
-            out.append(rec["loss"])
     return out
 
 
@@ -131,14 +134,7 @@ def trim_metrics(path: Path, last_step: int) -> None:
     """Keep only the metric lines up to ``last_step`` (a resumed run rewrites what came after)."""
     if not path.exists():
         return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if rec.get("step", 0) <= last_step and last_step > 0:
-            keep.append(line)
+    keep = [line for line, rec in _metric_lines(path) if rec.get("step", 0) <= last_step and last_step > 0]
     write_text_atomic(path, "".join(l + "\n" for l in keep))
 
 
