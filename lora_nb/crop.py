@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from lora_nb import LoraNbError
+from lora_nb.folders import mask_path_for
 from lora_nb.images import atomic_save_image, list_images, load_image
 from lora_nb.toy import world
 
@@ -549,7 +550,7 @@ def crop_folder(src, dest, size=(512, 512), mode: str = "focus", ext: str = ".pn
         out = atomic_save_image(res.image, dest / name)
         mask = subject_mask(res) if masks else None
         if mask is not None:
-            atomic_save_image(mask, dest / f"{Path(name).stem}.mask.png")
+            atomic_save_image(mask, mask_path_for(out))
         report.results.append((str(p), str(out), res.box, res.method))
     return report
 

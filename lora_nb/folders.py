@@ -35,9 +35,14 @@ def is_mask_file(path: str | Path) -> bool:
     return Path(path).stem.lower().endswith(MASK_SUFFIX)
 
 
+def mask_path_for(image: str | Path) -> Path:
+    """Where the loss mask of ``image`` lives: ``<stem>.mask.png`` beside it."""
+    return Path(image).with_name(Path(image).stem + MASK_SUFFIX + ".png")
+
+
 def mask_file_for(image: str | Path) -> Path | None:
-    """The loss mask beside ``image`` (``<stem>.mask.png``), or None."""
-    candidate = Path(image).with_name(Path(image).stem + MASK_SUFFIX + ".png")
+    """The loss mask beside ``image`` (:func:`mask_path_for`), or None when it has none."""
+    candidate = mask_path_for(image)
     return candidate if candidate.is_file() else None
 
 

@@ -26,8 +26,8 @@ from lora_nb import LoraNbError
 from lora_nb.captions import check_caption_extension, write_captions
 from lora_nb.crop import CropFolderReport, crop_folder, crop_image, make_buckets
 from lora_nb.folders import (
-    CAPTION_EXTENSIONS, IMAGE_EXTENSIONS, MASK_SUFFIX, concept_folder_name, find_concept_folders, list_images,
-    make_regularization_folder, mask_file_for,
+    CAPTION_EXTENSIONS, IMAGE_EXTENSIONS, concept_folder_name, find_concept_folders, list_images,
+    make_regularization_folder, mask_file_for, mask_path_for,
 )
 from lora_nb.fsutil import atomic_path
 from lora_nb.images import copy_images, load_image
@@ -246,7 +246,7 @@ def rebuild_training_folder(workspace: Workspace, captions: Mapping[str | Path, 
         dest = _copy_atomic(Path(src), folder / _unique_name(Path(src).name, taken))
         mask = mask_file_for(src)
         if mask is not None:  # named after the copy, which may have been renamed
-            _copy_atomic(mask, dest.with_name(f"{dest.stem}{MASK_SUFFIX}.png"))
+            _copy_atomic(mask, mask_path_for(dest))
         final[str(dest)] = caption
     files = write_captions(folder, final, ext=caption_ext)
     return TrainingFolder(folder, final, files, removed, left, check_caption_extension(dataset, caption_ext))

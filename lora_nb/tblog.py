@@ -28,22 +28,13 @@ class TensorBoardLog:
         self.writer = SummaryWriter(str(folder))
 
     def __call__(self, event) -> None:
-        d = event.data or {}
-        if event.kind == "step":
-            self.writer.add_scalar("loss/step", d["loss"], event.step)
-            for group, lr in d.get("lr", {}).items():
-                self.writer.add_scalar(f"lr/{group}", lr, event.step)
-        elif event.kind == "epoch":
-            for key in ("train_loss", "val_loss"):
-                if d.get(key) is not None:
-                    self.writer.add_scalar(f"loss/{key}", d[key], event.step)
-        elif event.kind == "sample":
+        for name, value in event_scalars(event).items():
+            self.writer.add_scalar(name, value, event.step)
+        if event.kind == "sample":
             from PIL import Image
 
-            for path in d.get("paths", []):
-                image = np.asarray(Image.open(path).convert("RGB"))
-                prompt = Path(path).stem.split("-")[-1]  # e0002-p01.png: prompt 01 at epoch 2
-                self.writer.add_image(f"samples/{prompt}", image, event.step, dataformats="HWC")
+            for tag, path in sample_tags(event).items():
+                self.writer.add_image(tag, np.asarray(Image.open(path).convert("RGB")), event.step, dataformats="HWC")
         elif event.kind == "done":
             self.writer.close()
             return
@@ -69,19 +60,29 @@ class WandbLog:
         self.run = wandb.init(project=project, dir=str(folder), config=config, reinit="finish_previous")
 
     def __call__(self, event) -> None:
-        d = event.data or {}
-        if event.kind == "step":
-            self.run.log({"loss/step": d["loss"], **{f"lr/{g}": lr for g, lr in d.get("lr", {}).items()}},
-                         step=event.step)
-        elif event.kind == "epoch":
-            values = {f"loss/{k}": d[k] for k in ("train_loss", "val_loss") if d.get(k) is not None}
-            if values:
-                self.run.log(values, step=event.step)
-        elif event.kind == "sample":
-            self.run.log({f"samples/{Path(p).stem.split('-')[-1]}": self.wandb.Image(p) for p in d.get("paths", [])},
-                         step=event.step)
-        elif event.kind == "done":
+        values = event_scalars(event)
+        if event.kind == "sample":
+            values = {tag: self.wandb.Image(path) for tag, path in sample_tags(event).items()}
+        if values:
+            self.run.log(values, step=event.step)
+        if event.kind == "done":
             self.run.finish()
+
+
+def event_scalars(event) -> dict[str, float]:
+    """The values both logs record for an event: a step's loss and each parameter group's LR, an epoch's mean
+    training loss and validation loss."""
+    d = event.data or {}
+    if event.kind == "step":
+        return {"loss/step": d["loss"], **{f"lr/{group}": lr for group, lr in d.get("lr", {}).items()}}
+    if event.kind == "epoch":
+        return {f"loss/{key}": d[key] for key in ("train_loss", "val_loss") if d.get(key) is not None}
+    return {}
+
+
+def sample_tags(event) -> dict[str, str]:
+    """``{"samples/p01": path, …}`` for a sample event: e0002-p01.png is prompt 01 at epoch 2."""
+    return {f"samples/{Path(path).stem.split('-')[-1]}": path for path in (event.data or {}).get("paths", [])}
 
 
 def chain(*listeners):
