@@ -132,6 +132,8 @@ class TrainingConfig:
     noise_offset: float = 0.0  # 0.05–0.1 helps very dark/bright images
     min_snr_gamma: float = 0.0  # 0 = off; 5 is the usual value
     debiased_estimation: bool = False  # weight each step's loss by 1/sqrt(SNR): the noisiest steps count most
+    min_timestep: int = 0  # train on timesteps from this one (0–999; sd-scripts' --min_timestep): above 0 skips the quietest, detail-only steps
+    max_timestep: int = 1000  # up to this one, not included (1–1000): below 1000 skips the noisiest, layout-deciding steps
     zero_terminal_snr: bool = False  # rescale the noise schedule so its last step is pure noise (v-prediction models only)
     multires_noise_iterations: int = 0  # 0 = off; 6–10: add coarser noise too (pyramid noise), brighter/darker pictures learnable
     multires_noise_discount: float = 0.3  # each coarser level's weight is this times the previous one's
@@ -818,6 +820,10 @@ def _check_noise_and_loss(c: _Checks, t: TrainingConfig) -> None:
                                                   "0.3–0.8 is usual.")
     if not (math.isfinite(t.ip_noise_gamma) and 0 <= t.ip_noise_gamma <= 1):
         c.err("training.ip_noise_gamma", f"must be 0 (off) to 1 (got {t.ip_noise_gamma:g}); about 0.1 is usual.")
+    if not 0 <= t.min_timestep < t.max_timestep <= 1000:
+        bad = "training.min_timestep" if not 0 <= t.min_timestep < 1000 else "training.max_timestep"
+        c.err(bad, f"the timesteps trained on must satisfy 0 ≤ min_timestep < max_timestep ≤ 1000 (got "
+                   f"{t.min_timestep} and {t.max_timestep}); 0 and 1000 train on all of them.")
     if t.loss_type not in LOSS_TYPES:
         c.err("training.loss_type", f"{t.loss_type!r} is unknown: use {', '.join(LOSS_TYPES)}.")
     if not (math.isfinite(t.huber_c) and 0 < t.huber_c <= 1):

@@ -422,6 +422,8 @@ def training_metadata(cfg, plan, tag_frequency: dict, dataset_dirs: dict | None 
         "ss_noise_offset": str(t.noise_offset),
         "ss_min_snr_gamma": str(t.min_snr_gamma),
         "ss_debiased_estimation": str(bool(t.debiased_estimation)),
+        "ss_min_timestep": str(t.min_timestep),  # sd-scripts takes these options but does not record them
+        "ss_max_timestep": str(t.max_timestep),
         "ss_zero_terminal_snr": str(bool(t.zero_terminal_snr)),
         **({"ss_network_weights": Path(cfg.network.init_from).name} if cfg.network.init_from else {}),
         **({"ss_network_args": json.dumps(dict(zip(("down_lr_weight", "mid_lr_weight", "up_lr_weight"),

@@ -83,6 +83,7 @@ SAVE_AND_LOG_SETTINGS = ("save.every_n_steps", "save.state_every_n_steps", "logg
 NOISE_LOSS_CAPTION_SETTINGS = ("training.noise_offset", "training.multires_noise_iterations",
                                "training.multires_noise_discount", "training.ip_noise_gamma", "training.loss_type",
                                "training.huber_c", "training.huber_schedule", "training.zero_terminal_snr",
+                               "training.min_timestep", "training.max_timestep",
                                "dataset.caption_dropout", "dataset.tag_dropout", "dataset.caption_prefix",
                                "dataset.caption_suffix", "dataset.masked_loss")
 USUAL_VIEWS_PER_IMAGE = (40, 400)  # how often each image is seen in a typical run

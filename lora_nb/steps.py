@@ -247,8 +247,11 @@ def perturbed_noise(noise: torch.Tensor, gen, gamma: float) -> torch.Tensor:
     return noise + gamma * torch.randn(noise.shape, generator=gen).to(noise.device)
 
 
-def sample_timesteps(noise_scheduler, n: int, gen, device) -> torch.Tensor:
-    return torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=gen).to(device)
+def sample_timesteps(noise_scheduler, n: int, gen, device, low: int = 0, high: int = 1000) -> torch.Tensor:
+    """``n`` timesteps drawn uniformly from ``low`` up to ``high`` (not included; capped at the schedule's
+    length), sd-scripts' ``--min_timestep`` / ``--max_timestep``."""
+    high = min(high, noise_scheduler.config.num_train_timesteps)
+    return torch.randint(low, high, (n,), generator=gen).to(device)
 
 
 def prediction_target(noise_scheduler, latents, noise, timesteps, prediction_type: str) -> torch.Tensor:

@@ -717,7 +717,8 @@ def batch_loss(s: Session, batch: list[steps.Sample], positions: list[int], epoc
     one = [latents[i:i + 1] for i in range(len(batch))]
     noise = torch.cat([steps.noise_like(x, g, t.noise_offset, t.multires_noise_iterations, t.multires_noise_discount)
                        for x, g in zip(one, gens)])
-    timesteps = torch.cat([steps.sample_timesteps(net.noise_scheduler, 1, g, device) for g in gens])
+    timesteps = torch.cat([steps.sample_timesteps(net.noise_scheduler, 1, g, device, t.min_timestep, t.max_timestep)
+                           for g in gens])
     seen = torch.cat([steps.perturbed_noise(noise[i:i + 1], g, t.ip_noise_gamma) for i, g in enumerate(gens)])
     noisy = net.noise_scheduler.add_noise(latents, seen, timesteps)
     target = steps.prediction_target(net.noise_scheduler, latents, noise, timesteps, net.prediction_type)

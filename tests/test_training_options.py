@@ -92,13 +92,43 @@ def test_options_train_and_are_written_to_the_file_and_the_captions_are_dressed(
     assert trained and all(c.endswith(" 4k") for c in trained)
 
 
+def test_training_draws_its_timesteps_inside_min_and_max_timestep(tiny_sd15_dir, tiny_dataset, tmp_path,
+                                                                  monkeypatch):
+    from lora_nb import steps as steps_module
+
+    drawn: list[int] = []
+    original = steps_module.sample_timesteps
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        drawn.extend(out.tolist())
+        return out
+
+    monkeypatch.setattr(steps_module, "sample_timesteps", spy)
+    options = {"training.epochs": 2, "training.min_timestep": 900, "training.max_timestep": 950}
+    result = train(make_config(tiny_sd15_dir, tiny_dataset, tmp_path / "late", **options), progress=False)
+    assert len(drawn) >= 8 and min(drawn) >= 900 and max(drawn) < 950 and len(set(drawn)) > 1
+    with safe_open(str(result.final), "pt") as f:
+        meta = f.metadata()
+    assert (meta["ss_min_timestep"], meta["ss_max_timestep"]) == ("900", "950")
+    full = [original(FakeSchedule, 1, torch.Generator().manual_seed(i), "cpu").item() for i in range(400)]
+    assert min(full) < 100 and max(full) >= 900  # the defaults draw from the whole schedule
+
+
+class FakeSchedule:  # a schedule of 1000 steps, as every SD model's
+    class config:
+        num_train_timesteps = 1000
+
+
 def test_bad_option_values_are_refused_by_name():
     cfg = preset("toy").with_overrides({"training.loss_type": "l1", "training.huber_c": 0.0,
                                         "training.multires_noise_discount": 1.5, "dataset.tag_dropout": 1.0,
-                                        "training.ip_noise_gamma": -0.1})
+                                        "training.ip_noise_gamma": -0.1, "training.max_timestep": 0})
     bad = {p.setting for p in check_config(cfg) if p.level == "error"}
     assert bad == {"training.loss_type", "training.huber_c", "training.multires_noise_discount",
-                   "dataset.tag_dropout", "training.ip_noise_gamma"}
+                   "dataset.tag_dropout", "training.ip_noise_gamma", "training.max_timestep"}
+    late = preset("toy").with_overrides({"training.min_timestep": 1000})
+    assert [p.setting for p in check_config(late) if p.level == "error"] == ["training.min_timestep"]
 
 
 def test_a_warm_up_given_both_ways_is_refused():
