@@ -47,3 +47,17 @@ def test_the_class_picture_count_finds_the_presets_folder_from_any_working_folde
     monkeypatch.chdir(tmp_path)
     lines = regularization_lines(preset("toy"), 48, toy=True)
     assert lines[0].startswith("class pictures: 48 in ")
+
+
+def test_every_toy_value_that_differs_from_the_real_presets_says_why():
+    rows = planning.preset_rows()
+    differing = [r for r in rows if r["toy"] not in (r["anime"], r["realistic"])]
+    assert {r["setting"] for r in differing} >= {"resolution", "timesteps trained", "debiased estimation"}
+    assert all(r["why the toy differs"] for r in differing), [r["setting"] for r in differing if not r["why the toy differs"]]
+    timesteps = next(r for r in rows if r["setting"] == "timesteps trained")
+    assert (timesteps["toy"], timesteps["anime"]) == ("500-999", "0-999")
+
+
+def test_min_timestep_is_a_parameter_and_minus_one_keeps_the_preset():
+    assert planning.build_config("toy", {"min_timestep": -1}, "d", "o").training.min_timestep == 500
+    assert planning.build_config("toy", {"min_timestep": 0}, "d", "o").training.min_timestep == 0
