@@ -159,24 +159,29 @@ class TrainingMonitor(LivePlot):
 
 
 def text_table(rows: list[dict], columns: list[str] | None = None, floatfmt: str = ".3g", max_width: int = 48) -> str:
-    """A plain-text table of ``rows`` (dicts), for notebooks without pandas: one header line, one line per row."""
+    """A plain-text table of ``rows`` (dicts), for notebooks without pandas: one header line, one line per row; a
+    cell longer than ``max_width`` wraps onto continuation lines of its column (never cut)."""
+    import textwrap
+
     if not rows:
         return "(no rows)"
     columns = columns or list(rows[0])
 
-    def cell(v) -> str:
+    def cell(v) -> list[str]:
         if isinstance(v, float):
             s = format(v, floatfmt)
         elif isinstance(v, (list, tuple)):
             s = "; ".join(str(x) for x in v)
         else:
             s = "" if v is None else str(v)
-        return s if len(s) <= max_width else s[: max_width - 1] + "…"
+        return textwrap.wrap(s, max_width) or [""] if len(s) > max_width else [s]
 
     body = [[cell(r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(b[i]) for b in body)) for i, c in enumerate(columns)]
+    widths = [max(len(c), *(len(line) for b in body for line in b[i])) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(b, widths)) for b in body]
+    for b in body:
+        for k in range(max(len(parts) for parts in b)):
+            lines.append("  ".join((parts[k] if k < len(parts) else "").ljust(w) for parts, w in zip(b, widths)).rstrip())
     return "\n".join(lines)
 
 

@@ -322,6 +322,14 @@ def huber_c_of(noise_scheduler, timesteps: torch.Tensor, huber_c: float, schedul
     return (1 - huber_c) / (1 + sigmas) ** 2 + huber_c
 
 
+def validation_timesteps(low: int = 0, high: int = 1000, n: int = 5) -> tuple[int, ...]:
+    """The validation loss's timesteps: the middles of ``n`` equal parts of the trained range ``[low, high)``, as
+    sd-scripts spreads its validation timesteps over ``--min_timestep`` … ``--max_timestep``: 100, 300, …, 900 for
+    the whole schedule, 550, 650, …, 950 for a run trained on 500–999 (the steps it never trains say nothing of
+    how it learns)."""
+    return tuple(int(low + (high - low) * (2 * k + 1) / (2 * n)) for k in range(n))
+
+
 def fixed_noise_loss(model, latents: torch.Tensor, embeds: torch.Tensor, pooled, time_ids, noise_scheduler,
                      prediction_type: str, seed: int = 1234, timesteps=(100, 300, 500, 700, 900)) -> float:
     """The validation loss: same latents, noise and timesteps every time, so epochs compare.

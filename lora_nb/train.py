@@ -809,8 +809,9 @@ def end_of_epoch(s: Session, epoch: int, losses: list[float]) -> None:
     with use_averaged_weights(s.opt.optimizer):
         if s.cached.validation is not None:
             s.opt.unet.eval()
-            record["val_loss"] = steps.fixed_noise_loss(s.net.model, *s.cached.validation, s.net.noise_scheduler,
-                                                        s.net.prediction_type)
+            record["val_loss"] = steps.fixed_noise_loss(
+                s.net.model, *s.cached.validation, s.net.noise_scheduler, s.net.prediction_type,
+                timesteps=steps.validation_timesteps(cfg.training.min_timestep, cfg.training.max_timestep))
         run.write_metrics(record, flush=True)
         s.emit(Event("epoch", run.step, epoch, record))
         if run.is_main and cfg.sample.every_n_epochs and cfg.sample.prompts and \

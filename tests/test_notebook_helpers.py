@@ -130,3 +130,15 @@ def test_a_given_config_path_must_exist(tmp_path):
     preset("toy").with_overrides({"network.rank": 2}).write_yaml(tmp_path / "mine.yaml")
     got = load_training_config(ws, "mine.yaml", base=tmp_path)
     assert got.from_file and got.path == tmp_path / "mine.yaml" and got.config.network.rank == 2
+
+
+def test_text_table_wraps_long_cells_in_their_column_and_cuts_nothing():
+    from lora_nb.plots import text_table
+
+    reason = "only the noisier half: with debiased estimation the quieter half carries little weight yet took half"
+    out = text_table([{"setting": "timesteps", "why": reason}, {"setting": "rank", "why": "short"}], max_width=30)
+    lines = out.splitlines()
+    assert "…" not in out and len(lines) > 4 and all(len(line) <= len("timesteps") + 2 + 30 for line in lines)
+    column = lines[0].index("why")
+    assert " ".join(line[column:].strip() for line in lines[2:-1]) == reason  # every word, in order
+    assert lines[-1].split() == ["rank", "short"]

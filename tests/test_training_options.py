@@ -115,6 +115,12 @@ def test_training_draws_its_timesteps_inside_min_and_max_timestep(tiny_sd15_dir,
     assert min(full) < 100 and max(full) >= 900  # the defaults draw from the whole schedule
 
 
+def test_the_validation_loss_is_measured_inside_the_trained_timesteps():
+    assert steps.validation_timesteps() == (100, 300, 500, 700, 900)  # the whole schedule: as before the option
+    assert steps.validation_timesteps(500, 1000) == (550, 650, 750, 850, 950)
+    assert steps.validation_timesteps(900, 950, 2) == (912, 937)
+
+
 class FakeSchedule:  # a schedule of 1000 steps, as every SD model's
     class config:
         num_train_timesteps = 1000
