@@ -5,7 +5,9 @@
 
 The course's targets: the sum of the durations at most 600 s on a 2-core CPU (06 at most 300 s), and no
 executed notebook with more than 20 lines of stderr. The figures come from the notebooks' own papermill
-metadata, so they are the time each notebook ran, without the process start-up.
+metadata, so they are the time each notebook ran, without the process start-up. With --run it also prints the
+peak resident memory of the largest process of the run (each notebook runs in its own kernel process, so this is
+the notebook that needed most; Linux and macOS).
 """
 
 from __future__ import annotations
@@ -34,6 +36,14 @@ def notebook_figures(path: Path) -> dict:
             "stderr_lines": stderr, "images": images}
 
 
+def peak_child_rss_mib() -> float:
+    """The largest peak resident set of the finished child processes and their descendants, in MiB."""
+    import resource
+
+    kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return kib / 1024 if sys.platform != "darwin" else kib / 2**20  # Linux reports KiB, macOS bytes
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workspace", default="", help="default with --run: a new runs/course-bench-<time>")
@@ -50,6 +60,7 @@ def main(argv=None) -> int:
         cmd = [sys.executable, "-m", "lora_nb.cli", "course", "--workspace", str(ws)]
         code = subprocess.call(cmd, cwd=ROOT)
         print(f"course: exit {code}, {time.time() - start:.0f} s whole process")
+        print(f"peak memory: {peak_child_rss_mib():.0f} MiB resident, the largest process of the run (a notebook's kernel)")
     rows = [notebook_figures(p) for p in sorted((ws / "executed").glob("*.ipynb"))]
     if not rows:
         print(f"no executed notebooks in {ws / 'executed'}: run with --run first")
