@@ -90,6 +90,7 @@ class NetworkConfig:
     conv_rank: int = 0  # rank on the UNet's 3x3 convolutions (locon, loha, lokr; sd-scripts' conv_dim); 0 = off
     conv_alpha: float = 1.0  # alpha of those convolutions (sd-scripts' conv_alpha)
     lokr_factor: int = -1  # lokr: the Kronecker factor's size; -1 = as square as the layer allows
+    dora: bool = False  # lora/locon: weight-decomposed LoRA (DoRA): a learned magnitude per output row besides the low-rank direction
     dropout: float = 0.0  # lora/locon: share of the LoRA's input features dropped each step (peft's lora_dropout)
     rank_dropout: float = 0.0  # loha/lokr: share of the update's output rows dropped each step
     module_dropout: float = 0.0  # loha/lokr: share of steps on which a module is left out
@@ -623,6 +624,8 @@ def check_config(cfg: Config, cuda_available: bool | None = None) -> list[Proble
     if cfg.network.type in ("loha", "lokr") and "diffusers" in cfg.save.formats:
         c.err("save.formats", f"type {cfg.network.type} is saved in the kohya/LyCORIS format only (diffusers has no "
                               "LoHa/LoKr format): use save.formats [kohya].")
+    elif cfg.network.dora and "diffusers" in cfg.save.formats:
+        c.err("save.formats", "DoRA is saved in the kohya/LyCORIS format (dora_scale) only: use save.formats [kohya].")
     _check_optimizer(c, cfg.optimizer)
     _check_training(c, cfg.training, cuda_available)
     _check_dataset(c, cfg.dataset)
@@ -702,6 +705,9 @@ def _check_network_type(c: _Checks, n: NetworkConfig) -> None:
         if getattr(n, name) and n.type in ("lora", "locon"):
             c.err(f"network.{name}", "peft's LoRA has no rank or module dropout: use network.dropout with type "
                                      f"{n.type}, or network.type loha / lokr.")
+    if n.dora and n.type not in ("lora", "locon"):
+        c.err("network.dora", f"DoRA here is peft's, for type lora or locon; {n.type} with DoRA (LyCORIS' DoHa/DoKr) "
+                              "is not built: set network.type lora / locon, or dora false.")
     if n.block_lr_weights and (len(n.block_lr_weights) != 3 or not all(0 < w <= 10 for w in n.block_lr_weights)):
         c.err("network.block_lr_weights", f"{n.block_lr_weights} must be three multipliers above 0 (at most 10) for "
                                           "the down, middle and up blocks, e.g. [1.0, 0.5, 1.0]; empty = all 1.")

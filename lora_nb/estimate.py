@@ -21,7 +21,7 @@ DTYPE_NAMES = {"fp16": ("F16", 2), "bf16": ("BF16", 2), "fp32": ("F32", 4)}
 
 def lora_tensor_shapes(model, rank: int, unet_targets: str = "kohya", train_text_encoder: bool = True,
                        network_type: str = "lora", conv_rank: int = 0, conv_alpha: float = 1.0,
-                       lokr_factor: int = -1) -> dict[str, tuple[int, ...]]:
+                       lokr_factor: int = -1, dora: bool = False) -> dict[str, tuple[int, ...]]:
     """Kohya key → tensor shape of the network that :func:`lora_nb.lora_io.add_lora` would attach: each
     layer is built by peft on the meta device (so the shapes are peft's own, LoKr factors included) and
     written out as :func:`lora_nb.networks.kohya_layer_tensors` writes it."""
@@ -37,6 +37,8 @@ def lora_tensor_shapes(model, rank: int, unet_targets: str = "kohya", train_text
                 built[key] = _layer_shapes(base, network_type, r, a, lokr_factor)
             name = lora_io.kohya_module_name(comp, path, model.family, model.pipe.unet.config)
             shapes.update({f"{name}.{t}": shape for t, shape in built[key].items()})
+            if dora:  # one magnitude per output row: (out, 1) or (out, 1, 1, 1), as networks.kohya_layer_tensors writes
+                shapes[f"{name}.{networks.DORA_TENSOR}"] = (base.weight.shape[0],) + (1,) * (base.weight.dim() - 1)
     return shapes
 
 
@@ -70,7 +72,7 @@ def safetensors_size(shapes: dict[str, tuple[int, ...]], precision: str, metadat
     return 8 + padded + offset
 
 
-SHAPE_SETTINGS = ("network_type", "conv_rank", "conv_alpha", "lokr_factor")  # the options that change shapes
+SHAPE_SETTINGS = ("network_type", "conv_rank", "conv_alpha", "lokr_factor", "dora")  # the options that change shapes
 
 
 def network_shapes(model, rank: int, unet_targets: str = "kohya", train_text_encoder: bool = True,
@@ -99,7 +101,8 @@ def file_size_of(shapes: dict, model, rank: int, alpha: float, train_text_encode
     peft_cfg = networks.peft_config(network.get("network_type", "lora"), rank, alpha, ["x"], conv[:1],
                                     network.get("conv_rank", 0), network.get("conv_alpha", 1.0),
                                     network.get("lokr_factor", -1), network.get("dropout", 0.0),
-                                    network.get("rank_dropout", 0.0), network.get("module_dropout", 0.0))
+                                    network.get("rank_dropout", 0.0), network.get("module_dropout", 0.0),
+                                    dora=network.get("dora", False))
     meta = ss_metadata(model.family, str(model.source), rank, alpha, train_text_encoder, extra_metadata,
                        lora_io.network_args(peft_cfg))
     return safetensors_size(shapes, precision, meta)

@@ -122,7 +122,7 @@ def add_lora(model, rank: int, alpha: float, unet_targets: str = "kohya", train_
     """Attach peft adapters of ``network_type`` (adapter name ``default``; see :mod:`lora_nb.networks`) to
     ``model``'s UNet and, when ``train_text_encoder``, to its text encoder(s) (SDXL: both). ``conv_rank`` /
     ``conv_alpha`` size the 3x3 convolutions of ``locon``/``loha``/``lokr``; ``options`` are
-    ``lokr_factor``, ``dropout``, ``rank_dropout``, ``module_dropout``.
+    ``lokr_factor``, ``dropout``, ``rank_dropout``, ``module_dropout``, ``dora``.
 
     ``init``: ``gaussian`` (B = 0: a no-op at step 0, diffusers' choice), ``default``
     (peft's Kaiming A, B = 0) or ``random`` (A and B random: for tests, the LoRA
@@ -152,7 +152,7 @@ def network_options(net) -> dict:
     """The keyword arguments of :func:`add_lora` for a :class:`lora_nb.config.NetworkConfig`."""
     return {"network_type": net.type, "conv_rank": net.conv_rank, "conv_alpha": net.conv_alpha,
             "lokr_factor": net.lokr_factor, "dropout": net.dropout, "rank_dropout": net.rank_dropout,
-            "module_dropout": net.module_dropout}
+            "module_dropout": net.module_dropout, "dora": net.dora}
 
 
 def network_modules(model, unet_targets: str = "kohya", train_text_encoder: bool = True, network_type: str = "lora",
@@ -309,6 +309,8 @@ def save_lora(path: str | Path, model, alpha: float | None = None, fmt: str = "k
     rank, alpha = _rank_and_alpha(comps, alpha)
     if fmt == "diffusers" and type(comps["unet"].peft_config[ADAPTER_NAME]).__name__ != "LoraConfig":
         raise LoraNbError("LoHa and LoKr files exist in the kohya/LyCORIS format only: use save.formats [kohya].")
+    if fmt == "diffusers" and getattr(comps["unet"].peft_config[ADAPTER_NAME], "use_dora", False):
+        raise LoraNbError("DoRA is saved in the kohya/LyCORIS format (dora_scale) only: use save.formats [kohya].")
     meta = _ss_metadata(model, comps, rank, alpha, metadata)
     dtype = PRECISIONS[precision]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -348,8 +350,11 @@ def network_args(peft_cfg) -> dict[str, str]:
         for key in ("rank_dropout", "module_dropout"):
             if getattr(peft_cfg, key):
                 args[key] = str(getattr(peft_cfg, key))
-    elif peft_cfg.lora_dropout:
-        args["dropout"] = str(peft_cfg.lora_dropout)
+    else:
+        if peft_cfg.lora_dropout:
+            args["dropout"] = str(peft_cfg.lora_dropout)
+        if getattr(peft_cfg, "use_dora", False):  # as LyCORIS writes a DoRA file (its algo "lora" has convolutions)
+            args["algo"], args["dora_wd"] = "lora", "True"
     if peft_cfg.rank_pattern:
         args["conv_dim"] = str(next(iter(peft_cfg.rank_pattern.values())))
         args["conv_alpha"] = _fmt_number(next(iter(peft_cfg.alpha_pattern.values())))
@@ -725,6 +730,7 @@ def inspect_lora(path: str | Path) -> dict:
         "modules_total": sum(counts.values()),
         "conv_modules": int(conv),
         "dora": sum(1 for k in tensors if k.endswith(".dora_scale")),
+        "dora_axis": _dora_axes(tensors),
         "tensors": len(tensors),
         "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
         "size_bytes": path.stat().st_size,
@@ -780,6 +786,12 @@ def _single_or_list(values: set):
     return next(iter(values)) if len(values) == 1 else sorted(values)
 
 
+def _dora_axes(tensors: dict) -> str | None:
+    axes = {networks.dora_axis(parts) for parts in networks.group_file_tensors(tensors).values()
+            if networks.DORA_TENSOR in parts}
+    return " and ".join(sorted(axes)) or None
+
+
 def format_inspection(info: dict) -> str:
     """A human-readable report of :func:`inspect_lora`'s result."""
     size_mb = info["size_bytes"] / 1e6
@@ -787,8 +799,8 @@ def format_inspection(info: dict) -> str:
         f"LoRA file: {info['path']} ({size_mb:.2f} MB)",
         f"  format:   {info['format']}    network: {info.get('network', 'lora')}"
         + (f" ({info['conv_modules']} on 3x3 convolutions)" if info.get("conv_modules") else "")
-        + (f", DoRA on {info['dora']} modules (lora-nb does not load DoRA; AUTOMATIC1111 and ComfyUI do)"
-           if info.get("dora") else ""),
+        + (f", DoRA on {info['dora']} modules ({info.get('dora_axis')}; lora-nb and LyCORIS read it per output "
+           "row, AUTOMATIC1111 per input column)" if info.get("dora") else ""),
         f"  family:   {info['family']}",
         f"  rank:     {info['rank']}    alpha: {info['alpha']}",
         f"  dtype:    {info['dtype']}    tensors: {info['tensors']}",
@@ -826,10 +838,11 @@ def load_lora(pipe, path: str | Path, adapter_name: str = "lora", strength: floa
     expected = _expected_counts(tensors)
     _delete_adapter_if_present(pipe, adapter_name)
     network_type = networks.network_type_of_file(tensors)
-    if file_format(tensors) == "kohya":  # diffusers would drop DoRA's scales without a word
+    dora = any(k.endswith("." + networks.DORA_TENSOR) for k in tensors)
+    if file_format(tensors) == "kohya":
         networks.check_loadable(path.name, networks.group_file_tensors(tensors))
     try:
-        if networks.is_lycoris(network_type):
+        if networks.is_lycoris(network_type) or dora:  # diffusers loads plain LoRA; these are built module by module
             _load_lycoris(pipe, path, tensors, adapter_name, network_type)
         else:
             pipe.load_lora_weights(str(path), adapter_name=adapter_name)
@@ -852,8 +865,8 @@ def load_lora(pipe, path: str | Path, adapter_name: str = "lora", strength: floa
 
 
 def _load_lycoris(pipe, path: Path, tensors: dict, adapter_name: str, network_type: str) -> None:
-    """Load a LoHa/LoKr file (diffusers loads LoRA only): each module's peft layer is built at the file's
-    rank, alpha and factors, and its tensors copied in (:mod:`lora_nb.networks`)."""
+    """Load a LoHa, LoKr or DoRA file: each module's peft layer is built at the file's rank, alpha, factors
+    and DoRA, and its tensors copied in (:mod:`lora_nb.networks`)."""
     modules = networks.group_file_tensors(tensors)
     networks.check_loadable(path.name, modules)
     comps = _pipe_components(pipe)

@@ -10,6 +10,13 @@ loha       (alpha/r) · (w1a @ w1b) ⊙ (w2a @ w2b)   (Hadamard)     ``hada_w1_a
 lokr       (alpha/r) · w1 ⊗ (w2a @ w2b)            (Kronecker)    ``lokr_w1``, ``lokr_w2`` or ``lokr_w2_a/_b``
 =========  ====================================================  ======================================
 
+DoRA (``network.dora``, lora and locon): the merged weight W + ΔW is rescaled row by row to a learned
+magnitude, W' = m ⊙ (W + ΔW) / ‖W + ΔW‖ (one norm per output row), stored as ``dora_scale`` of shape
+``(out, 1)`` (``(out, 1, 1, 1)`` for a convolution). That is peft's DoRA and LyCORIS's default
+(``wd_on_out``), applied by LyCORIS as trained. ComfyUI recognises the orientation by the shape but divides by
+the base weight's row norm ‖W‖ (close to, not equal to, the trained model); AUTOMATIC1111's loader assumes the
+other orientation (one magnitude per input column) and does not read these files correctly.
+
 The adapters are peft's (``LoraConfig``, ``LoHaConfig``, ``LoKrConfig``: ports of LyCORIS's algorithms),
 so training, mixed precision, strength and resume treat every type alike. peft's LoHa and LoKr compute
 exactly what AUTOMATIC1111's and ComfyUI's LyCORIS loaders compute from these tensors, with one
@@ -40,8 +47,9 @@ TYPE_TENSORS = {
     "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
     "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"),
 }
-UNSUPPORTED_TENSORS = ("hada_t1", "hada_t2", "lokr_t2", "lora_mid.weight", "dora_scale", "oft_blocks", "oft_diag",
+UNSUPPORTED_TENSORS = ("hada_t1", "hada_t2", "lokr_t2", "lora_mid.weight", "oft_blocks", "oft_diag",
                        "diff", "w_norm")
+DORA_TENSOR = "dora_scale"
 # peft's LoRA init for lora-nb's choices: gaussian (B = 0, diffusers' choice), default (Kaiming A, B = 0),
 # random (A and B random: tests, the network changes the output from the start). LoHa/LoKr: no-op or random.
 INIT_CHOICES = {"gaussian": "gaussian", "default": True, "random": False}
@@ -54,10 +62,12 @@ def is_lycoris(network_type: str) -> bool:
 
 
 def tensor_kind(key: str) -> str:
-    """``lora``, ``loha``, ``lokr``, ``alpha``, ``unsupported`` (Tucker, DoRA, OFT …) or ``other``."""
+    """``lora``, ``loha``, ``lokr``, ``alpha``, ``dora``, ``unsupported`` (Tucker, OFT …) or ``other``."""
     tail = key.split(".", 1)[1] if "." in key else key
     if tail == "alpha":
         return "alpha"
+    if tail == DORA_TENSOR:
+        return "dora"
     for kind, names in TYPE_TENSORS.items():
         if tail in names:
             return kind
@@ -113,9 +123,10 @@ def _sort_module(path: str, mod, linear: list, conv: list) -> None:
 
 def peft_config(network_type: str, rank: int, alpha: float, targets: list[str], conv_targets: list[str] = (),
                 conv_rank: int = 0, conv_alpha: float = 1.0, lokr_factor: int = -1, dropout: float = 0.0,
-                rank_dropout: float = 0.0, module_dropout: float = 0.0, init="gaussian"):
+                rank_dropout: float = 0.0, module_dropout: float = 0.0, init="gaussian", dora: bool = False):
     """The peft config of one component: ``targets`` at ``rank``/``alpha``, ``conv_targets`` at
-    ``conv_rank``/``conv_alpha`` (peft's per-module ``rank_pattern``/``alpha_pattern``, exact paths)."""
+    ``conv_rank``/``conv_alpha`` (peft's per-module ``rank_pattern``/``alpha_pattern``, exact paths);
+    ``dora``: peft's DoRA (lora and locon only)."""
     from peft import LoHaConfig, LoKrConfig, LoraConfig
 
     every = list(targets) + list(conv_targets)
@@ -124,7 +135,10 @@ def peft_config(network_type: str, rank: int, alpha: float, targets: list[str], 
     if network_type in ("lora", "locon"):
         init_value = INIT_CHOICES[init]
         return LoraConfig(r=int(rank), lora_alpha=float(alpha), target_modules=every, rank_pattern=ranks,
-                          alpha_pattern=alphas, lora_dropout=float(dropout), init_lora_weights=init_value)
+                          alpha_pattern=alphas, lora_dropout=float(dropout), init_lora_weights=init_value,
+                          use_dora=bool(dora))
+    if dora:
+        raise LoraNbError(f"network.dora works with network.type lora or locon (peft's DoRA), not {network_type}.")
     common = dict(r=int(rank), alpha=float(alpha), target_modules=every, rank_pattern=ranks, alpha_pattern=alphas,
                   rank_dropout=float(rank_dropout), module_dropout=float(module_dropout),
                   init_weights=init != "random", use_effective_conv2d=False)
@@ -169,8 +183,12 @@ def kohya_layer_tensors(layer, adapter: str) -> dict[str, torch.Tensor]:
     """The tensors of one adapter layer as the kohya/LyCORIS format names them (``alpha`` included)."""
     r, alpha = layer_rank_alpha(layer, adapter)
     if hasattr(layer, "lora_A"):
-        return {"lora_down.weight": layer.lora_A[adapter].weight, "lora_up.weight": layer.lora_B[adapter].weight,
-                "alpha": torch.tensor(alpha)}
+        out = {"lora_down.weight": layer.lora_A[adapter].weight, "lora_up.weight": layer.lora_B[adapter].weight,
+               "alpha": torch.tensor(alpha)}
+        magnitude = dora_magnitude(layer, adapter)
+        if magnitude is not None:  # (out,) or (1, out, 1, 1) in peft; (out, 1[, 1, 1]) in the file
+            out[DORA_TENSOR] = magnitude.reshape(-1, *[1] * (layer.lora_A[adapter].weight.dim() - 1))
+        return out
     if hasattr(layer, "hada_w1_a"):
         out = {name: getattr(layer, name)[adapter] for name in TYPE_TENSORS["loha"]}
         return {**out, "alpha": torch.tensor(alpha)}
@@ -179,6 +197,21 @@ def kohya_layer_tensors(layer, adapter: str) -> dict[str, torch.Tensor]:
         out["lokr_w1"] = out["lokr_w1"] * (alpha / r)
         alpha = float(r)
     return {**out, "alpha": torch.tensor(alpha)}
+
+
+def dora_magnitude(layer, adapter: str):
+    """The DoRA magnitude parameter of a peft LoRA layer (None without DoRA)."""
+    vectors = getattr(layer, "lora_magnitude_vector", None)
+    if vectors is None or adapter not in vectors:
+        return None
+    return vectors[adapter].weight
+
+
+def dora_axis(parts: dict[str, torch.Tensor]) -> str:
+    """``per output row`` or ``per input column``: which way a module's ``dora_scale`` holds its magnitudes."""
+    scale, up = parts[DORA_TENSOR], parts.get("lora_up.weight")
+    rows = int(up.shape[0]) if up is not None else None
+    return "per output row" if scale.shape[0] == rows and scale.numel() == rows else "per input column"
 
 
 def group_file_tensors(tensors: dict) -> dict[str, dict[str, torch.Tensor]]:
@@ -212,7 +245,7 @@ def check_loadable(path_name: str, modules: dict[str, dict]) -> None:
         odd = [t for t in parts if tensor_kind(f"x.{t}") == "unsupported"]
         if odd:
             raise LoraNbError(f"{path_name}: module {name} has {', '.join(sorted(odd))}: Tucker-decomposed "
-                              "convolutions, DoRA and OFT are not loaded by lora-nb (AUTOMATIC1111 and ComfyUI "
+                              "convolutions and OFT are not loaded by lora-nb (AUTOMATIC1111 and ComfyUI "
                               "load them); use the file there.")
 
 
@@ -222,9 +255,15 @@ def copy_file_tensors(layer, adapter: str, parts: dict[str, torch.Tensor], where
     r, alpha = layer_rank_alpha(layer, adapter)
     if hasattr(layer, "lora_A"):
         targets = {"lora_down.weight": layer.lora_A[adapter].weight, "lora_up.weight": layer.lora_B[adapter].weight}
+        if dora_magnitude(layer, adapter) is not None:
+            targets[DORA_TENSOR] = dora_magnitude(layer, adapter)
     else:
         kind = "loha" if hasattr(layer, "hada_w1_a") else "lokr"
         targets = {n: getattr(layer, n)[adapter] for n in TYPE_TENSORS[kind] if adapter in getattr(layer, n)}
+    if DORA_TENSOR in parts and dora_axis(parts) != "per output row":
+        raise LoraNbError(f"{where}: its DoRA scale has shape {tuple(parts[DORA_TENSOR].shape)}, one magnitude per "
+                          "input column (AUTOMATIC1111's orientation); lora-nb loads DoRA per output row (peft, "
+                          "LyCORIS's default), so use the file in AUTOMATIC1111.")
     given = {n for n in parts if n != "alpha"}
     if given != set(targets):
         raise LoraNbError(f"{where} holds {', '.join(sorted(given))} but this network has "
@@ -242,14 +281,18 @@ def copy_file_tensors(layer, adapter: str, parts: dict[str, torch.Tensor], where
 
 def peft_config_for_file(network_type: str, modules: dict[str, dict[str, torch.Tensor]], layers: dict[str, object]):
     """The peft config that rebuilds these file modules (``{module path: tensors}``, their base ``layers``)
-    exactly: each module at its own rank and alpha, LoKr factors as the file has them."""
-    from peft import LoHaConfig, LoKrConfig
+    exactly: each module at its own rank and alpha, LoKr factors as the file has them, DoRA where the file
+    has its scales."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
 
     ranks, alphas = {}, {}
     for path, parts in modules.items():
         r, alpha = file_rank_alpha(parts)
         ranks[_exact(path)], alphas[_exact(path)] = r, alpha
     first = next(iter(ranks))
+    if network_type in ("lora", "locon"):
+        return LoraConfig(r=ranks[first], lora_alpha=alphas[first], target_modules=list(modules), rank_pattern=ranks,
+                          alpha_pattern=alphas, use_dora=any(DORA_TENSOR in parts for parts in modules.values()))
     common = dict(r=ranks[first], alpha=alphas[first], target_modules=list(modules), rank_pattern=ranks,
                   alpha_pattern=alphas, use_effective_conv2d=False)
     if network_type == "loha":

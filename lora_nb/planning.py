@@ -252,7 +252,7 @@ def report_settings(cfg: Config, scan, model=None, cuda_available: bool | None =
                           notes=regularization_lines(cfg, images, toy))
 
 
-NETWORK_SETTINGS = ("network.type", "network.conv_rank", "network.conv_alpha", "network.lokr_factor",
+NETWORK_SETTINGS = ("network.type", "network.conv_rank", "network.conv_alpha", "network.lokr_factor", "network.dora",
                     "network.dropout", "network.rank_dropout", "network.module_dropout", "network.block_lr_weights")
 
 

@@ -107,6 +107,94 @@ def test_inspect_names_dora_and_load_refuses_it_with_where_it_loads(tiny_sd15_di
         lora_io.load_lora(load_base_model(tiny_sd15_dir).pipe, tmp_path / "dora.safetensors")
 
 
+def _dora_paper_weight(weight, parts):
+    """The weight DoRA defines (Liu et al. 2024; LyCORIS's ``wd_on_out``) from one module's file tensors,
+    written out independently of peft: W' = m ⊙ (W + ΔW) / ‖W + ΔW‖, the norm over each output row."""
+    down, up = parts["lora_down.weight"].double(), parts["lora_up.weight"].double()
+    scale = float(parts["alpha"]) / down.shape[0]
+    delta = (up.flatten(1) @ down.flatten(1)).reshape(weight.shape) * scale
+    merged = weight.double() + delta
+    norm = merged.reshape(merged.shape[0], -1).norm(dim=1).reshape(-1, *[1] * (merged.dim() - 1))
+    return (merged * (parts["dora_scale"].double() / norm)).to(weight.dtype)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_dora_files_hold_a_magnitude_per_output_row_and_reload_and_merge_to_the_trained_model(
+        family, tiny_sd15_dir, tiny_sdxl_dir, tmp_path):
+    from lora_nb import networks
+
+    folder = tiny_sd15_dir if family == "sd15" else tiny_sdxl_dir
+    for network_type, conv_rank in (("lora", 0), ("locon", 4)):
+        model = load_base_model(folder)
+        torch.manual_seed(0)
+        counts = lora_io.add_lora(model, 4, 2.0, init="random", network_type=network_type, conv_rank=conv_rank,
+                                  dora=True)
+        with torch.no_grad():  # move the magnitudes away from their start (the norm of W + ΔW)
+            for comp in lora_io.lora_components(model).values():
+                for layer in networks.adapter_layers(comp, "default").values():
+                    m = networks.dora_magnitude(layer, "default")
+                    m.mul_(1 + 0.3 * torch.rand(m.shape))
+        trained = _outputs(model.pipe, family)
+        path = lora_io.save_lora(tmp_path / f"dora-{network_type}.safetensors", model, precision="fp32")
+        tensors = load_file(str(path))
+        modules = networks.group_file_tensors(tensors)
+        assert all(set(parts) == NAMES[network_type] | {"dora_scale"} for parts in modules.values())
+        assert all(networks.dora_axis(parts) == "per output row" for parts in modules.values())
+        info = lora_io.inspect_lora(path)
+        assert info["dora"] == sum(counts.values()) and info["dora_axis"] == "per output row" and not info["problems"]
+        meta = info["metadata"]
+        assert meta["ss_network_module"] == "lycoris.kohya"
+        assert json.loads(meta["ss_network_args"])["dora_wd"] == "True"
+        assert estimate_lora_file_size(load_base_model(folder), 4, 2.0, "kohya", True, "fp32", None,
+                                       {"network_type": network_type, "conv_rank": conv_rank,
+                                        "dora": True}) == os.path.getsize(path)
+
+        fresh = load_base_model(folder)
+        assert lora_io.load_lora(fresh.pipe, path, adapter_name="back") == counts
+        assert all((a - b).abs().max() <= 1e-4 for a, b in zip(trained, _outputs(fresh.pipe, family)))
+
+        merged = load_base_model(folder)  # the file's weights by DoRA's definition, merged by hand
+        comps = lora_io._pipe_components(merged.pipe)
+        names = lora_io.kohya_names(family, merged.pipe.unet.config, comps)
+        with torch.no_grad():
+            for name, parts in modules.items():
+                comp, mod_path = names[name]
+                mod = comps[comp].get_submodule(mod_path)
+                mod.weight.copy_(_dora_paper_weight(mod.weight, parts))
+        assert all((a - b).abs().max() <= 1e-4 for a, b in zip(trained, _outputs(merged.pipe, family)))
+
+
+def test_dora_is_refused_where_it_is_not_built():
+    for overrides, setting in (({"network.type": "loha", "network.dora": True}, "network.dora"),
+                               ({"network.dora": True, "save.formats": ["kohya", "diffusers"]}, "save.formats")):
+        problems = [p for p in check_config(preset("toy").with_overrides(overrides)) if p.level == "error"]
+        assert [p.setting for p in problems] == [setting], problems
+
+
+def test_the_trainer_trains_dora_magnitudes_and_the_file_reloads(tiny_sd15_dir, tiny_dataset, tmp_path):
+    from lora_nb import networks
+
+    cfg = make_config(tiny_sd15_dir, tiny_dataset, tmp_path / "d", **{
+        "network.dora": True, "optimizer.text_encoder_lr": 1e-4, "optimizer.learning_rate": 1e-3,
+        "training.epochs": 1, "save.precision": "fp32"})
+    result = train(cfg, resume=False, progress=False)
+    final = [f for f in result.files if f.suffix == ".safetensors"][-1]
+    modules = networks.group_file_tensors(load_file(str(final)))
+    base = load_base_model(tiny_sd15_dir)
+    comps = lora_io._pipe_components(base.pipe)
+    names = lora_io.kohya_names("sd15", base.pipe.unet.config, comps)
+    moved = 0
+    for name, parts in modules.items():  # trained: no longer the norm of W + ΔW the magnitudes start at
+        comp, mod_path = names[name]
+        w = comps[comp].get_submodule(mod_path).weight
+        start = (w + (parts["lora_up.weight"].flatten(1) @ parts["lora_down.weight"].flatten(1)).reshape(w.shape)
+                 * float(parts["alpha"]) / parts["lora_down.weight"].shape[0])
+        start = start.reshape(start.shape[0], -1).norm(dim=1)
+        moved += not torch.allclose(parts["dora_scale"].flatten(), start, atol=1e-6)
+    assert moved > len(modules) // 2 and "text_encoder" in lora_io.inspect_lora(final)["modules"]
+    lora_io.load_lora(load_base_model(tiny_sd15_dir).pipe, final)
+
+
 def test_module_sets_match_sd_scripts_and_lycoris_at_full_size():
     """sd-scripts: SD1.5 UNet 192 modules, 278 with conv_dim (its 22 ResNet blocks give 3 each, 14 of them a
     1x1 shortcut, plus 3 down- and 3 upsamplers); SDXL 722 and 788. LyCORIS's full preset adds conv_in,
