@@ -1,5 +1,5 @@
 """The network types measured on the toy world: at about the file size of the course's rank-8 LoRA, what
-LoCon, LoHa and LoKr learn of the zorb, and what resizing the course's LoRA to rank 4 and 2 keeps.
+LoCon, LoHa, LoKr and the course LoRA with DoRA learn of the zorb, and what resizing the course's LoRA to rank 4 and 2 keeps.
 
 Every type trains the course's toy settings with only its network changed, at the rank (and LoKr factor)
 whose file is nearest in size to the course's LoRA, at training seeds 0, 1, 2 …; each final file is judged by
@@ -41,7 +41,8 @@ def file_size_for(model, cfg: Config, overrides: dict) -> int:
 
 def matched_networks(model, course: Config) -> list[tuple[str, dict, int]]:
     """``(type, overrides, bytes)`` for each type at the rank (LoKr: and factor) nearest in file size to the
-    course's LoRA; alpha / rank as in the course (conv layers at the same rank and alpha)."""
+    course's LoRA; alpha / rank as in the course (conv layers at the same rank and alpha); last, the course's
+    LoRA with DoRA (``lora-dora``)."""
     target = file_size_for(model, course, {})
     scale = course.network.alpha / course.network.rank
     out = [("lora", {}, target)]
@@ -55,6 +56,8 @@ def matched_networks(model, course: Config) -> list[tuple[str, dict, int]]:
                 options.append((abs(file_size_for(model, course, o) - target), o))
         best = min(options, key=lambda t: t[0])[1]
         out.append((network_type, best, file_size_for(model, course, best)))
+    dora = {"network.dora": True}  # the course's LoRA with DoRA: its magnitudes add a few per cent to the file
+    out.append(("lora-dora", dora, file_size_for(model, course, dora)))
     return out
 
 
@@ -65,6 +68,8 @@ def describe(network_type: str, overrides: dict) -> str:
         extra = f", 3x3 convolutions at rank {overrides['network.conv_rank']}"
     if "network.lokr_factor" in overrides:
         extra = f", factor {overrides['network.lokr_factor']}"
+    if network_type == "lora-dora":
+        return "lora rank 8 with DoRA (a learned magnitude per output row)"
     return f"{network_type} rank {r}{extra}" if network_type != "lora" else "lora rank 8 (the course's)"
 
 

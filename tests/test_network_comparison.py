@@ -11,10 +11,11 @@ def test_each_type_is_matched_to_the_course_loras_file_size_at_the_courses_alpha
     course = preset("toy")
     model = load_model_for(course)
     matched = nc.matched_networks(model, course)
-    assert [m[0] for m in matched] == ["lora", "locon", "loha", "lokr"]
+    assert [m[0] for m in matched] == ["lora", "locon", "loha", "lokr", "lora-dora"]
     target = matched[0][2]
     assert target == nc.file_size_for(model, course, {})
-    for network_type, overrides, size in matched[1:]:
+    assert matched[-1][1] == {"network.dora": True} and target < matched[-1][2] < 1.15 * target
+    for network_type, overrides, size in matched[1:-1]:
         assert overrides["network.type"] == network_type
         assert abs(size - target) / target < 0.15, (network_type, size, target)  # the nearest the ranks allow
         assert overrides["network.alpha"] / overrides["network.rank"] == course.network.alpha / course.network.rank
