@@ -160,9 +160,10 @@ def cmd_compare_networks(args) -> int:
 
     from lora_nb.network_comparison import format_comparison, run_comparison, write_comparison
 
-    table = run_comparison(args.out, seeds=args.seeds, steps=args.steps, max_steps=args.max_steps or None)
+    table = run_comparison(args.out, seeds=args.seeds, steps=args.steps, max_steps=args.max_steps or None,
+                           only=args.only or None)
     command = f"lora-nb compare-networks --seeds {args.seeds} --out {args.out}" + (
-        f" --max-steps {args.max_steps}" if args.max_steps else "")
+        f" --max-steps {args.max_steps}" if args.max_steps else "") + (f" --only {' '.join(args.only)}" if args.only else "")
     js, md = write_comparison(table, args.report or args.out, command, _time.strftime("%Y-%m-%d"))
     print(format_comparison(table, command, _time.strftime("%Y-%m-%d")))
     print(f"wrote {js} and {md}")
@@ -264,13 +265,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--measured-only", action="store_true", help="train nothing: the table of the runs measured so far")
     e.set_defaults(func=cmd_experiments)
 
-    n = sub.add_parser("compare-networks", help="lora, locon, loha and lokr at the course LoRA's file size, and "
-                                                "the course LoRA resized to rank 4 and 2, judged on the toy world")
+    n = sub.add_parser("compare-networks", help="lora, locon, loha, lokr and lora with DoRA at the course LoRA's "
+                                                "file size, and the course LoRA resized to rank 4 and 2, judged on the "
+                                                "toy world")
     n.add_argument("--seeds", type=int, default=3, help="training seeds per type (3 or more)")
     n.add_argument("--out", default="runs/networks", help="folder of the runs (kept; a rerun resumes)")
     n.add_argument("--report", default="", help="folder for networks.json / networks.md (default: --out)")
     n.add_argument("--steps", type=int, default=20, help="denoising steps of each judged image")
     n.add_argument("--max-steps", type=int, default=0, help="cap each run's training steps (quick checks; 0 = none)")
+    n.add_argument("--only", nargs="+", metavar="ROW", default=[],
+                   help="these rows only (locon, loha, lokr, lora-dora, lora-resized-4, lora-resized-2); the course's "
+                        "lora row comes along")
     n.set_defaults(func=cmd_compare_networks)
 
     d = sub.add_parser("diagnose", help="over/underfitting diagnosis of a trained workspace")

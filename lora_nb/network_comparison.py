@@ -1,5 +1,6 @@
 """The network types measured on the toy world: at about the file size of the course's rank-8 LoRA, what
-LoCon, LoHa, LoKr and the course LoRA with DoRA learn of the zorb, and what resizing the course's LoRA to rank 4 and 2 keeps.
+LoCon, LoHa, LoKr and the course LoRA with DoRA learn of the zorb, and what resizing the course's LoRA to rank
+4 and 2 keeps.
 
 Every type trains the course's toy settings with only its network changed, at the rank (and LoKr factor)
 whose file is nearest in size to the course's LoRA, at training seeds 0, 1, 2 …; each final file is judged by
@@ -74,9 +75,11 @@ def describe(network_type: str, overrides: dict) -> str:
 
 
 def run_comparison(out: str | Path, seeds: int = 3, sample_seeds: list[int] | None = None, steps: int = 20,
-                   course: Config | None = None, max_steps: int | None = None, log=print) -> dict:
+                   course: Config | None = None, max_steps: int | None = None, log=print,
+                   only: list[str] | None = None) -> dict:
     """Train and judge every type at seeds 0 … ``seeds``−1 and the course run's resized files (resuming what
-    exists); return the table ``{"rows": [...], "conclusions": [...], ...}``."""
+    exists); ``only``: those rows alone (the course's ``lora`` row always); return the table
+    ``{"rows": [...], "conclusions": [...], ...}``."""
     from lora_nb.models import load_model_for
 
     if seeds < 1:
@@ -86,6 +89,11 @@ def run_comparison(out: str | Path, seeds: int = 3, sample_seeds: list[int] | No
     sample_seeds = list(sample_seeds or [0, 1])
     model = load_model_for(course)
     matched = matched_networks(model, course)
+    names = [name for name, _, _ in matched] + [f"lora-resized-{r}" for r in RESIZED_RANKS]
+    unknown = sorted(set(only or []) - set(names))
+    if unknown:
+        raise LoraNbError(f"--only {' '.join(unknown)}: no such row; the rows are {', '.join(names)}.")
+    matched = [m for m in matched if not only or m[0] == "lora" or m[0] in only]
     per_type: dict[str, dict] = {name: {} for name, _, _ in matched}
     for seed in range(seeds):  # every type at one seed before the next seed: a stopped table is still balanced
         for network_type, overrides, _size in matched:
@@ -96,13 +104,17 @@ def run_comparison(out: str | Path, seeds: int = 3, sample_seeds: list[int] | No
             per_type[network_type][seed] = remedies.measure_run(cfg, folder, sample_seeds, steps)
     rows = [{"name": name, "what": describe(name, overrides), "bytes": size, **remedies.summarise(per_type[name])}
             for name, overrides, size in matched]
-    rows += resized_rows(out, course, seeds, sample_seeds, steps, log)
+    ranks = [r for r in RESIZED_RANKS if not only or f"lora-resized-{r}" in only]
+    rows += resized_rows(out, course, seeds, sample_seeds, steps, log, ranks)
     return {"rows": rows, "conclusions": conclude(rows), "seeds": list(range(seeds)), "sample_seeds": sample_seeds,
             "steps": steps, "max_steps": max_steps}
 
 
-def resized_rows(out: Path, course: Config, seeds: int, sample_seeds: list[int], steps: int, log) -> list[dict]:
+def resized_rows(out: Path, course: Config, seeds: int, sample_seeds: list[int], steps: int, log,
+                 ranks=RESIZED_RANKS) -> list[dict]:
     """The course LoRA of each seed resized to each of :data:`RESIZED_RANKS`, judged like a trained run."""
+    if not ranks:
+        return []
     from lora_nb.diagnose import load_training_images, toy_image_evidence
     from lora_nb.lora_io import load_lora
     from lora_nb.lora_tools import resize_lora
@@ -112,7 +124,7 @@ def resized_rows(out: Path, course: Config, seeds: int, sample_seeds: list[int],
     model.pipe.set_progress_bar_config(disable=True)
     training = load_training_images(course)
     rows = []
-    for rank in RESIZED_RANKS:
+    for rank in ranks:
         per_seed, size = {}, 0
         for seed in range(seeds):
             folder = out / "lora" / f"seed-{seed}"

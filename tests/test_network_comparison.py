@@ -44,3 +44,10 @@ def test_the_command_refuses_fewer_than_one_seed(tmp_path):
 
     with pytest.raises(LoraNbError, match="seeds"):
         nc.run_comparison(tmp_path, seeds=0)
+
+
+def test_only_names_rows_of_the_table(tmp_path):
+    from lora_nb import LoraNbError
+
+    with pytest.raises(LoraNbError, match="lora-dorra: no such row; the rows are lora, locon, loha, lokr, lora-dora"):
+        nc.run_comparison(tmp_path, seeds=1, only=["lora-dorra"])
