@@ -14,8 +14,8 @@ DoRA (``network.dora``, lora and locon): the merged weight W + ΔW is rescaled r
 magnitude, W' = m ⊙ (W + ΔW) / ‖W + ΔW‖ (one norm per output row), stored as ``dora_scale`` of shape
 ``(out, 1)`` (``(out, 1, 1, 1)`` for a convolution). That is peft's DoRA and LyCORIS's default
 (``wd_on_out``), applied by LyCORIS as trained. ComfyUI recognises the orientation by the shape but divides by
-the base weight's row norm ‖W‖ (close to, not equal to, the trained model); AUTOMATIC1111's loader assumes the
-other orientation (one magnitude per input column) and does not read these files correctly.
+the base weight's row norm ‖W‖ (another model, the further off the larger the update); AUTOMATIC1111's
+loader assumes the other orientation (one magnitude per input column) and does not read these files correctly.
 
 The adapters are peft's (``LoraConfig``, ``LoHaConfig``, ``LoKrConfig``: ports of LyCORIS's algorithms),
 so training, mixed precision, strength and resume treat every type alike. peft's LoHa and LoKr compute
