@@ -434,9 +434,9 @@ TOY_REASONS = {
                            "two training seeds it was tuned on, 0.48-0.96 over eight (docs/toy-world.md); for real "
                            "models it is an option, not the rule",
     "timesteps trained": "only the noisier half: with debiased estimation the quieter half carries little weight "
-                         "yet took half the samples; training on the noisier half alone doubles the samples where "
-                         "the eyes are decided (docs/toy-world.md: the zorb in 0.71-0.98 of held-out "
-                         "generations over 4 training seeds, 0.32-0.86 without); the real presets train on all",
+                         "yet took half the samples. For the course's training seed the zorb in 0.98 of held-out "
+                         "generations instead of 0.69; over six seeds 0.58-0.98 instead of 0.32-0.94, no "
+                         "difference six seeds can resolve (docs/toy-world.md); the real presets train on all",
     "class images": "without them the zorb leaks into plain 'circle' prompts (docs/toy-world.md: 25-75% of "
                     "them, against 0-4% with)",
     "clip skip": "the toy text encoder has 3 layers; skipping one would leave 2",
