@@ -331,11 +331,13 @@ def validation_timesteps(low: int = 0, high: int = 1000, n: int = 5) -> tuple[in
 
 
 def fixed_noise_loss(model, latents: torch.Tensor, embeds: torch.Tensor, pooled, time_ids, noise_scheduler,
-                     prediction_type: str, seed: int = 1234, timesteps=(100, 300, 500, 700, 900)) -> float:
+                     prediction_type: str, seed: int = 1234, timesteps: tuple[int, ...] | None = None) -> float:
     """The validation loss: same latents, noise and timesteps every time, so epochs compare.
 
-    ``latents`` are already scaled; every latent is evaluated at each of ``timesteps``.
+    ``latents`` are already scaled; every latent is evaluated at each of ``timesteps`` (default: those of
+    :func:`validation_timesteps` for the whole schedule).
     """
+    timesteps = timesteps or validation_timesteps()
     unet = model.pipe.unet
     device = latents.device
     gen = torch.Generator().manual_seed(seed)
