@@ -222,6 +222,9 @@ class Config:
     @classmethod
     def load(cls, path: str | Path) -> "Config":
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"{path} is a folder, not a config file: give the path of its YAML file (e.g. "
+                              f"{path / 'config.yaml'}), or write one with `lora-nb config --preset toy > FILE`.")
         if not path.is_file():
             raise ConfigError(f"Config file {path} does not exist. Write one with `lora-nb config --preset toy > {path}`.")
         try:
@@ -716,7 +719,9 @@ def _check_network_type(c: _Checks, n: NetworkConfig) -> None:
 def _check_optimizer(c: _Checks, o: OptimizerConfig) -> None:
     """Optimizer and schedule names, learning rates and the advice that goes with each optimizer."""
     if o.optimizer not in OPTIMIZERS:
-        c.err("optimizer.optimizer", f"{o.optimizer!r} is unknown: use one of {', '.join(OPTIMIZERS)}.")
+        same = [name for name in OPTIMIZERS if name.lower() == str(o.optimizer).lower()]
+        hint = f"write it {same[0]!r} (the names are case-sensitive)" if same else f"use one of {', '.join(OPTIMIZERS)}"
+        c.err("optimizer.optimizer", f"{o.optimizer!r} is unknown: {hint}.")
     if o.lr_scheduler not in SCHEDULERS:
         c.err("optimizer.lr_scheduler", f"{o.lr_scheduler!r} is unknown: use one of {', '.join(SCHEDULERS)}.")
     for name in ("learning_rate", "unet_lr", "text_encoder_lr", "weight_decay", "max_grad_norm", "lr_power"):

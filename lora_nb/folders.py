@@ -67,13 +67,15 @@ def list_images(folder: str | Path, recursive: bool = True, follow_links: bool =
     return sorted(found)
 
 
-def concept_folder_name(repeats: int, concept: str) -> str:
-    """The kohya dataset folder name ``<repeats>_<concept>`` (e.g. ``10_sks dog``)."""
+def concept_folder_name(repeats: int, concept: str, setting: str = "concept") -> str:
+    """The kohya dataset folder name ``<repeats>_<concept>`` (e.g. ``10_sks dog``); ``setting`` is the name the
+    learner gave the concept under, for the message when it cannot be a folder name."""
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise LoraNbError(f"repeats={repeats!r}: must be a whole number of at least 1 (anime ~8, realistic ~15).")
     concept = str(concept).strip()
     if not concept or any(c in concept for c in '/\\<>:"|?*') or concept in (".", ".."):
-        raise LoraNbError(f"concept={concept!r}: give a short name without slashes or special characters, e.g. 'sks dog'.")
+        raise LoraNbError(f"{setting}={concept!r} cannot be a folder name: give a short name without slashes or "
+                          "special characters, e.g. 'sks dog'.")
     return f"{repeats}_{concept}"
 
 
@@ -96,9 +98,9 @@ def parse_concept_folder(name: str | Path) -> tuple[int, str]:
     return parsed
 
 
-def make_concept_folder(dataset_dir: str | Path, repeats: int, concept: str) -> Path:
+def make_concept_folder(dataset_dir: str | Path, repeats: int, concept: str, setting: str = "concept") -> Path:
     """Create ``dataset_dir/<repeats>_<concept>`` and return it."""
-    path = Path(dataset_dir) / concept_folder_name(repeats, concept)
+    path = Path(dataset_dir) / concept_folder_name(repeats, concept, setting)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -116,4 +118,4 @@ def find_concept_folders(dataset_dir: str | Path) -> list[tuple[Path, int, str]]
 
 def make_regularization_folder(reg_dir: str | Path, class_name: str, repeats: int = 1) -> Path:
     """Create the regularization set folder ``reg_dir/<repeats>_<class>`` (C5), kohya's layout for reg images."""
-    return make_concept_folder(reg_dir, repeats, class_name)
+    return make_concept_folder(reg_dir, repeats, class_name, setting="class_name")

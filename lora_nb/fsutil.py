@@ -60,11 +60,16 @@ def is_disk_full(exc: BaseException) -> bool:
     return isinstance(exc, Exception) and "No space left on device" in str(exc)
 
 
-def disk_full_error(path: str | Path) -> LoraNbError:
-    return LoraNbError(
-        f"The disk is full while writing {path}: the previous version of the file is intact. "
-        "Free some space (delete old runs or LoRA files) and run again; training resumes from the last save."
-    )
+class DiskFullError(LoraNbError):
+    """No space left while writing ``path``; what a rerun does depends on who wrote, so the trainer adds it."""
+
+    def __init__(self, path: str | Path, then: str = "Free some space (delete old runs or LoRA files) and run it again."):
+        self.path = path
+        super().__init__(f"The disk is full while writing {path}: the previous version of the file is intact. {then}")
+
+
+def disk_full_error(path: str | Path) -> DiskFullError:
+    return DiskFullError(path)
 
 
 _replaced: dict[str, int] = {}  # test hook: replacements of the watched file so far, per file name

@@ -308,14 +308,22 @@ def pixel_hash(img: Image.Image) -> str:
     return h.hexdigest()
 
 
+HIDDEN_FILE_REASON = ("hidden (its name or folder starts with '.'): not imported; rename it without the leading dot "
+                      "to import it")
+HIDDEN_FOLDER_REASON = "hidden folder (its name starts with '.'): not looked into"
+
+
 def _iter_folder(folder: Path):
     """Yield ``(relative name, bytes or None, skip reason or None)`` for each file in a folder."""
     for root, dirs, files in os.walk(folder, followlinks=False):
+        for d in sorted(d for d in dirs if d.startswith(".")):
+            yield (Path(root) / d).relative_to(folder).as_posix() + "/", None, HIDDEN_FOLDER_REASON
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for f in sorted(files):
             p = Path(root) / f
             rel = p.relative_to(folder).as_posix()
             if f.startswith("."):
+                yield rel, None, HIDDEN_FILE_REASON
                 continue
             if p.is_symlink():
                 yield rel, None, "symbolic link (not followed, for safety): copy the real file into the folder"
@@ -399,7 +407,13 @@ def _iter_zip(zip_path: Path, max_files: int, max_total_bytes: int, max_ratio: i
         read_total = 0
         for info in zf.infolist():
             name = info.filename
-            if info.is_dir() or name.split("/")[-1].startswith(".") or name.startswith("__MACOSX/"):
+            if info.is_dir():
+                continue
+            if name.startswith("__MACOSX/"):
+                yield name, None, "macOS metadata inside the zip (__MACOSX), not a picture"
+                continue
+            if any(part.startswith(".") for part in name.split("/")):
+                yield name, None, HIDDEN_FILE_REASON
                 continue
             if _zip_is_symlink(info):
                 yield name, None, "symbolic link inside the zip (not followed, for safety)"

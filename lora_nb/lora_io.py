@@ -717,7 +717,9 @@ def inspect_lora(path: str | Path) -> dict:
             problems.append(f"NaN/Inf values in {k} (the LoRA is broken: training diverged, retrain with a lower "
                             "learning rate or fp32/bf16)")
     if not alphas:
-        alphas |= _alphas_from_metadata(metadata)
+        found, odd = _alphas_from_metadata(metadata)
+        alphas |= found
+        problems += odd
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()})
     return {
         "path": str(path),
@@ -765,19 +767,27 @@ def _module_problems(module: str, parts: dict) -> list[str]:
     return problems
 
 
-def _alphas_from_metadata(metadata: dict[str, str]) -> set[float]:
-    """diffusers files keep alpha in their peft configs (``lora_adapter_metadata``)."""
+def _alphas_from_metadata(metadata: dict[str, str]) -> tuple[set[float], list[str]]:
+    """diffusers files keep alpha in their peft configs (``lora_adapter_metadata``): the alphas found there, and
+    a problem line for each value that is not one number (a loader would fail on it or ignore it)."""
+    if "lora_adapter_metadata" not in metadata:
+        return set(), []
     try:
-        packed = json.loads(metadata.get("lora_adapter_metadata", "{}"))
+        packed = json.loads(metadata["lora_adapter_metadata"])
     except json.JSONDecodeError:
-        return set()
+        return set(), ["metadata lora_adapter_metadata is not valid JSON: loaders cannot read the alpha from it"]
     if not isinstance(packed, dict):
-        return set()
-    found = set()
+        return set(), ["metadata lora_adapter_metadata is not a mapping of settings: loaders cannot read the alpha"]
+    found, problems = set(), []
     for k, v in packed.items():
-        if str(k).endswith(".lora_alpha") and isinstance(v, (int, float)) and not isinstance(v, bool):
+        if not str(k).endswith(".lora_alpha"):
+            continue
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
             found.add(float(v))
-    return found
+        else:
+            problems.append(f"metadata lora_adapter_metadata {k} is {v!r}, not a number: a loader fails on it or "
+                            "ignores it (alpha = rank)")
+    return found, problems
 
 
 def _single_or_list(values: set):

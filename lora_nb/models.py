@@ -366,6 +366,17 @@ def _load_single_file(path: Path, family: str, dtype, allow_pickle: bool, config
     return _from_single_file(path, fam, dtype, path, shapes, config)
 
 
+def _pickle_global(exc: Exception) -> str:
+    """The object torch's safe unpickler refused (``posix.system``, ``__main__.Net``), as ``" (posix.system)"``.
+
+    Only that part of torch's message is quoted: the rest advises re-running with ``weights_only=False``,
+    which would read as if lora-nb were about to."""
+    import re
+
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    return f" ({found.group(1)})" if found else ""
+
+
 def load_pickle_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a ``.ckpt``/``.pt`` checkpoint, unpickled with ``torch.load(weights_only=True)``:
     only tensors and plain containers are rebuilt, so code hidden in the file never runs."""
@@ -376,9 +387,9 @@ def load_pickle_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise LoraNbError(
-            f"{path} was refused: it holds Python objects besides tensors, which only a full unpickle could "
-            f"rebuild (and that can run code hidden in the file). Details: {str(exc).splitlines()[0][:200]}. "
-            "Use a .safetensors version of this model."
+            f"{path} was refused and nothing in it was run: it holds Python objects besides tensors{_pickle_global(exc)}, "
+            "which only a full unpickle could rebuild, and that can run code hidden in the file. lora-nb never "
+            "does that: use a .safetensors version of this model."
         ) from None
     except Exception as exc:  # noqa: BLE001 - truncated files, not a pickle at all, ...
         raise LoraNbError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {str(exc)[:200]}).") from None

@@ -18,7 +18,7 @@ import json
 import statistics
 from pathlib import Path
 
-from lora_nb import LoraNbError, remedies
+from lora_nb import LoraNbError, remedies, runstate
 from lora_nb.config import Config, preset
 from lora_nb.fsutil import write_text_atomic
 from lora_nb.remedies import MEASURES, Run
@@ -79,14 +79,19 @@ def run_comparison(out: str | Path, seeds: int = 3, sample_seeds: list[int] | No
                    only: list[str] | None = None) -> dict:
     """Train and judge every type at seeds 0 … ``seeds``−1 and the course run's resized files (resuming what
     exists); ``only``: those rows alone (the course's ``lora`` row always); return the table
-    ``{"rows": [...], "conclusions": [...], ...}``."""
-    from lora_nb.models import load_model_for
-
+    ``{"rows": [...], "conclusions": [...], ...}``. One run per ``out`` folder at a time (a lock)."""
     if seeds < 1:
         raise LoraNbError(f"--seeds {seeds}: use at least 1 (3 or more to tell a difference from noise).")
     out = Path(out)
     course = course or preset("toy")
-    sample_seeds = list(sample_seeds or [0, 1])
+    with runstate.hold_workspace(Workspace(out), "network comparison", elsewhere="another --out folder"):
+        return _run_comparison(out, seeds, list(sample_seeds or [0, 1]), steps, course, max_steps, log, only)
+
+
+def _run_comparison(out: Path, seeds: int, sample_seeds: list[int], steps: int, course: Config, max_steps, log,
+                    only) -> dict:
+    from lora_nb.models import load_model_for
+
     model = load_model_for(course)
     matched = matched_networks(model, course)
     names = [name for name, _, _ in matched] + [f"lora-resized-{r}" for r in RESIZED_RANKS]

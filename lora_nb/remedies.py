@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lora_nb import LoraNbError
+from lora_nb import LoraNbError, runstate
 from lora_nb.config import Config, preset
 from lora_nb.fsutil import write_text_atomic
 from lora_nb.workspace import Workspace
@@ -233,15 +233,23 @@ def run_table(out: str | Path, seeds: int = 3, only: list[str] | None = None, sa
     """Train and measure every selected run at training seeds 0 … ``seeds``−1 (resuming what exists), and return
     the table: ``{"runs": {name: {"seeds": {seed: measures}, "mean": …, "spread": …}}, "rows": [...]}``.
     ``max_steps`` caps every run (quick runs; the table records it). ``measured_only`` trains nothing and
-    reports the runs measured so far (while another process is still filling the table)."""
+    reports the runs measured so far (while another process is still filling the table); otherwise one sweep
+    per ``out`` folder at a time (a lock)."""
     if seeds < 1:
         raise LoraNbError(f"--seeds {seeds}: use at least 1 (3 or more to tell a remedy from noise).")
     out = Path(out)
     course = course or preset("toy")
     few, varied = data_dirs(out)
     runs = select_runs(remedy_runs(course, str(few), str(varied)), only)
-    if not measured_only:
+    if measured_only:  # a reader beside the process filling the table: takes no lock
+        return _run_table(out, seeds, runs, sample_seeds, steps, course, max_steps, log, measured_only)
+    with runstate.hold_workspace(Workspace(out), "experiments", elsewhere="another --out folder"):
         prepare_data(out, 2 * _images_in(course.dataset.dir))
+        return _run_table(out, seeds, runs, sample_seeds, steps, course, max_steps, log, measured_only)
+
+
+def _run_table(out: Path, seeds: int, runs: list[Run], sample_seeds, steps: int, course: Config, max_steps, log,
+               measured_only: bool) -> dict:
     table: dict = {"runs": {}, "seeds": list(range(seeds)), "sample_seeds": sample_seeds or [0, 1], "steps": steps,
                    "max_steps": max_steps}
     for run in runs:

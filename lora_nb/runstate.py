@@ -165,10 +165,12 @@ def read_lock(ws: Workspace) -> dict | None:
 
 
 @contextlib.contextmanager
-def hold_workspace(ws: Workspace, what: str = "training", notes: list[str] | None = None):
+def hold_workspace(ws: Workspace, what: str = "training", notes: list[str] | None = None,
+                   elsewhere: str = "another save.output_dir"):
     """Hold ``ws`` for one run: a second start (another process, a second notebook kernel) is refused
     with :class:`WorkspaceBusy` naming the holder. A lock left by a process that no longer runs is taken
-    over, with a line in ``notes``. The lock file (``Workspace.lock``) is removed when the block ends."""
+    over, with a line in ``notes``. The lock file (``Workspace.lock``) is removed when the block ends.
+    ``elsewhere`` is the setting that gives another folder (the message's way out)."""
     ws.root.mkdir(parents=True, exist_ok=True)
     me = {"pid": os.getpid(), "host": socket.gethostname(), "what": what,
           "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv) or what}
@@ -183,7 +185,7 @@ def hold_workspace(ws: Workspace, what: str = "training", notes: list[str] | Non
                 raise WorkspaceBusy(
                     f"{ws.root} is in use: {holder.get('what', 'a run')} by process {holder['pid']} started "
                     f"{holder.get('started', '?')} ({holder.get('command', '?')}). Wait for it to finish (or stop it), "
-                    f"or use another save.output_dir. If no such process runs, delete {ws.lock}.") from None
+                    f"or use {elsewhere}. If no such process runs, delete {ws.lock}.") from None
             with contextlib.suppress(FileNotFoundError):
                 os.remove(ws.lock)
             if notes is not None:

@@ -42,7 +42,7 @@ from lora_nb.config import (Config, StepsPlan, check_against_dataset, check_agai
                             parse_resolution, plan_steps, raise_for_errors)
 from lora_nb.dataset import Item, assign_buckets, bucket_counts, scan_dataset
 from lora_nb.images import image_size
-from lora_nb.fsutil import atomic_path, is_disk_full, remove_stale_temp_files
+from lora_nb.fsutil import DiskFullError, atomic_path, is_disk_full, remove_stale_temp_files
 from lora_nb.latent_cache import LatentCache
 from lora_nb.models import load_model_for, use_noise_schedule
 from lora_nb.optim import allow_fp16_gradients, build_optimizer, build_scheduler, use_averaged_weights
@@ -106,12 +106,21 @@ def train(cfg: Config, on_event: Callable[[Event], None] | None = None, model=No
         return _run_phases(cfg, on_event or (lambda e: None), model, resume, progress, batch_log_dir)
     except torch.cuda.OutOfMemoryError:
         raise TrainingStopped(out_of_memory_advice(cfg)) from None
+    except DiskFullError as exc:
+        raise DiskFullError(exc.path, then=_after_disk_full(cfg)) from None
     except OSError as exc:
         if is_disk_full(exc):
-            raise LoraNbError(f"The disk is full ({exc.filename or cfg.save.output_dir}): files saved before are "
-                              "intact. Free some space (delete old runs or LoRA files) and run again; training "
-                              "resumes from the last save.") from None
+            raise DiskFullError(exc.filename or cfg.save.output_dir, then=_after_disk_full(cfg)) from None
         raise
+
+
+def _after_disk_full(cfg: Config) -> str:
+    """What a rerun does after a full disk: resume from the saved state, or start over when none is kept."""
+    if cfg.save.save_state:
+        return ("Free some space (delete old runs or LoRA files) and run again: training resumes from the last "
+                "saved state.")
+    return ("Free some space (delete old runs or LoRA files) and run again: training starts over from step 0, "
+            "because save.save_state is off (there is no state to resume from).")
 
 
 def _run_phases(cfg: Config, emit: Callable[[Event], None], model, resume: bool, progress: bool,

@@ -202,6 +202,8 @@ def test_bad_config_files_get_one_line_naming_the_file_and_the_setting(tmp_path,
 def test_config_file_missing_or_not_text_and_bad_overrides(tmp_path, capsys):
     """A missing file, a binary file and wrong ``--set`` overrides each get one named line."""
     assert "does not exist" in _cli_error(capsys, "train", tmp_path / "nope.yaml")
+    (tmp_path / "a-folder").mkdir()
+    assert "is a folder, not a config file" in _cli_error(capsys, "train", tmp_path / "a-folder")
     binary = tmp_path / "binary.yaml"
     binary.write_bytes(b"\xff\xfe\x00\x81 not text")
     assert "is not UTF-8 text" in _cli_error(capsys, "train", binary)
@@ -209,6 +211,8 @@ def test_config_file_missing_or_not_text_and_bad_overrides(tmp_path, capsys):
     assert "network.rank must be a whole number, not 'abc'" in _cli_error(capsys, "train", good, "--set", "network.rank=abc")
     assert "Unknown or ambiguous setting 'nosuch'" in _cli_error(capsys, "train", good, "--set", "nosuch=1")
     assert "must look like section.name=value" in _cli_error(capsys, "train", good, "--set", "network.rank")
+    assert "write it 'Prodigy' (the names are case-sensitive)" in _cli_error(
+        capsys, "train", good, "--set", "optimizer.optimizer=prodigy")
     assert "network.rank must be a whole number, not '['" in _cli_error(capsys, "train", good, "--set", "network.rank=[")
 
 
@@ -293,8 +297,10 @@ def test_pickle_model_checkpoints_need_the_opt_in_and_never_run_code(tmp_path, t
     evil = _evil_checkpoint(tmp_path / "model.ckpt", marker)
     with pytest.raises(LoraNbError, match=r"model.ckpt is a pickle checkpoint.*model.allow_pickle=true"):
         load_base_model(evil)
-    with pytest.raises(LoraNbError, match=r"model.ckpt was refused: it holds Python objects besides tensors"):
+    with pytest.raises(LoraNbError, match=r"model.ckpt was refused and nothing in it was run: it holds Python "
+                                          r"objects besides tensors \(io\.open\)") as refused:
         load_base_model(evil, allow_pickle=True)
+    assert "weights_only" not in str(refused.value) and "Re-running" not in str(refused.value)
     assert not marker.exists()
     renamed = tmp_path / "really a pickle.safetensors"
     renamed.write_bytes(evil.read_bytes())
@@ -478,3 +484,13 @@ def test_a_yaml_alias_bomb_is_refused_before_it_expands(tmp_path, capsys):
     line = _cli_error(capsys, "train", path)
     assert "YAML aliases (*name) expand to more than 100,000 values" in line and len(line) < 300
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # kB: nothing was expanded
+
+
+def test_a_class_name_that_is_a_path_is_refused_under_its_own_name(tmp_path):
+    """01's ``class_name`` becomes the regularization folder's name: a path in it is refused as class_name
+    (not under another setting's name), and nothing is created anywhere."""
+    from lora_nb.folders import make_regularization_folder
+
+    with pytest.raises(LoraNbError, match=r"^class_name='\.\./\.\./x' cannot be a folder name"):
+        make_regularization_folder(tmp_path / "reg", "../../x")
+    assert list(tmp_path.rglob("*")) == []

@@ -175,8 +175,31 @@ def test_disk_full_while_saving_names_the_file_and_keeps_the_older_files(
     message = str(info.value)
     assert "The disk is full while writing" in message and str(ws / "lora" / "lora.safetensors") in message
     assert "previous version of the file is intact" in message
+    assert message.endswith("training resumes from the last saved state.")
     assert _digests(ws) == snap.files and _temp_files(ws) == []
     assert _state(ws)["epoch"] == 1
+
+
+def test_a_full_disk_says_what_a_rerun_does_for_who_was_writing(tiny_sd15_dir, tiny_dataset, tmp_path, monkeypatch):
+    """Without a saved state a rerun starts over, and the message says so instead of promising a resume; a
+    full disk outside training (an import) promises nothing about training."""
+    from lora_nb.fsutil import write_bytes_atomic
+    from lora_nb.images import import_images
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    cfg = make_config(tiny_sd15_dir, tiny_dataset, tmp_path / "ws", **{"save.save_state": False})
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(LoraNbError) as info:
+        train(cfg, progress=False)
+    assert "training starts over from step 0, because save.save_state is off" in str(info.value)
+    assert "resumes" not in str(info.value)
+    with pytest.raises(LoraNbError) as info:
+        import_images(tiny_dataset / "2_sks", tmp_path / "imported", progress=False)
+    assert "The disk is full while writing" in str(info.value) and "training" not in str(info.value)
+    with pytest.raises(LoraNbError, match=r"and run it again\.$"):
+        write_bytes_atomic(tmp_path / "x.bin", b"data")
 
 
 def test_disk_full_while_replacing_the_training_state_keeps_the_previous_state(tmp_path, monkeypatch):

@@ -204,6 +204,28 @@ def test_import_refuses_missing_or_odd_sources(tmp_path):
         im.import_images(tmp_path, tmp_path / "dest")
 
 
+def test_hidden_and_dot_names_are_listed_never_dropped_in_silence(tmp_path):
+    """``.hidden.png``, ``...png`` and a ``.thumbs/`` folder, in a folder and in a zip: each is in the report,
+    imported or skipped with the reason and how to import it; every file is accounted for."""
+    src = tmp_path / "src"
+    (src / ".thumbs").mkdir(parents=True)
+    for name, colour in (("...png", (10, 200, 10)), (".hidden.png", (10, 10, 200)), ("plain.png", (200, 10, 10)),
+                         (".thumbs/t.png", (90, 90, 90))):
+        (src / name).write_bytes(_png_bytes(colour))
+    report = im.import_images(src, tmp_path / "dest", progress=False)
+    skipped = report.skipped_names()
+    assert [Path(i.path).name for i in report.imported] == ["plain.png"]
+    assert set(skipped) == {"...png", ".hidden.png", ".thumbs/"}
+    assert "rename it without the leading dot" in skipped["...png"] and "not looked into" in skipped[".thumbs/"]
+    z = tmp_path / "set.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        for name in ("...png", "photos/.hidden.png", ".thumbs/t.png", "photos/plain.png"):
+            zf.writestr(name, _png_bytes())
+    report = im.import_images(z, tmp_path / "dest-zip", progress=False)
+    assert [i.original for i in report.imported] == ["photos/plain.png"]
+    assert set(report.skipped_names()) == {"...png", "photos/.hidden.png", ".thumbs/t.png"}
+
+
 # --------------------------------------------------------------------------- zips
 
 def _png_bytes(color=(200, 30, 30), size=(80, 80)) -> bytes:
@@ -229,6 +251,7 @@ def test_zip_import_with_awkward_names(tmp_path):
     skipped = report.skipped_names()
     assert "symbolic link" in skipped["photos/link.png"]
     assert "not an image" in skipped["photos/readme.md"]
+    assert "macOS metadata" in skipped["__MACOSX/photos/._één foto.png"]
     assert hashlib.sha256(z.read_bytes()).hexdigest() == digest
     assert not (tmp_path / "etc").exists()
 

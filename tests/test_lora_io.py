@@ -4,6 +4,7 @@ the real alpha, save precision, atomic saves, inspection and clear load errors."
 
 from __future__ import annotations
 
+import json
 import re
 from types import SimpleNamespace
 
@@ -322,6 +323,16 @@ def test_inspect_says_in_one_line_when_a_file_is_not_a_lora_and_names_odd_tensor
               metadata={"lora_adapter_metadata": '["abc"]'})
     info = lora_io.inspect_lora(tmp_path / "odd.safetensors")
     assert any("has shape [4]" in p for p in info["problems"]) and any("alpha has 2 values" in p for p in info["problems"])
+    assert any("lora_adapter_metadata is not a mapping" in p for p in info["problems"])
+    for value in ("abc", [1, 2]):
+        save_file({"unet.a.lora_A.weight": torch.ones(2, 3), "unet.a.lora_B.weight": torch.ones(3, 2)},
+                  str(tmp_path / "meta.safetensors"),
+                  metadata={"lora_adapter_metadata": json.dumps({"unet.lora_alpha": value})})
+        info = lora_io.inspect_lora(tmp_path / "meta.safetensors")
+        assert info["alpha"] is None
+        assert [p for p in info["problems"] if "unet.lora_alpha" in p] == [
+            f"metadata lora_adapter_metadata unet.lora_alpha is {value!r}, not a number: a loader fails on it or "
+            "ignores it (alpha = rank)"]
 
 
 def test_a_base_model_given_as_a_file_is_named_and_hashed_as_sd_scripts_does(tmp_path):

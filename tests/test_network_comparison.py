@@ -51,3 +51,27 @@ def test_only_names_rows_of_the_table(tmp_path):
 
     with pytest.raises(LoraNbError, match="lora-dorra: no such row; the rows are lora, locon, loha, lokr, lora-dora"):
         nc.run_comparison(tmp_path, seeds=1, only=["lora-dorra"])
+
+
+def test_two_sweeps_in_one_folder_are_refused_naming_the_first(tmp_path):
+    """The remedies table and the network comparison hold their ``--out`` folder: a second sweep there is
+    refused with the holder's pid and the way out, before it trains or writes anything."""
+    import json
+    import socket
+    import subprocess
+
+    from lora_nb.remedies import run_table
+    from lora_nb.runstate import WorkspaceBusy
+
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        for sweep, out in ((run_table, tmp_path / "table"), (nc.run_comparison, tmp_path / "networks")):
+            out.mkdir()
+            (out / ".lora-nb.lock").write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(),
+                                                           "what": "experiments", "started": "now",
+                                                           "command": "lora-nb experiments"}))
+            with pytest.raises(WorkspaceBusy, match=rf"in use: experiments by process {holder.pid} .*another --out"):
+                sweep(out, seeds=1)
+            assert [p.name for p in out.iterdir()] == [".lora-nb.lock"]
+    finally:
+        holder.kill()
