@@ -28,6 +28,7 @@ PRECISIONS = ("no", "fp16", "bf16")
 SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
 SAVE_FORMATS = ("kohya", "diffusers")
 UNET_TARGETS = ("kohya", "attention")
+MAX_RESOLUTION_SIDE = 4096  # pixels a side of dataset.resolution (SDXL trains at 1024)
 NETWORK_TYPES = ("lora", "locon", "loha", "lokr")  # what each trains and stores: lora_nb.networks
 SAMPLERS = ("Euler", "Euler a", "Heun", "LMS", "DPM++ 2M", "DPM++ 2M Karras", "DPM++ 2M SDE",
             "DPM++ SDE", "DPM2", "DPM2 a", "DDIM")
@@ -872,12 +873,16 @@ def _check_dataset(c: _Checks, d: DatasetConfig) -> None:
     if d.cache_latents_to_disk and not d.cache_latents:
         c.warn("dataset.cache_latents_to_disk", "has no effect while dataset.cache_latents=false (the VAE then runs "
              "every step). Turn cache_latents on to use the disk cache.")
-    if d.bucket_step < 8 or d.bucket_step % 8:
-        c.err("dataset.bucket_step", "must be a multiple of 8 (64 for real models, 8 for the toy model).")
+    if d.bucket_step < 8 or d.bucket_step % 8 or d.bucket_step > MAX_RESOLUTION_SIDE:
+        c.err("dataset.bucket_step", f"must be a multiple of 8 up to {MAX_RESOLUTION_SIDE} (64 for real models, 8 for "
+                                     "the toy model).")
     try:
         w, h = parse_resolution(d.resolution)
         if w % 8 or h % 8 or w < 8 or h < 8:
             c.err("dataset.resolution", f"{w}x{h}: both sides must be multiples of 8 (e.g. 512x512, 512x768, 768x512).")
+        elif max(w, h) > MAX_RESOLUTION_SIDE:
+            c.err("dataset.resolution", f"{w}x{h}: at most {MAX_RESOLUTION_SIDE} px a side (SD1.5 trains at 512, SDXL "
+                                        "at 1024; one 8192 px image would not fit any GPU's memory).")
     except ConfigError as exc:
         c.err("dataset.resolution", str(exc).split(": ", 1)[-1])
 

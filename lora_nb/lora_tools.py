@@ -159,7 +159,12 @@ def _check_rank(rank: int | None) -> None:
         raise LoraNbError(f"rank={rank} must be a positive whole number (typical: 4 to 128).")
 
 
-def _check_lora_dst(dst: Path) -> None:
+def _check_lora_dst(dst: Path, inputs: list | None = None) -> None:
+    """The output must be a new .safetensors path, never one of ``inputs`` (a tool never changes its inputs)."""
+    for src in inputs or []:
+        if Path(src).exists() and dst.exists() and dst.resolve() == Path(src).resolve():
+            raise LoraNbError(f"-o {dst} is one of the input files: name a new file (the inputs are never "
+                              "overwritten).")
     if dst.suffix != ".safetensors":
         raise LoraNbError(f"{dst}: LoRA files are written as .safetensors; change the output name's extension.")
     if dst.is_dir():
@@ -179,8 +184,13 @@ def resize_lora(src: str | Path, dst: str | Path, rank: int, dynamic: str | None
     src, dst = Path(src), Path(dst)
     _check_rank(rank)
     fro = parse_dynamic(dynamic)
-    _check_lora_dst(dst)
+    _check_lora_dst(dst, [src])
     modules, meta, dtype = lora_modules(src)
+    top = max(m["down"].shape[0] for m in modules.values())
+    if fro is None and rank > top:
+        raise LoraNbError(f"--rank {rank} is above the file's rank ({top}): resizing only lowers the rank (a "
+                          f"higher one would add zeros). Give a rank under {top}, or --dynamic fro:X to let each "
+                          "module keep what it needs.")
     tensors, report = {}, {}
     for name, m in modules.items():
         r = m["down"].shape[0]
@@ -244,7 +254,7 @@ def merge_loras(srcs: list, ratios: list[float] | None, dst: str | Path, rank: i
     if len(ratios) != len(srcs):
         raise LoraNbError(f"{len(srcs)} LoRA files but {len(ratios)} ratios: give one ratio per file.")
     _check_rank(rank)
-    _check_lora_dst(dst)
+    _check_lora_dst(dst, srcs)
     files = [lora_modules(s) for s in srcs]
     _check_one_family(srcs, files)
     rank = rank or max(m["down"].shape[0] for mods, _, _ in files for m in mods.values())
@@ -429,12 +439,15 @@ def extract_lora(base: str | Path, tuned: str | Path, dst: str | Path, rank: int
     _check_rank(conv_rank or None)
     if precision not in PRECISIONS:
         raise LoraNbError(f"precision={precision!r} is not known: use one of {', '.join(PRECISIONS)}.")
-    _check_lora_dst(dst)
+    _check_lora_dst(dst, [base, tuned])
     base_model, tuned_model = load_base_model(base), load_base_model(tuned)
     if base_model.family != tuned_model.family:
         raise LoraNbError(f"{base} is an {base_model.family} model and {tuned} an {tuned_model.family} one: "
                           "extract a LoRA from a fine-tune and the base model it was trained from.")
     diffs = weight_diffs(base_model, tuned_model, extract_targets(base_model, bool(conv_rank)))
+    if all(float(d.abs().max()) < UNCHANGED for d in diffs.values()):
+        raise LoraNbError(f"{base} and {tuned} have the same weights (no targeted weight differs by {UNCHANGED:g} "
+                          "or more): there is nothing to extract. Give the fine-tuned model second.")
     skipped = unchanged_text_encoders(diffs)
     tensors, report = {}, {}
     for (comp, path), d in diffs.items():

@@ -438,6 +438,7 @@ BAD_SETTINGS = [
     ({"save.output_dir": "/proc/lora-nb"}, "save.output_dir: '/proc/lora-nb' is a system folder"),
     ({"sample.steps": 0}, "sample.steps"),
     ({"dataset.max_token_length": 100}, "dataset.max_token_length"),
+    ({"dataset.resolution": 100000}, "dataset.resolution: 100000x100000: at most 4096 px a side"),
     ({"dataset.validation_dir": "/nonexistent/val"}, "dataset.validation_dir='/nonexistent/val' is not a folder"),
 ]
 

@@ -253,3 +253,20 @@ def test_cli_resize_merge_and_bad_dynamic(files, capsys, tmp_path):
     assert rc == 0 and "modules at rank 8" in out
     assert "fro:X" in _one_line_error(capsys, "resize", files.a, "--rank", 4, "--dynamic", "sv:2", "-o", dst)
     assert "one ratio per file" in _one_line_error(capsys, "merge", files.a, files.b, "--ratios", 1, "-o", dst)
+
+
+def test_the_tools_never_overwrite_an_input_and_refuse_what_would_do_nothing(files, tiny_sd15_dir, capsys, tmp_path):
+    """``-o`` naming an input is refused (the input stays byte-identical); a resize above the file's rank and an
+    extract from a model and itself are refused by name instead of writing a file that changes nothing."""
+    import hashlib
+
+    digest = hashlib.sha256(files.a.read_bytes()).hexdigest()
+    line = _one_line_error(capsys, "merge", files.a, files.b, "--ratios", 0.5, 0.5, "-o", files.a)
+    assert "is one of the input files" in line
+    assert "is one of the input files" in _one_line_error(capsys, "resize", files.a, "--rank", 4, "-o", files.a)
+    assert hashlib.sha256(files.a.read_bytes()).hexdigest() == digest
+    line = _one_line_error(capsys, "resize", files.a, "--rank", 64, "-o", tmp_path / "r.safetensors")
+    assert "--rank 64 is above the file's rank (16)" in line and not (tmp_path / "r.safetensors").exists()
+    rc, _, err = _cli(capsys, "extract", tiny_sd15_dir, tiny_sd15_dir, "--rank", 4, "-o", tmp_path / "e.safetensors")
+    assert rc == 2 and "Traceback" not in err  # (diffusers' loading bars are on stderr too)
+    assert "have the same weights" in err.splitlines()[-1] and not (tmp_path / "e.safetensors").exists()
