@@ -8,6 +8,7 @@ import pytest
 
 from lora_nb import LoraNbError
 from lora_nb.config import preset
+from lora_nb.models import load_model_for
 from lora_nb.remedies import conclude, format_table, remedy_runs, run_config, run_table, select_runs, summarise
 
 
@@ -65,12 +66,34 @@ def test_a_remedy_works_only_beyond_the_spread_between_seeds():
 
 
 @pytest.mark.slow
-def test_the_table_trains_measures_and_resumes(tmp_path):
+def test_the_table_trains_measures_and_resumes(tmp_path, monkeypatch):
+    """Also: every run loads its own model only after the run before it has let go of its own (one pipeline
+    in memory at a time, as notebook 06's experiments need on a small machine)."""
+    import gc
+
+    from diffusers import UNet2DConditionModel
+
+    import lora_nb.diagnose
+    import lora_nb.train
+
+    def unets() -> int:
+        gc.collect()
+        return sum(isinstance(o, UNet2DConditionModel) for o in gc.get_objects())
+
+    before, alive_at_load = unets(), []  # other tests' session-wide models may be alive already
+
+    def counting_load(cfg, *args, **kwargs):
+        alive_at_load.append(unets() - before)
+        return load_model_for(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(lora_nb.train, "load_model_for", counting_load)
+    monkeypatch.setattr(lora_nb.diagnose, "load_model_for", counting_load)
     course = preset("toy").with_overrides({"training.max_steps": 3, "training.epochs": 1})
     lines = []
     table = run_table(tmp_path, seeds=2, only=["underfit-higher-lr"], sample_seeds=[0], steps=4, course=course,
                       log=lines.append)
     assert list(table["runs"]) == ["underfit", "underfit-higher-lr"] and len(lines) == 4
+    assert alive_at_load == [0] * 8  # 4 runs, each trained then judged, nothing left over from the one before
     row = table["rows"][0]
     assert row["run"] == "underfit-higher-lr" and row["n"] == 2 and row["measure"] == "fidelity"
     saved = json.loads((tmp_path / "underfit" / "seed-1" / "measures.json").read_text())
