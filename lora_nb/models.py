@@ -407,6 +407,32 @@ def load_pickle_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+class _CastWarningFilter:
+    """Drops diffusers' "modules ... that should be kept in float32: []" line: single-file loading casts each
+    part itself, the list it names is empty, and its advice (``torch_dtype`` in ``from_pretrained``) is about
+    code the learner did not write."""
+
+    @staticmethod
+    def filter(record) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+
+def _quiet_cast_warning():
+    import contextlib
+    import logging
+
+    @contextlib.contextmanager
+    def quiet():
+        log = logging.getLogger("diffusers.models.modeling_utils")
+        log.addFilter(_CastWarningFilter)
+        try:
+            yield
+        finally:
+            log.removeFilter(_CastWarningFilter)
+
+    return quiet()
+
+
 def _from_single_file(path: Path, fam: str, dtype, shown: Path, shapes: dict, config) -> BaseModel:
     """Load the checkpoint at ``path`` (named ``shown`` to the learner) with the configuration folder
     ``config``, else the shipped one of ``fam`` when the layout is the standard one; tokenizers from
@@ -421,7 +447,8 @@ def _from_single_file(path: Path, fam: str, dtype, shown: Path, shapes: dict, co
     elif config is not None:
         kwargs = dict(config=str(config))
     try:
-        pipe = _pipeline_class(fam).from_single_file(str(path), dtype=dtype, **kwargs)
+        with _quiet_cast_warning():
+            pipe = _pipeline_class(fam).from_single_file(str(path), dtype=dtype, **kwargs)
     except Exception as exc:  # noqa: BLE001 - diffusers raises many types here
         raise LoraNbError(_single_file_failure(shown, fam, exc, unusual, config)) from None
     if checkpoints.is_v_prediction(shapes):  # model.prediction_type, when set, still has the last word
