@@ -408,8 +408,9 @@ def load_pickle_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 class _CastWarningFilter:
-    """Drops diffusers' "modules ... that should be kept in float32: []" line: single-file loading casts each
-    part itself, the list it names is empty, and its advice (``torch_dtype`` in ``from_pretrained``) is about
+    """Drops diffusers' "modules ... that should be kept in float32: []" line, printed whenever a model is cast
+    with ``to(dtype)`` (single-file loading does, and so does the trainer's cast of the frozen weights to
+    fp16/bf16): the list it names is empty, and its advice (``torch_dtype`` in ``from_pretrained``) is about
     code the learner did not write."""
 
     @staticmethod
@@ -417,7 +418,8 @@ class _CastWarningFilter:
         return "should be kept in float32: []" not in record.getMessage()
 
 
-def _quiet_cast_warning():
+def quiet_cast_warning():
+    """A context in which diffusers' empty "should be kept in float32: []" warning is not printed."""
     import contextlib
     import logging
 
@@ -447,7 +449,7 @@ def _from_single_file(path: Path, fam: str, dtype, shown: Path, shapes: dict, co
     elif config is not None:
         kwargs = dict(config=str(config))
     try:
-        with _quiet_cast_warning():
+        with quiet_cast_warning():
             pipe = _pipeline_class(fam).from_single_file(str(path), dtype=dtype, **kwargs)
     except Exception as exc:  # noqa: BLE001 - diffusers raises many types here
         raise LoraNbError(_single_file_failure(shown, fam, exc, unusual, config)) from None

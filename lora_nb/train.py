@@ -44,7 +44,7 @@ from lora_nb.dataset import Item, assign_buckets, bucket_counts, scan_dataset
 from lora_nb.images import image_size
 from lora_nb.fsutil import DiskFullError, atomic_path, is_disk_full, remove_stale_temp_files
 from lora_nb.latent_cache import LatentCache
-from lora_nb.models import load_model_for, use_noise_schedule
+from lora_nb.models import load_model_for, quiet_cast_warning, use_noise_schedule
 from lora_nb.optim import allow_fp16_gradients, build_optimizer, build_scheduler, use_averaged_weights
 from lora_nb.sampling import render_previews, sample_prompts_of
 from lora_nb.tblog import TensorBoardLog, WandbLog, chain
@@ -356,7 +356,8 @@ def prepare_model(cfg: Config, model, device, precision: str) -> PreparedModel:
         module.requires_grad_(False)
         module.to(device)
         if weight_dtype != torch.float32:
-            module.to(dtype=weight_dtype)
+            with quiet_cast_warning():
+                module.to(dtype=weight_dtype)
     pipe.vae.requires_grad_(False)
     pipe.vae.to(device)  # kept in fp32: the SDXL VAE overflows in fp16
 
