@@ -7,6 +7,8 @@ A loaded model is a :class:`BaseModel`: the diffusers pipeline plus its family
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -418,21 +420,15 @@ class _CastWarningFilter:
         return "should be kept in float32: []" not in record.getMessage()
 
 
+@contextlib.contextmanager
 def quiet_cast_warning():
     """A context in which diffusers' empty "should be kept in float32: []" warning is not printed."""
-    import contextlib
-    import logging
-
-    @contextlib.contextmanager
-    def quiet():
-        log = logging.getLogger("diffusers.models.modeling_utils")
-        log.addFilter(_CastWarningFilter)
-        try:
-            yield
-        finally:
-            log.removeFilter(_CastWarningFilter)
-
-    return quiet()
+    log = logging.getLogger("diffusers.models.modeling_utils")
+    log.addFilter(_CastWarningFilter)
+    try:
+        yield
+    finally:
+        log.removeFilter(_CastWarningFilter)
 
 
 def _from_single_file(path: Path, fam: str, dtype, shown: Path, shapes: dict, config) -> BaseModel:
