@@ -42,7 +42,7 @@ def atomic_path(path: str | Path):
     except BaseException as exc:
         _remove_quietly(tmp)
         if is_disk_full(exc):
-            raise disk_full_error(path) from None
+            raise DiskFullError(path) from None
         raise
 
 
@@ -60,16 +60,15 @@ def is_disk_full(exc: BaseException) -> bool:
     return isinstance(exc, Exception) and "No space left on device" in str(exc)
 
 
-class DiskFullError(LoraNbError):
-    """No space left while writing ``path``; what a rerun does depends on who wrote, so the trainer adds it."""
+FREE_SPACE = "Free some space (delete old runs or LoRA files)"
 
-    def __init__(self, path: str | Path, then: str = "Free some space (delete old runs or LoRA files) and run it again."):
+
+class DiskFullError(LoraNbError):
+    """No space left while writing ``path``; ``then`` says what to do, and the trainer adds what a rerun does."""
+
+    def __init__(self, path: str | Path, then: str = f"{FREE_SPACE} and run it again."):
         self.path = path
         super().__init__(f"The disk is full while writing {path}: the previous version of the file is intact. {then}")
-
-
-def disk_full_error(path: str | Path) -> DiskFullError:
-    return DiskFullError(path)
 
 
 _replaced: dict[str, int] = {}  # test hook: replacements of the watched file so far, per file name

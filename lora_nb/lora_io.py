@@ -31,7 +31,7 @@ import torch
 
 from lora_nb import LoraNbError, checkpoints, networks
 from lora_nb.config import parse_resolution
-from lora_nb.fsutil import atomic_path, disk_full_error, is_disk_full
+from lora_nb.fsutil import DiskFullError, atomic_path, is_disk_full
 
 ADAPTER_NAME = "default"
 
@@ -563,7 +563,7 @@ def _save_diffusers(path: Path, model, comps: dict, dtype: torch.dtype, meta: di
             type(model.pipe).save_lora_weights(tmpdir, weight_name="lora.safetensors", **kwargs)
         except Exception as exc:  # noqa: BLE001 - only a full disk is translated
             if is_disk_full(exc):
-                raise disk_full_error(path) from None
+                raise DiskFullError(path) from None
             raise
         written = Path(tmpdir) / "lora.safetensors"
         with safe_open(str(written), framework="pt") as f:

@@ -42,7 +42,7 @@ from lora_nb.config import (Config, StepsPlan, check_against_dataset, check_agai
                             parse_resolution, plan_steps, raise_for_errors)
 from lora_nb.dataset import Item, assign_buckets, bucket_counts, scan_dataset
 from lora_nb.images import image_size
-from lora_nb.fsutil import DiskFullError, atomic_path, is_disk_full, remove_stale_temp_files
+from lora_nb.fsutil import FREE_SPACE, DiskFullError, atomic_path, is_disk_full, remove_stale_temp_files
 from lora_nb.latent_cache import LatentCache
 from lora_nb.models import load_model_for, quiet_cast_warning, use_noise_schedule
 from lora_nb.optim import allow_fp16_gradients, build_optimizer, build_scheduler, use_averaged_weights
@@ -117,10 +117,9 @@ def train(cfg: Config, on_event: Callable[[Event], None] | None = None, model=No
 def _after_disk_full(cfg: Config) -> str:
     """What a rerun does after a full disk: resume from the saved state, or start over when none is kept."""
     if cfg.save.save_state:
-        return ("Free some space (delete old runs or LoRA files) and run again: training resumes from the last "
-                "saved state.")
-    return ("Free some space (delete old runs or LoRA files) and run again: training starts over from step 0, "
-            "because save.save_state is off (there is no state to resume from).")
+        return f"{FREE_SPACE} and run again: training resumes from the last saved state."
+    return (f"{FREE_SPACE} and run again: training starts over from step 0, because save.save_state is off "
+            "(there is no state to resume from).")
 
 
 def _run_phases(cfg: Config, emit: Callable[[Event], None], model, resume: bool, progress: bool,
