@@ -163,6 +163,25 @@ def drop_tags(caption: str, rate: float, keep_tokens: int = 1, rng: random.Rando
     return join_tags(tags[:keep_tokens] + [t for t in tags[keep_tokens:] if rng.random() >= rate])
 
 
+_WILDCARD = re.compile(r"\{([^{}]*\|[^{}]*)\}")
+
+
+def caption_variants(caption: str) -> list[str]:
+    """The lines of a multi-line caption (``dataset.enable_wildcard``), each with every ``{a|b}`` choice at its
+    first option: what is counted and checked for a caption that trains in several forms."""
+    return [_WILDCARD.sub(lambda m: m.group(1).split("|")[0], line) for line in caption.split("\n") if line.strip()]
+
+
+def pick_caption_variant(caption: str, rng: random.Random | None = None) -> str:
+    """One form of a caption, as one training step sees it (sd-scripts' ``enable_wildcard``): a random line of
+    a multi-line caption, then one random option of each ``{a|b|c}``. Lets one picture train under several
+    wordings, so the LoRA answers prompts worded unlike any single caption (measured in docs/toy-world.md)."""
+    rng = rng or random.Random()
+    lines = [line for line in caption.split("\n") if line.strip()]
+    line = rng.choice(lines) if lines else ""
+    return _WILDCARD.sub(lambda m: rng.choice(m.group(1).split("|")), line)
+
+
 def dress_caption(caption: str, prefix: str = "", suffix: str = "") -> str:
     """``caption`` with ``prefix`` before and ``suffix`` after it, space-joined as sd-scripts'
     ``caption_prefix`` / ``caption_suffix`` (put the comma in the prefix yourself: "masterpiece,")."""
@@ -195,10 +214,11 @@ def fixed_feature_candidates(captions: Mapping[str, str], share: float = 0.8,
 
 # --------------------------------------------------------------------------- files
 
-def read_caption(path: str | Path) -> str:
+def read_caption(path: str | Path, keep_lines: bool = False) -> str:
     """Read a caption file whatever its encoding: UTF-8 (with or without BOM), UTF-16 with BOM, else Latin-1.
 
-    Lines are joined with ``", "`` and surrounding whitespace removed.
+    Lines are joined with ``", "`` and surrounding whitespace removed; with ``keep_lines`` (for
+    ``dataset.enable_wildcard``) each non-empty line is kept, joined with a line break.
     """
     path = Path(path)
     try:
@@ -217,7 +237,7 @@ def read_caption(path: str | Path) -> str:
                 text = raw.decode("cp1252")
             except UnicodeDecodeError:
                 text = raw.decode("latin-1")
-    return normalize_caption_text(text)
+    return normalize_caption_lines(text) if keep_lines else normalize_caption_text(text)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -251,7 +271,7 @@ def write_captions(directory: str | Path, captions: Mapping[str | Path, str], ex
         if root not in p.resolve().parents:
             p = directory / p.name
         target = caption_path(p, ext)
-        _atomic_write_text(target, normalize_caption_text(text))
+        _atomic_write_text(target, normalize_caption_lines(text))
         out.append(target)
     return out
 
@@ -260,6 +280,13 @@ def normalize_caption_text(text: str) -> str:
     """One line: line breaks become ``", "`` (no doubled commas), NUL bytes and surrounding whitespace removed."""
     lines = (ln.strip().strip(",").strip() for ln in str(text).replace("\x00", "").splitlines())
     return ", ".join(ln for ln in lines if ln)
+
+
+def normalize_caption_lines(text: str) -> str:
+    """:func:`normalize_caption_text` line by line: a caption of several forms (``dataset.enable_wildcard``)
+    keeps one form per line; empty lines go."""
+    lines = (normalize_caption_text(ln) for ln in str(text).splitlines())
+    return "\n".join(ln for ln in lines if ln)
 
 
 def read_captions(directory: str | Path, ext: str = ".txt", default: str | None = None) -> dict[str, str]:

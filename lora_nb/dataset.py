@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from lora_nb import LoraNbError
-from lora_nb.captions import add_trigger, read_caption, split_tags
+from lora_nb.captions import add_trigger, caption_variants, read_caption, split_tags
 from lora_nb import folders
 from lora_nb.folders import mask_file_for, CAPTION_EXTENSIONS, IMAGE_EXTENSIONS, match_concept_folder
 from lora_nb.crop import bucket_for_image, make_buckets
@@ -58,8 +58,9 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def scan_dataset(root: str | Path, caption_extension: str = ".txt", repeats: int | None = None,
-                 trigger_word: str = "", is_reg: bool = False, setting: str = "") -> DatasetScan:
-    """Find the images, captions and repeats under ``root``.
+                 trigger_word: str = "", is_reg: bool = False, setting: str = "", wildcard: bool = False) -> DatasetScan:
+    """Find the images, captions and repeats under ``root``; with ``wildcard`` (``dataset.enable_wildcard``) a
+    caption file's lines stay apart, one form each (the trigger word put in each, every form's tags counted).
 
     A missing caption falls back to the trigger word (or the folder's concept
     name), and is reported. When no image has a caption with
@@ -99,7 +100,7 @@ def scan_dataset(root: str | Path, caption_extension: str = ".txt", repeats: int
         for img in images:
             cap_path = img.with_suffix(caption_extension)
             if cap_path.is_file():
-                caption = read_caption(cap_path)
+                caption = read_caption(cap_path, keep_lines=wildcard)
                 found_any_caption = True
             else:
                 caption = ""
@@ -110,8 +111,8 @@ def scan_dataset(root: str | Path, caption_extension: str = ".txt", repeats: int
             if not caption:  # kohya's rule: a picture without a caption is trained with its folder's words
                 caption = concept.replace("_", " ") if is_reg else (trigger_word or concept.replace("_", " "))
             if trigger_word and not is_reg:
-                caption = add_trigger(caption, trigger_word)
-            freq.update(split_tags(caption))
+                caption = "\n".join(add_trigger(line, trigger_word) for line in caption.split("\n"))
+            freq.update(tag for line in caption_variants(caption) for tag in split_tags(line))
             items.append(Item(img, caption, r, folder.name, is_reg))
         folders.append((len(images), r))
         tag_frequency[folder.name] = dict(freq)

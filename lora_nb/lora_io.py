@@ -457,7 +457,9 @@ def training_metadata(cfg, plan, tag_frequency: dict, dataset_dirs: dict | None 
         "ss_datasets": json.dumps([{"is_dreambooth": True, "batch_size_per_device": t.batch_size,
                                     "num_train_images": plan.samples_per_epoch, "num_reg_images": reg_images,
                                     "resolution": [w, h], "enable_bucket": bool(d.enable_buckets),
-                                    "subsets": [{"image_dir": k, **v} for k, v in dirs.items()]}], ensure_ascii=False),
+                                    "subsets": [{"image_dir": k, **v, "shuffle_caption": bool(d.shuffle_caption),
+                                                 "keep_tokens": d.keep_tokens, "enable_wildcard": bool(d.enable_wildcard)}
+                                                for k, v in dirs.items()]}], ensure_ascii=False),
         "ss_tag_frequency": json.dumps(tag_frequency, ensure_ascii=False),
         **({"ss_bucket_info": json.dumps({"buckets": {str(i): {"resolution": list(b), "count": n}
                                                       for i, (b, n) in enumerate(buckets.items())}})}

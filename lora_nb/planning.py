@@ -85,7 +85,7 @@ NOISE_LOSS_CAPTION_SETTINGS = ("training.noise_offset", "training.multires_noise
                                "training.multires_noise_discount", "training.ip_noise_gamma", "training.loss_type",
                                "training.huber_c", "training.huber_schedule", "training.zero_terminal_snr",
                                "training.max_timestep",
-                               "dataset.caption_dropout", "dataset.tag_dropout", "dataset.caption_prefix",
+                               "dataset.caption_dropout", "dataset.tag_dropout", "dataset.enable_wildcard", "dataset.caption_prefix",
                                "dataset.caption_suffix", "dataset.masked_loss")
 USUAL_VIEWS_PER_IMAGE = (40, 400)  # how often each image is seen in a typical run
 

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from lora_nb import LoraNbError, lora_io, runstate, steps
-from lora_nb.captions import dress_caption, drop_tags, shuffle_caption
+from lora_nb.captions import caption_variants, dress_caption, drop_tags, pick_caption_variant, shuffle_caption
 from lora_nb.config import (Config, StepsPlan, check_against_dataset, check_against_model, check_against_plan,
                             check_config,
                             parse_resolution, plan_steps, raise_for_errors)
@@ -237,16 +237,16 @@ def load_training_data(cfg: Config) -> TrainingData:
     """Scan, hold out ``validation_split`` images (and read ``validation_dir``'s), find the class images, assign
     aspect-ratio buckets, check, plan — before any heavy work, so a bad dataset fails fast."""
     d = cfg.dataset
-    scan = scan_dataset(d.dir, d.caption_extension, d.repeats, d.trigger_word)
+    scan = scan_dataset(d.dir, d.caption_extension, d.repeats, d.trigger_word, wildcard=d.enable_wildcard)
     warnings = list(scan.warnings)
     items, val_items = split_validation(scan.items, d.validation_split, cfg.training.seed)
     raise_for_errors(check_against_dataset(cfg, len(items), d.dir))
     if d.validation_dir:
         val_items += scan_dataset(d.validation_dir, d.caption_extension, 1, d.trigger_word,
-                                  setting="dataset.validation_dir").items
+                                  setting="dataset.validation_dir", wildcard=d.enable_wildcard).items
     reg_items: list[Item] = []
     if d.reg_dir:
-        reg_items = scan_dataset(d.reg_dir, d.caption_extension, None, "", is_reg=True).items
+        reg_items = scan_dataset(d.reg_dir, d.caption_extension, None, "", is_reg=True, wildcard=d.enable_wildcard).items
         if not reg_items:
             raise LoraNbError(f"dataset.reg_dir={d.reg_dir!r} holds no images: add 10–20 class images or clear the setting.")
     size = parse_resolution(d.resolution)
@@ -423,7 +423,7 @@ def latent_cache_dir(cfg: Config) -> Path:
 
 def text_cache_wanted(cfg: Config, train_te: bool, warnings: list[str]) -> bool:
     """Whether caption embeddings are cached: ``auto`` when the text encoder is frozen and captions fixed."""
-    fixed = not train_te and not cfg.dataset.shuffle_caption and not cfg.dataset.tag_dropout
+    fixed = not (train_te or cfg.dataset.shuffle_caption or cfg.dataset.tag_dropout or cfg.dataset.enable_wildcard)
     choice = cfg.dataset.cache_text_embeddings
     if choice == "yes" and not fixed:
         warnings.append("dataset.cache_text_embeddings=yes is ignored: the text encoder trains or captions are "
@@ -453,8 +453,8 @@ def cache_training_data(cfg: Config, data: TrainingData, net: PreparedModel, acc
     if val_samples:
         lat = steps.latents_of(model, val_samples, [0] * len(val_samples), device, None)
         with torch.no_grad():
-            e, p = steps.encode_prompts(model, [dress_caption(s.item.caption, d.caption_prefix, d.caption_suffix)
-                                                for s in val_samples], cfg.network.clip_skip, device,
+            e, p = steps.encode_prompts(model, [dress_caption(caption_variants(s.item.caption)[0], d.caption_prefix,
+                                                              d.caption_suffix) for s in val_samples], cfg.network.clip_skip, device,
                                         max_token_length=d.max_token_length)
         validation = (lat, e, p, torch.stack([s.time_ids[0] for s in val_samples]).to(device))
     if embedder.use_cache:  # every caption a step can use, encoded now (in small batches)
@@ -472,7 +472,7 @@ def long_caption_warnings(model, items: list[Item], max_token_length: int) -> li
     tokenizer = model.tokenizers[0]
     limit = steps.chunk_count(max_token_length) * (tokenizer.model_max_length - 2)
     over = [(it.image.with_suffix(".txt").name, n) for it in items
-            if (n := steps.count_tokens(tokenizer, it.caption)) > limit]
+            if (n := max(steps.count_tokens(tokenizer, c) for c in caption_variants(it.caption) or [""])) > limit]
     if not over:
         return []
     shown = ", ".join(f"{name} ({n})" for name, n in over[:5]) + (" …" if len(over) > 5 else "")
@@ -695,12 +695,13 @@ def epoch_steps(s: Session, epoch: int) -> list[list[tuple[list[steps.Sample], l
 
 
 def batch_captions(cfg: Config, batch: list[steps.Sample], cap_rngs: list[random.Random]) -> list[str]:
-    """The captions as this step trains them: tags shuffled (keeping the first ``keep_tokens``), some tags left
-    out (``tag_dropout``), the prefix and suffix around them, some captions dropped whole (each sample's
-    changes drawn from its own generator)."""
+    """The captions as this step trains them: one form of each (``enable_wildcard``: a line, and an option of
+    each ``{a|b}``), tags shuffled (keeping the first ``keep_tokens``), some tags left out (``tag_dropout``), the
+    prefix and suffix around them, some captions dropped whole (each sample's changes drawn from its own
+    generator)."""
     d, captions = cfg.dataset, []
     for sample, cap_rng in zip(batch, cap_rngs):
-        c = sample.item.caption
+        c = pick_caption_variant(sample.item.caption, cap_rng) if d.enable_wildcard else sample.item.caption
         if not sample.item.is_reg:
             if d.shuffle_caption:
                 c = shuffle_caption(c, d.keep_tokens, cap_rng)

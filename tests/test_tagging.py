@@ -278,7 +278,8 @@ def test_write_and_read_captions(tmp_path):
         Image.new("RGB", (8, 8)).save(p)
     written = cap.write_captions(d, {imgs[0]: "sks, dog", "two.jpg": "sks,\ncat"})
     assert [p.name for p in written] == ["ä photo 1.txt", "two.txt"]
-    assert (d / "two.txt").read_bytes() == b"sks, cat"
+    assert (d / "two.txt").read_bytes() == b"sks\ncat"  # a line a form (dataset.enable_wildcard)
+    assert cap.read_caption(d / "two.txt", keep_lines=True) == "sks\ncat"
     assert sorted(p.name for p in d.iterdir()) == ["two.jpg", "two.txt", "ä photo 1.png", "ä photo 1.txt"]
     assert cap.read_captions(d) == {str(imgs[0]): "sks, dog", str(imgs[1]): "sks, cat"}
     with pytest.raises(LoraNbError, match="caption ext"):

@@ -116,6 +116,35 @@ def test_captions_that_reach_the_text_encoder_start_with_the_trigger_word(tiny_s
     assert all(c.split(", ")[0] == "sks" for c in seen), seen
 
 
+def test_a_multi_line_caption_trains_one_form_per_step_with_enable_wildcard(tiny_sd15_dir, tiny_dataset, tmp_path,
+                                                                          captions_seen):
+    """With ``dataset.enable_wildcard`` each step trains one line of a caption file (and one option of each
+    ``{a|b}``); without it the lines are joined as tags, as before. The metadata counts every form's tags."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    for txt in (data / "2_sks").glob("*.txt"):
+        colour = txt.read_text().split()[0]
+        txt.write_text(f"a {colour} sks square\nsks, {colour} square, {{gray|plain}} background\n")
+    cfg = make_config(tiny_sd15_dir, data, tmp_path / "ws", **{
+        "training.epochs": 4, "dataset.enable_wildcard": True, "dataset.trigger_word": "sks"})
+    train(cfg, progress=False)
+    forms = set(captions_seen)
+    assert len(captions_seen) == 16 and all(c.count("\n") == 0 and "{" not in c for c in forms)
+    assert any(c.startswith("a ") for c in forms) and any(c.startswith("sks, ") for c in forms)
+    assert any(c.endswith("gray background") for c in forms) and any(c.endswith("plain background") for c in forms)
+    with safe_open(str(tmp_path / "ws" / "lora" / "lora.safetensors"), "pt") as f:
+        meta = f.metadata()
+    freq = json.loads(meta["ss_tag_frequency"])["2_sks"]
+    assert freq["a red sks square"] == 1 and freq["red square"] == 1 and freq["sks"] == 4
+    assert json.loads(meta["ss_datasets"])[0]["subsets"][0]["enable_wildcard"] is True
+    captions_seen.clear()
+    train(make_config(tiny_sd15_dir, data, tmp_path / "ws-off", **{"training.epochs": 1, "dataset.enable_wildcard": False}),
+          progress=False)
+    assert captions_seen and all(c.startswith("a ") and "{gray|plain} background" in c for c in captions_seen), captions_seen
+
+
 def test_caption_extension_mismatch_is_refused_with_the_fix(tiny_dataset, tiny_sd15_dir, tmp_path):
     cfg = make_config(tiny_sd15_dir, tiny_dataset, tmp_path / "ws", **{"dataset.caption_extension": ".caption"})
     with pytest.raises(LoraNbError, match=r"dataset.caption_extension='.txt'"):
@@ -148,7 +177,8 @@ def test_cached_text_encoder_is_done_before_the_first_step_so_it_can_leave_the_g
 
     seen_at_first_step = []
     cfg = make_config(tiny_sd15_dir, tiny_dataset, tmp_path / "ws", **{
-        "training.epochs": 2, "dataset.caption_dropout": 0.5, "optimizer.text_encoder_lr": 0.0})
+        "training.epochs": 2, "dataset.caption_dropout": 0.5, "optimizer.text_encoder_lr": 0.0,
+        "dataset.enable_wildcard": False})  # a caption of several forms is encoded per step
     model = load_base_model(tiny_sd15_dir)
     train(cfg, model=model, progress=False,
           on_event=lambda e: seen_at_first_step.append(len(captions_seen)) if e.kind == "step" else None)
