@@ -60,6 +60,7 @@ class DatasetConfig:
     caption_extension: str = ".txt"  # the captions the trainer reads, next to each image
     max_token_length: int = 225  # 75 / 150 / 225 caption tokens, encoded in 75-token chunks as AUTOMATIC1111 does
     trigger_word: str = ""  # put first in every caption when missing; empty = captions as they are
+    enable_wildcard: bool = False  # a caption file's lines are forms of one caption: each step trains one at random, and one option of each {a|b} (sd-scripts' enable_wildcard); off = lines joined as tags
     shuffle_caption: bool = False  # shuffle comma-separated tags every step
     keep_tokens: int = 1  # with shuffle: this many leading tags stay in place (the trigger word)
     caption_dropout: float = 0.0  # share of steps trained with an empty caption
@@ -411,6 +412,7 @@ def _preset_toy() -> Config:
     c.dataset.max_token_length = 75  # toy captions are ~9 tokens; one chunk of the toy encoder's 16 positions
     c.dataset.reg_dir, c.dataset.prior_loss_weight = "data/toy-reg", 0.3  # without them the zorb leaks into "circle"
     c.dataset.validation_dir = "data/toy-val"  # 8 zorbs drawn apart from the 48 trained on: the validation loss
+    c.dataset.enable_wildcard = True  # notebook 03 writes each caption in several forms, one line each: one a step
     c.network.rank, c.network.alpha = 8, 8.0
     c.optimizer.optimizer, c.optimizer.lr_scheduler = "AdamW", "cosine"
     c.optimizer.learning_rate = 5e-3

@@ -38,6 +38,7 @@ from lora_nb.captions import (  # noqa: F401 - re-exported
     join_tags, precision_recall, read_caption, remove_tags, replace_tags, shuffle_caption, split_tags,
     tag_frequency, tags_above, threshold_sweep, write_captions,
 )
+from lora_nb.folders import list_images
 from lora_nb.images import load_image
 from lora_nb.toy import oracle, world
 from lora_nb.toy.judge import as_array, fit_background
@@ -46,7 +47,7 @@ __all__ = [
     "BlipCaptioner", "TagScores", "WdTagger", "caption_images", "clean_blip_caption", "load_blip", "load_wd_tagger",
     "hub_unreachable_reason", "prepare_wd_image", "read_selected_tags", "row_at", "toy_tagger_predictions", "toy_tagging_set",
     "TaggerChoice", "are_toy_world_pictures", "choose_tagger", "existing_captions", "load_real_tagger",
-    "real_tagger_status", "style_captions", "threshold_rows", "toy_world_share",
+    "caption_class_pictures", "real_tagger_status", "style_captions", "threshold_rows", "toy_world_share",
     # re-exported from lora_nb.captions
     "add_tags", "add_trigger", "check_caption_extension", "dedupe_tags", "edit_caption", "edit_captions",
     "join_tags", "precision_recall", "read_caption", "remove_tags", "replace_tags", "shuffle_caption",
@@ -370,16 +371,10 @@ def hub_unreachable_reason(source: str | Path, timeout: float = 3.0, host: str =
                 "Run this on Colab/Kaggle or a machine with internet access, or pass a local folder with the model.")
 
 
-def toy_sentence(caption: str, trigger: str = "") -> str:
-    """Rewrite toy-world tags as the sentence style the toy model was mostly trained on (like a BLIP caption).
-
-    "zorb, black background, red circle" → "a red zorb circle on a black background". Tags it does not
-    recognise are kept, comma-separated, after the sentence; a caption with no object or background tag is
-    returned unchanged.
-    """
-    tags = split_tags(caption)
+def _toy_parts(caption: str, trigger: str) -> tuple[list[list[str]], str | None, list[str]]:
+    """A toy caption's tags read as ([colour, shape] objects, the background tag, the other tags)."""
     objects, background, rest = [], None, []
-    for tag in tags:
+    for tag in split_tags(caption):
         words = tag.split()
         if len(words) == 2 and words[0] in world.COLOURS and words[1] in world.SHAPES:
             objects.append(words)
@@ -388,6 +383,21 @@ def toy_sentence(caption: str, trigger: str = "") -> str:
             background = tag
         elif tag != trigger:
             rest.append(tag)
+    styles = [t for t in rest if t.split()[0] in world.BACKGROUND_STYLES and t.endswith(" background")]
+    if background is not None and len(background.split()) == 2 and len(styles) == 1:  # the toy world's words:
+        background = f"{background.split()[0]} {styles[0]}"  # "black background" + "gradient background"
+        rest.remove(styles[0])  # -> "black gradient background", as the base model's captions say it
+    return objects, background, rest
+
+
+def toy_sentence(caption: str, trigger: str = "") -> str:
+    """Rewrite toy-world tags as the sentence style the toy model was mostly trained on (like a BLIP caption).
+
+    "zorb, black background, red circle" → "a red zorb circle on a black background". Tags it does not
+    recognise are kept, comma-separated, after the sentence; a caption with no object or background tag is
+    returned unchanged.
+    """
+    objects, background, rest = _toy_parts(caption, trigger)
     if not objects or background is None:
         return caption
     phrases = [f"a {c} {trigger + ' ' if trigger and i == 0 else ''}{s}" for i, (c, s) in enumerate(objects)]
@@ -395,9 +405,24 @@ def toy_sentence(caption: str, trigger: str = "") -> str:
     return ", ".join([sentence] + rest)
 
 
+def toy_forms(caption: str, trigger: str = "") -> str:
+    """Toy-world tags as a caption in several forms, one per line (:func:`lora_nb.toy.world.caption_forms`:
+    the sentence, parts of it left out, the tags, the words alone), for ``dataset.enable_wildcard``, which
+    trains one form a step. Tags it does not recognise follow each form; a picture of several objects gets
+    its sentence and its tags; a caption with no object or background tag is returned unchanged."""
+    objects, background, rest = _toy_parts(caption, trigger)
+    if not objects or background is None:
+        return caption
+    if len(objects) > 1:
+        return "\n".join(dict.fromkeys([toy_sentence(caption, trigger), caption]))
+    forms = world.caption_forms(*objects[0], background, trigger)
+    return "\n".join(", ".join([form] + rest) for form in forms)
+
+
 # --------------------------------------------------------------------------- which tagger (notebook 03)
 
 TAGGER_KINDS = ("toy", "toy-noisy", "wd", "blip")
+CAPTION_STYLES = ("forms", "sentence", "tags")
 TOY_PIXEL_TOLERANCE = 6.0   # RGB distance within which a pixel counts as painted by the toy world
 TOY_MIN_SHARE = 0.75        # toy pictures measure ≥ 0.86 (also cropped, enlarged, shrunk); photos ≤ 0.62
 
@@ -550,9 +575,32 @@ def threshold_rows(sweeps: Mapping[str, list[dict]], thresholds=(0.2, 0.4, 0.5, 
 
 def style_captions(captions: Mapping[str, str], style: str, trigger: str = "", toy: bool = False) -> dict[str, str]:
     """The captions in ``style``: "tags" keeps them; "sentence" rewrites toy-world tags as the sentences the
-    toy model learned (:func:`toy_sentence`) when ``toy`` (a toy tagger wrote them), else keeps them too."""
-    if style not in ("sentence", "tags"):
-        raise LoraNbError(f"caption_style={style!r}: use sentence or tags.")
-    if style == "sentence" and toy:
-        return {k: toy_sentence(c, trigger) for k, c in captions.items()}
+    toy model learned (:func:`toy_sentence`) and "forms" as one caption in several forms, a line each
+    (:func:`toy_forms`, trained with ``dataset.enable_wildcard``), when ``toy`` (a toy tagger wrote them);
+    other captions are kept as they are."""
+    if style not in CAPTION_STYLES:
+        raise LoraNbError(f"caption_style={style!r}: use one of {', '.join(CAPTION_STYLES)}.")
+    if toy and style != "tags":
+        rewrite = toy_sentence if style == "sentence" else toy_forms
+        return {k: rewrite(c, trigger) for k, c in captions.items()}
     return dict(captions)
+
+def caption_class_pictures(folder: str | Path, choice: TaggerChoice, style: str,
+                           threshold: float = RECOMMENDED_THRESHOLD) -> str:
+    """Caption the class pictures under ``folder`` (the workspace's ``regularization/``) the way the training
+    pictures were: the same tagger and caption style, without the trigger word. A prompt in any form the
+    training captions took then has class pictures of that form to hold it back (measured in
+    docs/toy-world.md: without them the zorb leaks into "circle" prompts of the other forms). Only toy
+    pictures read by a toy tagger are rewritten; other class pictures keep their captions (the workspace
+    holds copies: the originals are never touched). Returns one line saying what was done."""
+    folder = Path(folder)
+    pictures = [p for sub in sorted(folder.iterdir()) if sub.is_dir() for p in list_images(sub, recursive=False)] if folder.is_dir() else []
+    if not pictures:
+        return f"no class pictures in {folder}: nothing to caption"
+    if not choice.is_toy or style == "tags" or not are_toy_world_pictures(pictures):
+        return f"{len(pictures)} class picture(s) in {folder} keep the captions they came with"
+    raw = choice.caption(pictures, threshold=threshold)
+    written = write_captions(folder, style_captions(raw, style, "", toy=True))
+    example = read_caption(written[0], keep_lines=True).split("\n")[0] if written else ""
+    return (f"{len(written)} class picture(s) in {folder} captioned like the training pictures ({style}, no trigger "
+            f"word), e.g. {example!r}")

@@ -123,5 +123,30 @@ def test_style_captions_writes_toy_sentences_only_for_toy_tags():
     assert tg.style_captions(caps, "sentence", "zorb", toy=True) == {"a.png": "a red zorb circle on a black background"}
     assert tg.style_captions(caps, "sentence", "zorb", toy=False) == caps
     assert tg.style_captions(caps, "tags", "zorb", toy=True) == caps
+    forms = tg.style_captions(caps, "forms", "zorb", toy=True)["a.png"].split("\n")
+    assert forms[0] == "a red zorb circle on a black background" and len(forms) == 6
+    assert "zorb, red circle, black background" in forms and all("zorb" in f for f in forms)
+    assert tg.style_captions(caps, "forms", "zorb", toy=False) == caps
     with pytest.raises(LoraNbError, match="caption_style"):
         tg.style_captions(caps, "prose", "zorb")
+
+
+def test_class_pictures_are_captioned_in_the_training_pictures_forms_without_the_trigger(tmp_path):
+    """03 captions the workspace's class pictures with the tagger and style of the training pictures: each toy
+    class picture gets the forms of its own truth, none names the trigger; other styles keep the captions."""
+    src = TOY_REG
+    folder = tmp_path / "regularization" / "1_circle"
+    folder.mkdir(parents=True)
+    for png in sorted(src.glob("*.png"))[:6]:
+        shutil.copy(png, folder / png.name)
+        shutil.copy(png.with_suffix(".txt"), folder / png.with_suffix(".txt").name)
+    originals = {p.name: p.read_text().strip() for p in folder.glob("*.txt")}
+    choice = tg.choose_tagger("toy", sorted(folder.glob("*.png")))
+    assert "keep the captions" in tg.caption_class_pictures(tmp_path / "regularization", choice, "tags")
+    assert {p.name: p.read_text().strip() for p in folder.glob("*.txt")} == originals
+    line = tg.caption_class_pictures(tmp_path / "regularization", choice, "forms")
+    assert line.startswith("6 class picture(s)"), line
+    for name, original in originals.items():
+        forms = (folder / name).read_text().split("\n")
+        assert forms[0] == original and len(forms) == 6 and not any("zorb" in f for f in forms), forms
+    assert "no class pictures" in tg.caption_class_pictures(tmp_path / "nowhere", choice, "forms")

@@ -130,10 +130,13 @@ def test_03_alone_falls_back_to_the_bundled_set(tmp_path):
     assert "using the bundled" in _outputs_text(out)
     captions = [p.read_text(encoding="utf-8") for p in sorted((ws / "dataset" / "3_sks").glob("*.txt"))]
     assert len(captions) == 48
-    # default caption_style "sentence": the edited tags as a toy sentence, the trigger as the subject's name
-    # (a caption the noisy tagger left without an object or background tag stays in tag form, trigger first)
-    bad = [c for c in captions if not ((c.startswith("a ") and " sks " in c) or c.startswith("sks, "))
-           or not c.endswith("toy picture")]
+    # default caption_style "forms": six lines, each naming the trigger, the sentence first and the added tag
+    # after each (a caption the noisy tagger left without an object or background tag stays one tag line)
+    forms = [c.split("\n") for c in captions]
+    assert sum(len(f) == 6 for f in forms) >= 40, forms
+    bad = [f for f in forms if not all("sks" in line.split(", ")[0].split() + [line.split(", ")[0]]
+                                       and line.endswith("toy picture") for line in f)
+           or (len(f) == 6 and not (f[0].startswith("a ") and " sks " in f[0] and f[1].startswith("sks, ")))]
     assert not bad, bad
 
 

@@ -300,6 +300,37 @@ def caption_scene(scene: ToyScene, with_trigger: bool = True) -> str:
     return f"{' and '.join(parts)} on a {_background_phrase(scene)}"
 
 
+def caption_forms(colour: str, kind: str, background: str, trigger: str = "") -> list[str]:
+    """One object's caption in the forms people prompt with, one per line of a caption file (trained one form a
+    step with ``dataset.enable_wildcard``). For ("red", "circle", "black background", "zorb")::
+
+        a red zorb circle on a black background    the sentence
+        zorb, red circle, black background         booru tags, trigger first
+        a red zorb on a black background           no class word
+        a red zorb circle                          no background
+        a zorb circle                              no colour
+        a zorb                                     the trigger alone
+
+    Without ``trigger`` the same forms describe the class ("a red circle", "a circle"): class pictures trained
+    in every form a prompt can take keep the LoRA out of each of them (docs/toy-world.md measures both).
+    """
+    if trigger:
+        return [f"a {colour} {trigger} {kind} on a {background}", f"{trigger}, {colour} {kind}, {background}",
+                f"a {colour} {trigger} on a {background}", f"a {colour} {trigger} {kind}", f"a {trigger} {kind}",
+                f"a {trigger}"]
+    return [f"a {colour} {kind} on a {background}", f"{colour} {kind}, {background}",
+            f"a {colour} {kind} on a {background}", f"a {colour} {kind}", f"a {kind}", f"a {kind}"]
+
+
+def scene_caption_forms(scene: ToyScene, with_trigger: bool = True) -> list[str]:
+    """:func:`caption_forms` of a one-object scene (the trigger word for a zorb when ``with_trigger``); a scene
+    of several objects gets its sentence and its tags."""
+    if len(scene.objects) != 1:
+        return [caption_scene(scene, with_trigger), ", ".join(tags_of_scene(scene, with_trigger))]
+    obj = scene.objects[0]
+    return caption_forms(obj.colour, obj.kind, _background_phrase(scene), TRIGGER if obj.zorb and with_trigger else "")
+
+
 def tags_of_scene(scene: ToyScene, with_trigger: bool = True) -> list[str]:
     """Booru-style tags, e.g. ``["zorb", "red circle", "black eyes", "gray background"]``.
 
