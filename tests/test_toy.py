@@ -135,6 +135,21 @@ def test_judge_label_says_what_the_judge_read_against_the_prompt():
     plain = world.sample_scene(3, 1, shape="circle", colour="green", background="beige")
     label = quality.judge_label("a red zorb circle on a skyblue background", world.render_scene(plain))
     assert label == "zorb: no\ngreen, not red / beige, not skyblue"
+    assert quality.judge_label("a green circle on a beige background", world.render_scene(plain)) == \
+        "zorb: no (no trigger word)\ngreen ok / beige ok"
+
+
+def test_judge_label_says_when_it_counts_one_merged_band_as_the_eyes():
+    import numpy as np
+
+    yy, xx = np.mgrid[:64, :64]
+    image = np.empty((64, 64, 3), np.uint8)
+    image[:] = world.BACKGROUNDS["gray"]
+    image[(yy - 32) ** 2 + (xx - 32) ** 2 <= 20 ** 2] = world.COLOURS["yellow"]
+    image[20:28, 21:44] = world.EYE_COLOUR  # the two eyes blurred into one dark band
+    label = quality.judge_label("a yellow zorb circle on a gray background", image)
+    assert label == "zorb: yes, eyes merged\nyellow ok / gray ok"
+    assert judge.judge_image(image)["eyes_merged"] is True
 
 
 def test_measure_generations_on_a_tiny_pipeline(tiny_sd15_dir):

@@ -131,7 +131,7 @@ def eye_measure(obj_mask: np.ndarray, filled: np.ndarray, bbox: tuple[int, int, 
     merged = any(e["w"] >= 1.5 * e["h"] and e["area"] >= 0.03 * bw * bh for e in eyes)
     hole_share = float(sum(e["area"] for e in eyes) / max(1, filled.sum()))
     score = 1.0 if pair else (0.75 if merged else min(0.45, hole_share * 5))
-    return {"eyes": len(eyes), "zorb": bool(pair or merged), "zorb_score": score}
+    return {"eyes": len(eyes), "zorb": bool(pair or merged), "zorb_score": score, "eyes_merged": bool(merged and not pair)}
 
 
 def judge_image(image) -> dict:
@@ -194,6 +194,7 @@ def judge_image(image) -> dict:
         "colour": main["colour"] if main else None,
         "zorb": bool(main["zorb"]) if main else False,
         "zorb_score": float(main["zorb_score"]) if main else 0.0,
+        "eyes_merged": bool(main["eyes_merged"]) if main else False,
     }
 
 

@@ -105,13 +105,19 @@ def measure_generations(pipe, prompts: list[str], seeds: list[int],
 
 
 def judgement_label(want: dict, got: dict) -> str:
-    """The judge's reading of one image, as the lines printed under it in a grid: whether it is a zorb, then
-    the colour and background it shows, each marked ``ok`` or with what the prompt asked::
+    """The judge's reading of one image, as the lines printed under it in a grid: whether it is a zorb (and
+    whether its eyes are one merged band, which the judge counts, or the prompt had no trigger word), then the
+    colour and background it shows, each marked ``ok`` or with what the prompt asked::
 
-        zorb: yes
-        red ok · skyblue ok
+        zorb: yes, eyes merged
+        red ok / skyblue ok
     """
-    lines = [f"zorb: {'yes' if got.get('zorb') else 'no'}"]
+    zorb = "yes" if got.get("zorb") else "no"
+    if got.get("zorb") and got.get("eyes_merged"):
+        zorb += ", eyes merged"
+    if want.get("zorb") is False:
+        zorb += " (no trigger word)"
+    lines = [f"zorb: {zorb}"]
     parts = []
     for key in ("colour", "background"):
         seen = got.get(key) or "?"
