@@ -16,6 +16,9 @@ from lora_nb.notebook import repo_root
 from lora_nb.workspace import Workspace, open_workspace
 
 NOTEBOOK_RE = re.compile(r"^(\d\d[a-z]?)_[\w-]+\.ipynb$")
+# Each notebook's kernel starts on this machine, talking to papermill over localhost: ipykernel's warning that
+# the connection is unencrypted came once per notebook, and nothing in it is for a learner to act on.
+KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=ERROR"]
 
 
 @dataclass
@@ -104,7 +107,8 @@ def run_course(workspace: str | Path = "runs/course", params: dict | None = None
         t0 = time.time()
         try:
             papermill.execute_notebook(str(nb), str(out), parameters=mine, kernel_name="python3",
-                                       cwd=str(nb.parent), progress_bar=False, log_output=False)
+                                       cwd=str(nb.parent), progress_bar=False, log_output=False,
+                                       extra_arguments=KERNEL_ARGUMENTS)
             run = NotebookRun(nb.stem, time.time() - t0, True, out)
         except papermill.PapermillExecutionError as exc:
             run = NotebookRun(nb.stem, time.time() - t0, False, out, f"{exc.ename}: {exc.evalue}"[:500])

@@ -415,8 +415,8 @@ class SettingsPanel:
 # must not take them for a recommendation for SD1.5 / SDXL.
 TOY_REASONS = {
     "resolution": "the toy model draws 64x64 pictures (16x16 latents); SD1.5 learned 512, SDXL 1024",
-    "repeats x epochs": "48 pictures x 10 repeats, paired with as many class images, / batch 8 x 10 epochs = "
-                        "1,200 steps: minutes on a CPU",
+    "repeats x epochs": "48 pictures x 10 repeats, paired with as many class images, / batch 8 x 14 epochs = "
+                        "1,680 steps: minutes on a CPU",
     "batch size": "8 (half of it class images): a CPU takes 8 toy pictures at once; at 512 px a GPU's memory "
                   "usually allows 1-2",
     "UNet LR": "chosen by trial on the toy (docs/toy-world.md); SD's 1e-4 is tuned for an 860 M-parameter UNet, "
@@ -425,7 +425,7 @@ TOY_REASONS = {
     "rank / alpha": "alpha = rank gives the small toy LoRA its whole update; rank 16 / alpha 8 was not better "
                     "(docs/toy-world.md)",
     "optimizer": "8-bit AdamW needs a GPU (bitsandbytes); on a CPU the plain AdamW it imitates",
-    "scheduler": "the same cosine as the anime preset: 1,200 steps leave no room for restarts",
+    "scheduler": "the same cosine as the anime preset: 1,680 steps leave no room for restarts",
     "mixed precision": "CPUs train in fp32; fp16/bf16 is for GPUs",
     "min-SNR gamma": "gamma 1 weights the noisy steps that decide the zorb's eyes more (docs/toy-world.md: "
                      "eyes in 0.50 of 48 generations at gamma 5, about 0.6 at gamma 1)",

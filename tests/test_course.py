@@ -14,7 +14,7 @@ def test_course_lists_the_six_notebooks_in_order():
 
 
 @pytest.mark.slow
-def test_course_passes_parameters_to_the_notebooks_that_declare_them(tmp_path):
+def test_course_passes_parameters_to_the_notebooks_that_declare_them(tmp_path, capfd):
     lines = []
     summary = run_course(tmp_path / "ws", params={"preset": "realistic", "repeats": 10, "epochs": 10,
                                                   "measure_time": False, "no_such_parameter": 1},
@@ -28,6 +28,7 @@ def test_course_passes_parameters_to_the_notebooks_that_declare_them(tmp_path):
     assert any("04_parameters" in l for l in lines)
     assert any("no_such_parameter" in l for l in lines)  # told, not silently dropped
     assert "ok " in summary.describe()
+    assert "without encryption" not in capfd.readouterr().err  # the kernel's start-up warning, once per notebook
 
 
 @pytest.mark.slow

@@ -82,8 +82,8 @@ def test_notebook_04s_worked_example_is_the_sum_the_toy_preset_prints():
     text = " ".join(" ".join(c.source.split()) for c in nb.cells if c.cell_type == "markdown")
     cfg = preset("toy")
     plan = report_settings(cfg, scan_dataset(cfg.dataset.dir)).plan
-    assert (plan.steps_per_epoch, plan.total_steps) == (120, 1200)
-    assert "48 pictures × repeat 10 = 480, paired = 960 samples, / batch 8 = 120 steps per epoch; × 10 epochs = 1,200" in text
+    assert (plan.steps_per_epoch, plan.total_steps) == (120, 1680)
+    assert "48 pictures × repeat 10 = 480, paired = 960 samples, / batch 8 = 120 steps per epoch; × 14 epochs = 1,680" in text
 
 
 @pytest.mark.slow
