@@ -511,13 +511,20 @@ def base_model_hashes(source: str, vae: str = "") -> dict[str, str]:
 MODELSPEC_ARCHITECTURES = {"sd15": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
 
 
+# The implementation a LoRA's keys follow, as sd-scripts names it: SDXL LoRAs the Stability AI repository's
+# module names, SD1.5 LoRAs diffusers'.
+MODELSPEC_IMPLEMENTATIONS = {"sd15": "diffusers", "sdxl": "https://github.com/Stability-AI/generative-models"}
+
+
 def modelspec_metadata(family: str, title: str, resolution: tuple[int, int], prediction_type: str = "epsilon",
-                       trigger: str = "", date: str | None = None) -> dict[str, str]:
-    """The Stability AI model-spec keys (``modelspec.*``) that UIs read to tell what a file is."""
+                       trigger: str = "", date: str | None = None, clip_skip: int | None = None,
+                       timesteps: tuple[int, int] | None = None) -> dict[str, str]:
+    """The Stability AI model-spec keys (``modelspec.*``) that UIs read to tell what a file is; the text
+    encoder's layer (clip skip) and the trained timestep range as sd-scripts writes them, when given."""
     meta = {
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": MODELSPEC_ARCHITECTURES.get(family, f"{family}/lora"),
-        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        "modelspec.implementation": MODELSPEC_IMPLEMENTATIONS.get(family, "diffusers"),
         "modelspec.title": title,
         "modelspec.resolution": f"{resolution[0]}x{resolution[1]}",
         "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
@@ -525,6 +532,10 @@ def modelspec_metadata(family: str, title: str, resolution: tuple[int, int], pre
     }
     if trigger:
         meta["modelspec.trigger_phrase"] = trigger
+    if clip_skip:
+        meta["modelspec.encoder_layer"] = str(clip_skip)
+    if timesteps and tuple(timesteps) != (0, 1000):  # written only for a range narrower than all steps
+        meta["modelspec.timestep_range"] = f"{timesteps[0]},{timesteps[1]}"
     return meta
 
 

@@ -626,7 +626,9 @@ def open_run(cfg: Config, accelerator, net: PreparedModel, opt: Optimization, da
                     **lora_io.run_metadata(random.SystemRandom().randrange(2**31), round(time.time(), 3)),
                     **lora_io.base_model_hashes(str(cfg.model.source), str(cfg.model.vae or "")),
                     **lora_io.modelspec_metadata(net.model.family, cfg.save.output_name, net.size,
-                                                 net.prediction_type, cfg.dataset.trigger_word))
+                                                 net.prediction_type, cfg.dataset.trigger_word,
+                                                 clip_skip=cfg.network.clip_skip,
+                                                 timesteps=(cfg.training.min_timestep, cfg.training.max_timestep)))
     metrics_file = open(ws.metrics, "a", encoding="utf-8") if is_main else None
     batch_log = None
     if batch_log_dir:

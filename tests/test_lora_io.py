@@ -350,3 +350,16 @@ def test_a_base_model_given_as_a_file_is_named_and_hashed_as_sd_scripts_does(tmp
     assert ss_metadata("sd15", str(ckpt), 8, 4, False)["ss_sd_model_name"] == "myModel_v2.safetensors"
     assert base_model_hashes(str(tmp_path / "models")) == {}  # a diffusers folder or hub id: no single file
     assert set(base_model_hashes("org/model", vae=str(ckpt))) == {"ss_vae_hash", "ss_new_vae_hash", "ss_vae_name"}
+
+
+def test_modelspec_keys_follow_sd_scripts_for_each_family():
+    from lora_nb.lora_io import modelspec_metadata
+
+    sdxl = modelspec_metadata("sdxl", "mine", (1024, 1024), "v_prediction", "zorb", clip_skip=1, timesteps=(0, 1000))
+    assert sdxl["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert sdxl["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"
+    assert (sdxl["modelspec.prediction_type"], sdxl["modelspec.trigger_phrase"]) == ("v", "zorb")
+    assert "modelspec.timestep_range" not in sdxl  # every step trained: no range to state
+    sd15 = modelspec_metadata("sd15", "mine", (512, 768), timesteps=(100, 900))
+    assert (sd15["modelspec.implementation"], sd15["modelspec.resolution"]) == ("diffusers", "512x768")
+    assert sd15["modelspec.timestep_range"] == "100,900" and "modelspec.encoder_layer" not in sd15

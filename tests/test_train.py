@@ -255,7 +255,9 @@ def test_saved_files_name_themselves_hold_no_local_path_and_are_readable_by_othe
 
     old = os.umask(0o022)
     try:
-        cfg = make_config(tiny_sd15_dir, tiny_dataset, tmp_path / "ws", **{"training.epochs": 2})
+        cfg = make_config(tiny_sd15_dir, tiny_dataset, tmp_path / "ws", **{"training.epochs": 2,
+                                                                            "training.min_timestep": 200,
+                                                                            "network.clip_skip": 2})
         result = train(cfg, progress=False)
     finally:
         os.umask(old)
@@ -269,6 +271,9 @@ def test_saved_files_name_themselves_hold_no_local_path_and_are_readable_by_othe
         for value in meta.values():
             assert str(tiny_sd15_dir) not in value and str(tiny_dataset) not in value and str(tmp_path) not in value
         assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora" and meta["ss_v2"] == "False"
+        # as sd-scripts writes them: an SD1.5 LoRA follows diffusers' names, clip skip and the trained steps
+        assert meta["modelspec.implementation"] == "diffusers"
+        assert (meta["modelspec.encoder_layer"], meta["modelspec.timestep_range"]) == ("2", "200,1000")
         assert json.loads(meta["ss_dataset_dirs"]) == {"2_sks": {"n_repeats": 1, "img_count": 4}}
         for key in ("ss_shuffle_caption", "ss_flip_aug", "ss_cache_latents", "ss_training_started_at",
                     "ss_training_finished_at", "modelspec.resolution", "modelspec.date", "ss_datasets"):
