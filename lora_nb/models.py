@@ -205,7 +205,8 @@ def looks_like_hub_id(source: str) -> bool:
 
 
 def load_base_model(source: str | Path, family: str = "auto", dtype: torch.dtype = torch.float32,
-                    allow_pickle: bool = False, single_file_config: str | Path | None = None) -> BaseModel:
+                    allow_pickle: bool = False, single_file_config: str | Path | None = None,
+                    frozen_dtype: torch.dtype | None = None) -> BaseModel:
     """Load a base model from ``source``.
 
     ``source`` is ``"toy"`` (the bundled toy model), a local diffusers folder, a
@@ -217,6 +218,11 @@ def load_base_model(source: str | Path, family: str = "auto", dtype: torch.dtype
     A single file is read with the shipped SD1.5/SDXL configuration (no download), or with
     ``single_file_config`` (a diffusers folder or hub id) when given; its scheduler predicts
     ``v_prediction`` when the file carries the ``v_pred`` marker.
+
+    ``frozen_dtype`` reads the UNet and text encoders of a diffusers folder or hub model straight in that dtype
+    (the VAE and the rest in ``dtype``): a trainer that freezes them in bf16 then never holds them in fp32, which
+    on a full-size model is the peak of the run's memory. A single file loads in ``dtype`` (diffusers' single-file
+    loader takes one dtype for all parts); the trainer casts it afterwards.
     """
     if family not in ("auto",) + FAMILIES:
         raise LoraNbError(f"model_family={family!r} is not known: use 'auto', 'sd15' or 'sdxl'.")
@@ -236,36 +242,49 @@ def load_base_model(source: str | Path, family: str = "auto", dtype: torch.dtype
             raise LoraNbError(f"model.family={family!r} but {path} holds an {found} model: set model.family=auto "
                               f"(or {found}).")
         fam = found
+        each = part_dtypes(dtype, frozen_dtype)
         try:
-            pipe = _pipeline_class(fam).from_pretrained(path, dtype=dtype, safety_checker=None) if fam == "sd15" \
-                else _pipeline_class(fam).from_pretrained(path, dtype=dtype)
+            pipe = _pipeline_class(fam).from_pretrained(path, dtype=each, safety_checker=None) if fam == "sd15" \
+                else _pipeline_class(fam).from_pretrained(path, dtype=each)
         except (OSError, ValueError) as exc:
             raise LoraNbError(f"Could not load the diffusers model in {path}: {exc}") from None
         return BaseModel(pipe, fam, str(path))
     if path.is_file():
         return _load_single_file(path, family, dtype, allow_pickle, single_file_config)
     if looks_like_hub_id(src):
-        return _load_from_hub(src, family, dtype)
+        return _load_from_hub(src, family, part_dtypes(dtype, frozen_dtype))
     raise LoraNbError(
         f"model_source={src!r} is neither a folder, a file, 'toy' nor a hub id like 'org/name'. "
         "Check the path (it does not exist)."
     )
 
 
-def load_model_of(model_cfg, dtype: torch.dtype = torch.float32, zero_terminal_snr: bool = False) -> BaseModel:
+def part_dtypes(dtype: torch.dtype, frozen_dtype: torch.dtype | None):
+    """What diffusers' ``from_pretrained(dtype=…)`` takes: one dtype, or the UNet and text encoders in
+    ``frozen_dtype`` and every other part (the VAE) in ``dtype``."""
+    if frozen_dtype is None or frozen_dtype == dtype:
+        return dtype
+    return {"default": dtype, "unet": frozen_dtype, "text_encoder": frozen_dtype, "text_encoder_2": frozen_dtype}
+
+
+def load_model_of(model_cfg, dtype: torch.dtype = torch.float32, zero_terminal_snr: bool = False,
+                  frozen_dtype: torch.dtype | None = None) -> BaseModel:
     """The base model a :class:`lora_nb.config.ModelConfig` names, with its ``vae`` in place when one is set and
-    its scheduler set to ``model.prediction_type`` and, with ``zero_terminal_snr``, the rescaled schedule."""
-    model = load_base_model(model_cfg.source, model_cfg.family, dtype, allow_pickle=model_cfg.allow_pickle)
+    its scheduler set to ``model.prediction_type`` and, with ``zero_terminal_snr``, the rescaled schedule
+    (``frozen_dtype``: see :func:`load_base_model`)."""
+    model = load_base_model(model_cfg.source, model_cfg.family, dtype, allow_pickle=model_cfg.allow_pickle,
+                            frozen_dtype=frozen_dtype)
     if str(model_cfg.vae or "").strip():
         use_vae(model, load_vae(model_cfg.vae, model.pipe.vae.config, dtype))
     use_noise_schedule(model, model_cfg.prediction_type, zero_terminal_snr)
     return model
 
 
-def load_model_for(cfg, dtype: torch.dtype = torch.float32) -> BaseModel:
+def load_model_for(cfg, dtype: torch.dtype = torch.float32, frozen_dtype: torch.dtype | None = None) -> BaseModel:
     """The base model of a whole run's :class:`lora_nb.config.Config` as training, previews, the strength
     comparisons and diagnosis all use it (one place, so none of them forgets a setting)."""
-    return load_model_of(cfg.model, dtype, zero_terminal_snr=cfg.training.zero_terminal_snr)
+    return load_model_of(cfg.model, dtype, zero_terminal_snr=cfg.training.zero_terminal_snr,
+                         frozen_dtype=frozen_dtype)
 
 
 def use_noise_schedule(model: BaseModel, prediction_type: str = "auto", zero_terminal_snr: bool = False) -> None:

@@ -341,8 +341,9 @@ def prepare_model(cfg: Config, model, device, precision: str) -> PreparedModel:
     from diffusers import DDPMScheduler
     from diffusers.training_utils import cast_training_params
 
-    if model is None:
-        model = load_model_for(cfg)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+    if model is None:  # the frozen parts read straight in the training dtype: no fp32 copy at any time
+        model = load_model_for(cfg, frozen_dtype=weight_dtype)
     else:  # a model handed in gets the run's prediction type and noise schedule too
         use_noise_schedule(model, cfg.model.prediction_type, cfg.training.zero_terminal_snr)
     raise_for_errors(check_against_model(cfg, model.size_multiple, model.family))
@@ -350,7 +351,6 @@ def prepare_model(cfg: Config, model, device, precision: str) -> PreparedModel:
     prediction_type = (cfg.model.prediction_type if cfg.model.prediction_type != "auto"
                        else pipe.scheduler.config.get("prediction_type", "epsilon"))
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config, prediction_type=prediction_type)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
     for module in [pipe.unet] + model.text_encoders:
         module.requires_grad_(False)
         module.to(device)

@@ -107,3 +107,23 @@ def test_wandb_logs_each_step_offline_into_the_workspace(tiny_sd15_dir, tiny_dat
     assert b"loss/step" in data and b"lr/unet" in data
     for record in steps:  # wandb keeps each logged value as JSON text
         assert json.dumps(record["loss"]).encode() in data, record
+
+
+@pytest.mark.slow
+def test_bf16_training_reads_the_frozen_parts_in_bf16_and_trains_as_casting_after_loading_did(
+        tiny_sd15_dir, tiny_dataset, tmp_path):
+    """The UNet and text encoder come off the disk in bf16 (no fp32 copy, the peak of a full-size run), the VAE
+    in fp32; the LoRA trained so is the one trained on a model loaded in fp32 and cast, tensor for tensor."""
+    model = load_base_model(tiny_sd15_dir, frozen_dtype=torch.bfloat16)
+    dtypes = {name: {p.dtype for p in getattr(model.pipe, name).parameters()} for name in ("unet", "text_encoder",
+                                                                                            "vae")}
+    assert dtypes == {"unet": {torch.bfloat16}, "text_encoder": {torch.bfloat16}, "vae": {torch.float32}}
+    fp32 = load_base_model(tiny_sd15_dir)
+    for (name, a), (_, b) in zip(model.pipe.unet.state_dict().items(), fp32.pipe.unet.state_dict().items()):
+        assert torch.equal(a, b.to(torch.bfloat16)), name
+    settings = {"training.mixed_precision": "bf16", "training.epochs": 2, "optimizer.learning_rate": 1e-3}
+    read_in_bf16 = train(make_config(tiny_sd15_dir, tiny_dataset, tmp_path / "a", **settings), progress=False)
+    cast = train(make_config(tiny_sd15_dir, tiny_dataset, tmp_path / "b", **settings), model=fp32, progress=False)
+    a, b = _tensors(read_in_bf16.final), _tensors(cast.final)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert max(float(v.abs().max()) for k, v in a.items() if "lora_up" in k) > 0
