@@ -133,6 +133,7 @@ def reference_config(model: Path, data: Path, out: Path, steps: int, precision: 
         "dataset.trigger_word": "", "dataset.resolution": f"{spec['size']}x{spec['size']}",
         "dataset.reg_dir": "", "dataset.prior_loss_weight": 1.0,  # the toy preset's class images are not in this job
         "dataset.validation_dir": "", "dataset.validation_split": 0,  # nor its validation loss: the example has none
+        "dataset.shuffle_caption": False, "dataset.enable_wildcard": False,  # nor caption changes: one text a picture
         "training.batch_size": spec["batch"], "training.max_steps": steps, "training.epochs": 1000,
         "training.min_snr_gamma": 0.0, "training.min_timestep": 0, "network.rank": spec["rank"],
         "network.alpha": spec["rank"], "network.unet_targets": spec["targets"],

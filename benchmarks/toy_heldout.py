@@ -7,7 +7,9 @@ For each file, with the toy base model and the toy judge (DDIM 20, CFG 5, 64×64
 - the 24 colour × background prompts in the captions' sentence form, on ``--seeds`` (not the seeds the course
   samples with): zorb share with the trigger word, the same without it (leak), colour and background obeyed;
 - prompts worded unlike that sentence (``--wordings``, default: 16 below), on ``--wording-seeds``: zorb share
-  with the trigger, and the leak when "zorb" is taken out of each.
+  with the trigger, and the leak when "zorb" is taken out of each;
+- of every image judged a zorb, the share whose eyes are one merged dark band (the judge counts it; a learner
+  sees a band, not two eyes).
 Prints one line per file and, with ``--json``, writes every figure and the per-prompt counts there.
 """
 
@@ -44,12 +46,15 @@ def judge_file(path: Path, seeds: list[int], wordings: list[str], wording_seeds:
     off = quality.measure_generations(pipe, quality.concept_prompts(False), seeds)
     other = quality.measure_generations(pipe, wordings, wording_seeds)
     other_off = quality.measure_generations(pipe, [without_trigger(w) for w in wordings], wording_seeds)
+    merged = [r for r in on["records"] + other["records"] if r["got"]["zorb"] and r["got"].get("eyes_merged")]
+    zorbs = [r for r in on["records"] + other["records"] if r["got"]["zorb"]]
     per: dict[str, int] = {}
     for r in other["records"]:
         per[r["prompt"]] = per.get(r["prompt"], 0) + bool(r["got"]["zorb"])
     return {"file": str(path), "n": on["n"], "zorb": on["zorb"], "leak": off["zorb"], "colour": on["colour"],
             "background": on["background"], "wordings_n": other["n"], "wordings_zorb": other["zorb"],
-            "wordings_leak": other_off["zorb"], "per_wording": per}
+            "wordings_leak": other_off["zorb"], "per_wording": per,
+            "eyes_merged": len(merged) / max(1, len(zorbs))}
 
 
 def main() -> None:
@@ -69,7 +74,8 @@ def main() -> None:
         results.append(r)
         print(f"{f}: sentence prompts zorb {r['zorb']:.2f} of {r['n']}, leak {r['leak']:.2f}, colour "
               f"{r['colour']:.2f}, background {r['background']:.2f}; other wordings zorb {r['wordings_zorb']:.2f} "
-              f"of {r['wordings_n']}, leak {r['wordings_leak']:.2f}")
+              f"of {r['wordings_n']}, leak {r['wordings_leak']:.2f}; of all zorbs, eyes one merged band: "
+              f"{r['eyes_merged']:.2f}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
 

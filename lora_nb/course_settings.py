@@ -37,6 +37,7 @@ SETTINGS = {
     "trigger_word": "the word that calls up the subject, first in every caption",
     "class_name": "the class the subject belongs to (circle, woman, dog, 1girl): class pictures and prompts",
     "repeats": "times each picture is learned per epoch (the <repeats>_<concept> folder name)",
+    "keep_tokens": "tags kept in place at the front when the trainer shuffles them (1 keeps the trigger first)",
     "regularization_dir": "folder of class pictures 01 copies into the workspace; 'none': no class pictures",
     "sample_prompts": "preview prompts, one per line (sd-scripts options --n --w --h --d --s --l)",
 }
@@ -65,7 +66,7 @@ def defaults_for(preset_name: str, chosen: dict | None = None) -> dict:
         "tagger": "toy" if toy else ("wd" if anime else "blip"),
         "threshold": 0.6,
         "trigger_word": "zorb" if toy else cfg.dataset.trigger_word, "class_name": cls,
-        "repeats": cfg.dataset.repeats, "regularization_dir": "data/toy-reg/1_circle" if toy else "none",
+        "repeats": cfg.dataset.repeats, "keep_tokens": cfg.dataset.keep_tokens, "regularization_dir": "data/toy-reg/1_circle" if toy else "none",
         "sample_prompts": "\n".join(cfg.sample.prompts),
     }
 

@@ -70,7 +70,8 @@ PARAMETER_SETTINGS = {
     "sample_prompts": "sample.prompts",
 }
 # the shared course settings (course.yaml) that fill notebook 04's parameters of the same name
-COURSE_PARAMETERS = ("model_source", "model_family", "resolution", "bucket_step", "repeats", "trigger_word")
+COURSE_PARAMETERS = ("model_source", "model_family", "resolution", "bucket_step", "repeats", "trigger_word",
+                     "keep_tokens")
 # the settings that trade speed against memory (notebook 04 shows them with their help)
 SPEED_MEMORY_SETTINGS = ("training.mixed_precision", "training.gradient_checkpointing", "optimizer.optimizer",
                          "training.batch_size", "training.gradient_accumulation_steps",
@@ -440,6 +441,9 @@ TOY_REASONS = {
     "class images": "without them the zorb leaks into plain 'circle' prompts (docs/toy-world.md: 25-75% of "
                     "them, against 0-4% with)",
     "clip skip": "the toy text encoder has 3 layers; skipping one would leave 2",
+    "shuffle tags / keep first": "not shuffled: each caption comes in six forms already (notebook 03), and "
+                                 "shuffling them too did not resolve a difference over three trainings "
+                                 "(docs/toy-world.md)",
 }
 
 
@@ -458,7 +462,8 @@ def preset_rows(names: tuple[str, ...] = ("anime", "realistic", "toy")) -> list[
                 "min-SNR gamma": f"{t.min_snr_gamma:g}",
                 "debiased estimation": "yes" if t.debiased_estimation else "no",
                 "timesteps trained": f"{t.min_timestep}-{t.max_timestep - 1}", "class images": "yes" if d.reg_dir else "no",
-                "clip skip": str(n.clip_skip)}
+                "clip skip": str(n.clip_skip),
+                "shuffle tags / keep first": f"{'yes' if d.shuffle_caption else 'no'} / {d.keep_tokens}"}
 
     table = {n: values(c) for n, c in cfgs.items()}
     return [{"setting": s, **{n: table[n][s] for n in names}, "why the toy differs": TOY_REASONS.get(s, "")}

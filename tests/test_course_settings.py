@@ -92,6 +92,23 @@ def test_notebook_04_takes_buckets_class_pictures_and_prompts_from_the_course(tm
     assert build_config("realistic", values, str(tmp_path / "data"), str(ws.root)).dataset.reg_dir == ""
 
 
+def test_keep_tokens_chosen_in_03_is_what_training_keeps_in_place(tmp_path):
+    """03's keep_tokens (a parameter or its widget) reaches 04's config; left unset it is the preset's."""
+    from lora_nb.planning import build_config, values_from_course
+
+    ws = _ws(tmp_path)
+    assert settle(ws, {"keep_tokens": -1})["keep_tokens"] == 1
+    assert not ws.course_settings.exists()
+    settle(ws, {"preset": "anime", "keep_tokens": 0})  # 03 run with -p keep_tokens 0
+    cfg = build_config("anime", values_from_course(settle(ws, {}), {}, ws.regularization), str(tmp_path / "d"),
+                       str(ws.root))
+    assert (cfg.dataset.keep_tokens, cfg.dataset.shuffle_caption) == (0, True)
+    settle(ws, {}).remember({"keep_tokens": 2})  # the widget in 03 changed
+    cfg = build_config("anime", values_from_course(settle(ws, {}), {}, ws.regularization), str(tmp_path / "d"),
+                       str(ws.root))
+    assert cfg.dataset.keep_tokens == 2
+
+
 def test_class_pictures_keep_their_captions_and_one_without_is_trained_with_the_class_word(tmp_path):
     from PIL import Image
 

@@ -89,7 +89,8 @@ def measure_generations(pipe, prompts: list[str], seeds: list[int],
     for prompt, seed, img in generate(pipe, prompts, seeds, steps, guidance_scale, size, batch, **pipe_kwargs):
         want, got = parse_prompt(prompt), judge(img)
         rec = {"prompt": prompt, "seed": seed, "want": want,
-               "got": {k: got[k] for k in ("shape", "colour", "background", "zorb", "zorb_score")}}
+               "got": {**{k: got[k] for k in ("shape", "colour", "background", "zorb", "zorb_score")},
+                       "eyes_merged": bool(got.get("eyes_merged", False))}}
         if keep_images:
             rec["image"] = img
         records.append(rec)
