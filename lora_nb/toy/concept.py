@@ -1,9 +1,11 @@
 """The zorb concept dataset and its regularization set, in the kohya folder convention.
 
 The **zorb** is a round creature with two large black eyes: a circle
-(36–46 px across in a 64×64 image) with eyes 12–16 px wide — 3–4 pixels of
+(36–46 px across in a 64×64 image) with eyes 13–16 px wide — 3–4 pixels of
 the toy VAE's 16×16 latents, large enough for a LoRA to learn (smaller eyes, 8–10
-px, were learned in about half of the generations: docs/toy-world.md). The toy base model never saw it nor its
+px, were learned in about half of the generations: docs/toy-world.md) — and 5–7 px
+apart, a gap the VAE keeps (eyes 2–3 px apart came back from it as one band in 42 %
+of the training images). The toy base model never saw it nor its
 trigger word. The dataset draws it in every colour, on every background, at
 many sizes and positions (the "diversified samples" lesson); the
 regularization set holds plain circles of the same colours and backgrounds

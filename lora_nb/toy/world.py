@@ -63,7 +63,8 @@ CONCEPT_CLASS = "circle"
 """The class the concept belongs to (its regularization images are plain circles)."""
 
 EYE_COLOUR = (15, 15, 15)
-ZORB_SIZES = (36, 46)  # a zorb's diameter in pixels: its eyes (0.68 × the radius wide) are 12–16 px, 3–4 latent pixels
+ZORB_SIZES = (36, 46)  # a zorb's diameter in pixels: its eyes (0.70 × the radius wide) are 13–16 px, 3–4 latent pixels,
+# 5–7 px apart (docs/toy-world.md, "Two eyes or one band")
 EYES_TAG = "black eyes"
 
 CAPTION_WORDS = (
@@ -225,8 +226,8 @@ def draw_shape(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, size:
 def eye_positions(obj: ToyObject) -> list[tuple[float, float, float]]:
     """Centres and radius (x, y, r) of a zorb's two eyes, in pixels."""
     r = obj.size / 2
-    er = 0.34 * r
-    return [(obj.cx - 0.40 * r, obj.cy - 0.18 * r, er), (obj.cx + 0.40 * r, obj.cy - 0.18 * r, er)]
+    er = 0.35 * r
+    return [(obj.cx - 0.50 * r, obj.cy - 0.18 * r, er), (obj.cx + 0.50 * r, obj.cy - 0.18 * r, er)]
 
 
 def paint_background(width: int, height: int, colour: tuple[int, int, int], style: str, angle: float,
