@@ -292,8 +292,13 @@ def embedding_measures(embedders, reference: dict, on: list[np.ndarray], texts: 
 
 # --------------------------------------------------------------------------- verdicts
 
-def verdict(images: dict, base: dict | None, val: dict | None, t: Thresholds = Thresholds()) -> tuple[str, list[str]]:
-    """underfit / good / overfit for one epoch, with the reasons (numbers included)."""
+def verdict(images: dict, base: dict | None, val: dict | None, t: Thresholds = Thresholds(),
+            leak_settles: bool = False) -> tuple[str, list[str]]:
+    """underfit / good / overfit for one epoch, with the reasons (numbers included).
+
+    ``leak_settles``: a later epoch of the same run leaks less than ``t.leakage_max``. Leakage that later training
+    removes is the subject not yet tied to its trigger word (early in a run the LoRA changes the whole class),
+    so it counts as underfit; leakage that stays to the end is overfitting."""
     over, under = [], []
     if images["fidelity"] < t.fidelity_min:
         under.append(f"the subject appears in {images['fidelity']:.0%} of trigger-word images (< {t.fidelity_min:.0%})")
@@ -304,7 +309,11 @@ def verdict(images: dict, base: dict | None, val: dict | None, t: Thresholds = T
         if drop > t.generalisation_drop:
             over.append(f"prompt adherence fell from {base['generalisation']:.0%} to {images['generalisation']:.0%}")
     if images.get("leakage") is not None and images["leakage"] > t.leakage_max:
-        over.append(f"the subject leaks into {images['leakage']:.0%} of images without the trigger word")
+        leak = f"the subject leaks into {images['leakage']:.0%} of images without the trigger word"
+        if leak_settles:
+            under.append(f"not yet tied to the trigger word: {leak}, and later epochs stop it")
+        else:
+            over.append(leak)
     if val and val.get("rise") is not None and val["rise"] > t.val_rise and val.get("after_best", True):
         over.append(f"validation loss {val['rise']:.0%} above its best (epoch {val['best_epoch']})")
     if over and (not under or len(over) >= len(under)):
@@ -421,10 +430,11 @@ def diagnose_run(workspace: str | Path, seeds: list[int] | None = None, steps: i
             val = {"val_loss": vloss, "best_epoch": losses["best_val_epoch"],
                    "rise": (vloss - losses["best_val_loss"]) / losses["best_val_loss"],
                    "after_best": epoch > losses["best_val_epoch"]}  # above the best *before* it = still learning
-        label, reasons = verdict(images, base, val, thresholds)
-        epochs.append({"epoch": epoch, "file": str(path), "verdict": label, "reasons": reasons,
-                       "images": {k: v for k, v in images.items() if k != "examples"}, "validation": val,
-                       "examples": images["examples"]})
+        epochs.append({"epoch": epoch, "file": str(path), "images": {k: v for k, v in images.items() if k != "examples"},
+                       "validation": val, "examples": images["examples"]})
+    for i, e in enumerate(epochs):
+        settles = any((later["images"].get("leakage") or 0) <= thresholds.leakage_max for later in epochs[i + 1:])
+        e["verdict"], e["reasons"] = verdict(e["images"], base, e["validation"], thresholds, settles)
     chosen = recommend(epochs)
     run_verdict = overall_verdict(epochs, chosen)
     result = {
@@ -478,7 +488,8 @@ def loss_versus_judge(result: dict) -> str:
                  f"{max(best, judged)} apart, while the images still changed. Read the loss for the trend (is it "
                  "still falling? turning up?), the images for the choice.")
     else:
-        text += (f" They disagree by {abs(best - judged)} epochs: the loss scores every pixel's noise, the judge "
+        apart = abs(best - judged)
+        text += (f" They disagree by {apart} epoch{'s' if apart != 1 else ''}: the loss scores every pixel's noise, the judge "
                  "what a viewer sees; when they differ, trust the images.")
     return text
 

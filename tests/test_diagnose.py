@@ -29,6 +29,12 @@ def test_copying_leaking_or_ignoring_the_prompt_is_overfit():
     assert verdict(_images(0.9), BASE, still_learning)[0] == "good"
 
 
+def test_leakage_that_later_epochs_remove_is_not_yet_learned_not_overfit():
+    label, reasons = verdict(_images(0.6, leakage=0.5), BASE, None, leak_settles=True)
+    assert label == "underfit" and "not yet tied to the trigger word" in reasons[0] and "50%" in reasons[0]
+    assert verdict(_images(0.6, leakage=0.5), BASE, None, leak_settles=False)[0] == "overfit"
+
+
 def test_the_validation_loss_is_read_against_the_judges_epoch():
     from lora_nb.diagnose import loss_versus_judge
 
