@@ -72,13 +72,24 @@ def committed_table(path: str | Path) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
-def describe_committed(committed: dict | None) -> str:
-    """The committed table's heading (date, command, seeds) and its rows, or how to make it when it is missing."""
+def describe_committed(committed: dict | None, concept_dir: str | Path | None = None) -> str:
+    """The committed table's heading (date, command, seeds) and its rows, or how to make it when it is missing.
+    With ``concept_dir`` (the concept pictures the course trains on now), says so when the table was measured on
+    other pictures: its numbers, and a rerun's beside them, then differ for that reason."""
     if not committed:
         return "docs/remedies.json is missing: run `lora-nb experiments` to make the table."
     missing = committed.get("missing") or []
     head = (f"Committed table ({committed['date']}, `{committed['command']}`, training seeds {committed['seeds']}"
             + (f"; {len(missing)} runs not measured yet, listed in docs/remedies.md" if missing else "") + "):")
+    if concept_dir is not None:
+        from lora_nb.remedies import concept_fingerprint
+
+        now = concept_fingerprint(concept_dir)
+        if committed.get("concept") != now:
+            head = (f"Note: this table was measured on other concept pictures than {Path(concept_dir).name} holds "
+                    f"now (fingerprint {committed.get('concept') or 'not recorded'}, today {now}); "
+                    f"`{committed['command']}` measures it on today's. Its numbers and conclusions are those of the "
+                    "earlier pictures, and a rerun differs for that reason.\n" + head)
     return head + "\n" + format_rows(committed)
 
 

@@ -196,6 +196,16 @@ def load_examples(folder: str | Path) -> list:
     return [(p, Image.open(folder / "examples" / f"{i:02d}.png").convert("RGB")) for i, p in enumerate(prompts)]
 
 
+def concept_fingerprint(folder: str | Path) -> str:
+    """What identifies the concept pictures a table was measured on: a hash of every file's name and bytes under
+    ``folder`` (images and captions). A table whose fingerprint differs from today's data was measured on others."""
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def _settings_hash(cfg: Config) -> str:
     """What identifies a run's settings: a changed setting retrains, an unchanged one reuses the run."""
     return hashlib.sha256(cfg.to_yaml().encode()).hexdigest()[:16]
@@ -251,7 +261,7 @@ def run_table(out: str | Path, seeds: int = 3, only: list[str] | None = None, sa
 def _run_table(out: Path, seeds: int, runs: list[Run], sample_seeds, steps: int, course: Config, max_steps, log,
                measured_only: bool) -> dict:
     table: dict = {"runs": {}, "seeds": list(range(seeds)), "sample_seeds": sample_seeds or [0, 1], "steps": steps,
-                   "max_steps": max_steps}
+                   "max_steps": max_steps, "concept": concept_fingerprint(course.dataset.dir)}
     for run in runs:
         per_seed = {}
         for seed in range(seeds):
@@ -316,7 +326,9 @@ def format_table(table: dict, command: str = "", date: str = "") -> str:
         lines += [f"Reproduce: `{command}`" + (f" (run {date})" if date else ""), ""]
     lines += [f"Training seeds {table['seeds']}; each final file judged on 12 colour × background prompts × sample "
               f"seeds {table['sample_seeds']} with the trigger word and the same without it (DDIM {table['steps']} "
-              "steps, CFG 5). Values are the mean over training seeds, ± half the range between them.", "",
+              "steps, CFG 5). Values are the mean over training seeds, ± half the range between them."
+              + (f" Concept pictures: fingerprint {table['concept']} (`lora_nb.remedies.concept_fingerprint`)."
+                 if table.get("concept") else ""), "",
               "| run | regime | what differs | fidelity | generalisation | memorization | leakage |",
               "|---|---|---|---|---|---|---|"]
     for name, r in table["runs"].items():

@@ -114,3 +114,21 @@ def test_the_table_trains_measures_and_resumes(tmp_path, monkeypatch):
     assert so_far["missing"] == ["underfit seed 2", "underfit-higher-lr seed 2"]
     assert not (tmp_path / "underfit" / "seed-2").exists()
     assert "Not measured yet (2 runs)" in format_table(so_far)
+
+
+def test_a_table_measured_on_other_concept_pictures_says_so(tmp_path):
+    import shutil
+
+    from lora_nb.experiments import describe_committed
+    from lora_nb.remedies import concept_fingerprint
+
+    concept = tmp_path / "concept"
+    shutil.copytree(preset("toy").dataset.dir, concept)
+    table = {"date": "2026-12-02", "command": "lora-nb experiments --seeds 3", "seeds": [0, 1, 2], "rows": [],
+             "concept": concept_fingerprint(concept)}
+    assert "other concept pictures" not in describe_committed(table, concept)
+    picture = sorted(concept.rglob("*.png"))[0]
+    picture.write_bytes(picture.read_bytes() + b"\0")  # one picture changed
+    note = describe_committed(table, concept)
+    assert "other concept pictures" in note and table["concept"] in note and concept_fingerprint(concept) in note
+    assert "not recorded" in describe_committed({**table, "concept": None}, concept)
