@@ -39,6 +39,9 @@ def test_notebook_is_committed_without_outputs_or_widget_state(path):
         if cell["cell_type"] == "code":
             assert cell["outputs"] == [] and cell.get("execution_count") is None
     assert "widgets" not in nb["metadata"]
+    # nbformat 4.5 cells carry an id; without one, every run warns and future nbformat refuses the file.
+    ids = [cell.get("id") for cell in nb["cells"]]
+    assert None not in ids and len(set(ids)) == len(ids)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -185,6 +188,11 @@ def test_notebook_06_diagnoses_the_run_and_prints_the_measured_experiments(tmp_p
     assert [r["run"] for r in live] == ["underfit-higher-lr"] and live[0]["conclusion"].startswith("one seed")
     assert "Rerun here (one training seed)" in text and "Committed table" in text
     assert "Rerun here (the baselines of section 6)" in text and "overfit (training seed 0), the table:" in text
+    from lora_nb.remedies import concept_fingerprint  # a table measured on other concept pictures says so
+
+    committed = json.loads((ROOT / "docs" / "remedies.json").read_text(encoding="utf-8"))
+    stale = committed.get("concept") != concept_fingerprint(ROOT / "data" / "toy-concept")
+    assert ("measured on other concept pictures" in text) == stale
     for fig in ("06_loss", "06_measures", "06_strength_grid", "06_fit_trio"):
         assert (ws / "figures" / f"{fig}.png").exists(), fig
     assert "DreamBooth checkpoint" in text
