@@ -10,8 +10,10 @@ setup:
 course: setup
 	$(VENV)/bin/lora-nb course --workspace runs/course
 
+# The suite runs in TEST_WORKERS processes of one torch thread each (kernels and subprocesses included).
+TEST_WORKERS ?= 2
 test: setup
-	$(VENV)/bin/python -m pytest -q --durations=15
+	OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=15
 
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks
