@@ -9,7 +9,8 @@ For each file, with the toy base model and the toy judge (DDIM 20, CFG 5, 64×64
 - prompts worded unlike that sentence (``--wordings``, default: 16 below), on ``--wording-seeds``: zorb share
   with the trigger, and the leak when "zorb" is taken out of each;
 - of every image judged a zorb, the share whose eyes are one merged dark band (the judge counts it; a learner
-  sees a band, not two eyes), and for each prompt set the share of trigger-word images with two separate eyes.
+  sees a band, not two eyes) and the share with two eyes that touch (a waist between two lobes), and for each
+  prompt set the share of trigger-word images with two eyes (apart or touching) and with two eyes apart.
 Prints one line per file and, with ``--json``, writes every figure and the per-prompt counts there.
 """
 
@@ -48,15 +49,19 @@ def judge_file(path: Path, seeds: list[int], wordings: list[str], wording_seeds:
     other_off = quality.measure_generations(pipe, [without_trigger(w) for w in wordings], wording_seeds)
     merged = [r for r in on["records"] + other["records"] if r["got"]["zorb"] and r["got"].get("eyes_merged")]
     zorbs = [r for r in on["records"] + other["records"] if r["got"]["zorb"]]
+    touching = [r for r in zorbs if r["got"].get("eyes_touching")]
     two = lambda recs: sum(r["got"]["zorb"] and not r["got"].get("eyes_merged") for r in recs) / max(1, len(recs))
+    apart = lambda recs: sum(r["got"]["zorb"] and not r["got"].get("eyes_merged") and not r["got"].get("eyes_touching")
+                             for r in recs) / max(1, len(recs))
     per: dict[str, int] = {}
     for r in other["records"]:
         per[r["prompt"]] = per.get(r["prompt"], 0) + bool(r["got"]["zorb"])
     return {"file": str(path), "n": on["n"], "zorb": on["zorb"], "leak": off["zorb"], "colour": on["colour"],
             "background": on["background"], "wordings_n": other["n"], "wordings_zorb": other["zorb"],
             "wordings_leak": other_off["zorb"], "per_wording": per,
-            "eyes_merged": len(merged) / max(1, len(zorbs)), "two_eyes": two(on["records"]),
-            "wordings_two_eyes": two(other["records"])}
+            "eyes_merged": len(merged) / max(1, len(zorbs)), "eyes_touching": len(touching) / max(1, len(zorbs)),
+            "two_eyes": two(on["records"]), "wordings_two_eyes": two(other["records"]),
+            "two_eyes_apart": apart(on["records"]), "wordings_two_eyes_apart": apart(other["records"])}
 
 
 def main() -> None:
@@ -77,8 +82,9 @@ def main() -> None:
         print(f"{f}: sentence prompts zorb {r['zorb']:.2f} of {r['n']}, leak {r['leak']:.2f}, colour "
               f"{r['colour']:.2f}, background {r['background']:.2f}; other wordings zorb {r['wordings_zorb']:.2f} "
               f"of {r['wordings_n']}, leak {r['wordings_leak']:.2f}; of all zorbs, eyes one merged band: "
-              f"{r['eyes_merged']:.2f}; two separate eyes: sentence {r['two_eyes']:.2f}, other wordings "
-              f"{r['wordings_two_eyes']:.2f}")
+              f"{r['eyes_merged']:.2f}, two eyes touching: {r['eyes_touching']:.2f}; two eyes (apart or touching): "
+              f"sentence {r['two_eyes']:.2f}, other wordings {r['wordings_two_eyes']:.2f}; two eyes apart: sentence "
+              f"{r['two_eyes_apart']:.2f}, other wordings {r['wordings_two_eyes_apart']:.2f}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
 

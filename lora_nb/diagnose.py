@@ -162,7 +162,7 @@ def toy_image_evidence(pipe, training_images: list[np.ndarray], seeds: list[int]
     pairs = sum(r["got"]["zorb"] and not r["got"]["eyes_merged"] for r in on["records"])
     return {
         "fidelity": on["zorb"],
-        "two_eyes": pairs / max(1, on["n"]),  # the zorbs a learner sees with two eyes, not one merged band
+        "two_eyes": pairs / max(1, on["n"]),  # the zorbs a learner sees with two eyes (apart or touching), not one band
         "generalisation": float(adherence),
         "colour": on["colour"], "background": on["background"],
         "memorization": float(np.mean(mem)) if mem else 0.0,
@@ -514,7 +514,7 @@ def format_diagnosis(result: dict) -> str:
     for e in result["epochs"]:
         im = e["images"]
         val = e["validation"]["val_loss"] if e.get("validation") else None
-        two = f" (two separate eyes {im['two_eyes']:.0%})" if im.get("two_eyes") is not None else ""
+        two = f" (two eyes {im['two_eyes']:.0%})" if im.get("two_eyes") is not None else ""
         lines.append(f"  epoch {e['epoch']:>3}: {e['verdict']:<8} fidelity {im['fidelity']:.0%}{two}  "
                      f"adherence {_pct(im.get('generalisation'))}  memorization {im['memorization']:.2f}  "
                      f"leakage {_pct(im.get('leakage'))}" + (f"  val loss {val:.4f}" if val is not None else "")

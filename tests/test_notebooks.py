@@ -181,9 +181,9 @@ def test_notebook_06_diagnoses_the_run_and_prints_the_measured_experiments(tmp_p
         assert f"{row['run']}: {row['verdict']}, because {row['because']}" in text
     chosen = next(e for e in diagnosis["epochs"] if e["epoch"] == diagnosis["recommended"]["epoch"])
     assert chosen["verdict"] != "overfit"  # the default run is not overfit at the epoch it recommends
-    for e in diagnosis["epochs"]:  # zorbs with two separate eyes: some of those the fidelity counts, said beside it
+    for e in diagnosis["epochs"]:  # zorbs with two eyes (apart or touching): some of those the fidelity counts, said beside it
         assert 0 <= e["images"]["two_eyes"] <= e["images"]["fidelity"]
-        assert f"fidelity {e['images']['fidelity']:.0%} (two separate eyes {e['images']['two_eyes']:.0%})" in text
+        assert f"fidelity {e['images']['fidelity']:.0%} (two eyes {e['images']['two_eyes']:.0%})" in text
     live = diagnosis["live_remedies"]
     assert [r["run"] for r in live] == ["underfit-higher-lr"] and live[0]["conclusion"].startswith("one seed")
     assert "Rerun here (one training seed)" in text and "Committed table" in text

@@ -152,6 +152,39 @@ def test_judge_label_says_when_it_counts_one_merged_band_as_the_eyes():
     assert judge.judge_image(image)["eyes_merged"] is True
 
 
+def test_judge_tells_two_touching_eyes_from_one_band():
+    import numpy as np
+
+    yy, xx = np.mgrid[:64, :64]
+    image = np.empty((64, 64, 3), np.uint8)
+    image[:] = world.BACKGROUNDS["gray"]
+    image[(yy - 32) ** 2 + (xx - 32) ** 2 <= 20 ** 2] = world.COLOURS["yellow"]
+    for cx in (25, 39):  # two round eyes of radius 6 whose edges meet, joined by a 2-px bridge
+        image[(yy - 24) ** 2 + (xx - cx) ** 2 <= 6 ** 2] = world.EYE_COLOUR
+    image[23:25, 28:37] = world.EYE_COLOUR
+    got = judge.judge_image(image)
+    assert got["zorb"] and got["eyes_touching"] and not got["eyes_merged"]
+    assert quality.judge_label("a yellow zorb circle on a gray background", image) == \
+        "zorb: yes, eyes touch\nyellow ok / gray ok"
+    # the same eyes further apart: a pair, neither touching nor merged
+    apart = np.empty_like(image)
+    apart[:] = world.BACKGROUNDS["gray"]
+    apart[(yy - 32) ** 2 + (xx - 32) ** 2 <= 20 ** 2] = world.COLOURS["yellow"]
+    for cx in (23, 41):
+        apart[(yy - 24) ** 2 + (xx - cx) ** 2 <= 6 ** 2] = world.EYE_COLOUR
+    got = judge.judge_image(apart)
+    assert got["zorb"] and not got["eyes_touching"] and not got["eyes_merged"]
+
+
+def test_two_lobes_needs_a_waist_in_the_middle():
+    import numpy as np
+
+    assert judge.two_lobes(np.array([3, 6, 8, 8, 6, 2, 2, 6, 8, 8, 6, 3]))  # two round lobes, a thin bridge
+    assert not judge.two_lobes(np.array([6, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 6]))  # a band
+    assert not judge.two_lobes(np.array([8, 2, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8]))  # a notch near the end, not a waist
+    assert not judge.two_lobes(np.array([2, 2, 1, 2, 2]))  # too small to tell
+
+
 def test_measure_generations_on_a_tiny_pipeline(tiny_sd15_dir):
     from lora_nb.models import load_base_model
 

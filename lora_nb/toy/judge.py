@@ -118,7 +118,8 @@ def eye_measure(obj_mask: np.ndarray, filled: np.ndarray, bbox: tuple[int, int, 
         rel_y = (cy - y0) / max(bh, 1)
         dark = dist_eye is None or float(dist_eye[labels == i].min()) < 90
         if area >= 0.012 * bw * bh and rel_y < 0.7 and dark:
-            eyes.append({"area": area, "cx": cx, "cy": cy, "w": int(np.ptp(xs)) + 1, "h": int(np.ptp(ys)) + 1})
+            eyes.append({"area": area, "cx": cx, "cy": cy, "w": int(np.ptp(xs)) + 1, "h": int(np.ptp(ys)) + 1,
+                         "lobes": two_lobes(np.bincount(xs - xs.min()))})
     pair = False
     for i in range(len(eyes)):
         for j in range(i + 1, len(eyes)):
@@ -128,10 +129,27 @@ def eye_measure(obj_mask: np.ndarray, filled: np.ndarray, bbox: tuple[int, int, 
             alike = max(a["area"], b["area"]) < 3 * min(a["area"], b["area"])
             centred = abs((a["cx"] + b["cx"]) / 2 - (x0 + x1 - 1) / 2) < 0.2 * bw
             pair = pair or (level and apart and alike and centred)
-    merged = any(e["w"] >= 1.5 * e["h"] and e["area"] >= 0.03 * bw * bh for e in eyes)
+    wide = [e for e in eyes if e["w"] >= 1.5 * e["h"] and e["area"] >= 0.03 * bw * bh]
+    touching = not pair and any(e["lobes"] for e in wide)
+    merged = bool(wide) and not pair and not touching
     hole_share = float(sum(e["area"] for e in eyes) / max(1, filled.sum()))
-    score = 1.0 if pair else (0.75 if merged else min(0.45, hole_share * 5))
-    return {"eyes": len(eyes), "zorb": bool(pair or merged), "zorb_score": score, "eyes_merged": bool(merged and not pair)}
+    score = 1.0 if pair else (0.9 if touching else 0.75 if merged else min(0.45, hole_share * 5))
+    return {"eyes": len(eyes), "zorb": bool(pair or touching or merged), "zorb_score": score,
+            "eyes_touching": bool(touching), "eyes_merged": bool(merged)}
+
+
+def two_lobes(heights: np.ndarray, waist: float = 0.6) -> bool:
+    """Whether a wide dark hole is two eyes that touch rather than one band: its height per column (``heights``,
+    left to right) rises to a peak in each half with a waist between them no taller than ``waist`` × the lower
+    peak. Two round eyes joined by a thin bridge have that waist; a band blurred from both eyes is about as
+    tall in the middle as at its ends."""
+    n = len(heights)
+    if n < 6:
+        return False
+    mid = np.arange(n // 4, n - n // 4)  # the waist lies in the middle half
+    m = int(mid[np.argmin(heights[mid])])
+    left, right = heights[:m].max(initial=0), heights[m + 1:].max(initial=0)
+    return bool(heights[m] <= waist * min(left, right) and min(left, right) >= 3)
 
 
 def judge_image(image) -> dict:
@@ -195,6 +213,7 @@ def judge_image(image) -> dict:
         "zorb": bool(main["zorb"]) if main else False,
         "zorb_score": float(main["zorb_score"]) if main else 0.0,
         "eyes_merged": bool(main["eyes_merged"]) if main else False,
+        "eyes_touching": bool(main["eyes_touching"]) if main else False,
     }
 
 

@@ -90,7 +90,8 @@ def measure_generations(pipe, prompts: list[str], seeds: list[int],
         want, got = parse_prompt(prompt), judge(img)
         rec = {"prompt": prompt, "seed": seed, "want": want,
                "got": {**{k: got[k] for k in ("shape", "colour", "background", "zorb", "zorb_score")},
-                       "eyes_merged": bool(got.get("eyes_merged", False))}}
+                       "eyes_merged": bool(got.get("eyes_merged", False)),
+                       "eyes_touching": bool(got.get("eyes_touching", False))}}
         if keep_images:
             rec["image"] = img
         records.append(rec)
@@ -107,7 +108,8 @@ def measure_generations(pipe, prompts: list[str], seeds: list[int],
 
 def judgement_label(want: dict, got: dict) -> str:
     """The judge's reading of one image, as the lines printed under it in a grid: whether it is a zorb (and
-    whether its eyes are one merged band, which the judge counts, or the prompt had no trigger word), then the
+    whether its eyes are one merged band, which the judge counts, or two eyes that touch, or the prompt had no
+    trigger word), then the
     colour and background it shows, each marked ``ok`` or with what the prompt asked::
 
         zorb: yes, eyes merged
@@ -116,6 +118,8 @@ def judgement_label(want: dict, got: dict) -> str:
     zorb = "yes" if got.get("zorb") else "no"
     if got.get("zorb") and got.get("eyes_merged"):
         zorb += ", eyes merged"
+    elif got.get("zorb") and got.get("eyes_touching"):
+        zorb += ", eyes touch"
     if want.get("zorb") is False:
         zorb += " (no trigger word)"
     lines = [f"zorb: {zorb}"]
