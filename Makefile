@@ -7,8 +7,10 @@ export TOKENIZERS_PARALLELISM ?= false
 setup:
 	bash scripts/setup.sh
 
+# One torch thread per notebook: the toy model trains no faster on two (docs/performance.md, "The course's own job").
+COURSE_THREADS ?= 1
 course: setup
-	$(VENV)/bin/lora-nb course --workspace runs/course
+	OMP_NUM_THREADS=$(COURSE_THREADS) $(VENV)/bin/lora-nb course --workspace runs/course
 
 # The suite runs in TEST_WORKERS processes of one torch thread each (kernels and subprocesses included).
 TEST_WORKERS ?= 2

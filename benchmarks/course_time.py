@@ -1,6 +1,7 @@
 """Time the course: each executed notebook's papermill duration, and how much it printed to stderr.
 
     python benchmarks/course_time.py --run                     # run `lora-nb course` in a new workspace, then report
+    python benchmarks/course_time.py --run --threads 2         # with two torch threads (`make course` uses one)
     python benchmarks/course_time.py --workspace runs/course   # report on an earlier course run
 
 The course's targets: the sum of the durations at most 600 s on a 2-core CPU (06 at most 300 s), and no
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -48,6 +50,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workspace", default="", help="default with --run: a new runs/course-bench-<time>")
     p.add_argument("--run", action="store_true", help="run the course into a new workspace first")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of each notebook with --run (OMP_NUM_THREADS; "
+                   "`make course` uses 1)")
     args = p.parse_args(argv)
     if not args.workspace and not args.run:
         p.error("name the --workspace of an earlier course run, or --run a new one")
@@ -58,8 +62,9 @@ def main(argv=None) -> int:
     if args.run:
         start = time.time()
         cmd = [sys.executable, "-m", "lora_nb.cli", "course", "--workspace", str(ws)]
-        code = subprocess.call(cmd, cwd=ROOT)
-        print(f"course: exit {code}, {time.time() - start:.0f} s whole process")
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+        code = subprocess.call(cmd, cwd=ROOT, env=env)
+        print(f"course: exit {code}, {time.time() - start:.0f} s whole process, {args.threads} torch thread(s) per notebook")
         print(f"peak memory: {peak_child_rss_mib():.0f} MiB resident, the largest process of the run (a notebook's kernel)")
     rows = [notebook_figures(p) for p in sorted((ws / "executed").glob("*.ipynb"))]
     if not rows:
