@@ -161,7 +161,7 @@ def conclude(rows: list[dict]) -> list[dict]:
         for measure in ("fidelity", "leakage"):
             a, b = base["mean"][measure], row["mean"][measure]
             spread = max(base["spread"][measure], row["spread"][measure])
-            if abs(b - a) <= spread:
+            if abs(b - a) <= spread + 1e-9:  # a tie is no difference (float sums of shares can miss by 1e-17)
                 word = "no difference this experiment can resolve"
             else:
                 word = "higher" if b > a else "lower"

@@ -307,7 +307,7 @@ def conclude(runs: dict) -> list[dict]:
         diff = v - b
         if spread is None or min(base["n"], r["n"]) < 2:
             verdict = "one seed: no spread to compare with (run with --seeds 3)"
-        elif abs(diff) <= spread:
+        elif abs(diff) <= spread + 1e-9:  # a tie is no difference (shares of n images: float sums can miss by 1e-17)
             verdict = "no difference this experiment can resolve"
         elif diff * sign > 0:
             verdict = "worked"

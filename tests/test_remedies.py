@@ -63,6 +63,12 @@ def test_a_remedy_works_only_beyond_the_spread_between_seeds():
     assert table([0.60, 0.65, 0.70], [0.10, 0.15, 0.20])["conclusion"] == "made it worse"
     assert table([0.6, 0.6, 0.6], [0.1, 0.1, 0.1], "overfit", "-fidelity")["conclusion"] == "worked"
     assert table([0.6], [0.1])["conclusion"].startswith("one seed")
+    # a difference equal to the spread is a tie, whatever the float sums round to (the remedies table's
+    # underfit-higher-lr of 2026-12-04: 2, 1, 4 zorbs in 24 against 7, 5, 10 — a difference of 5/24 as large as the
+    # remedy's own spread)
+    tie = table([2 / 24, 1 / 24, 4 / 24], [7 / 24, 5 / 24, 10 / 24])
+    assert tie["difference"] == pytest.approx(tie["spread"])
+    assert tie["conclusion"] == "no difference this experiment can resolve"
 
 
 @pytest.mark.slow
