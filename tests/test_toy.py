@@ -174,15 +174,23 @@ def test_judge_tells_two_touching_eyes_from_one_band():
         apart[(yy - 24) ** 2 + (xx - cx) ** 2 <= 6 ** 2] = world.EYE_COLOUR
     got = judge.judge_image(apart)
     assert got["zorb"] and not got["eyes_touching"] and not got["eyes_merged"]
+    # one eye beside a bite out of the circle's edge, joined to it: a waist too, but open to the outside
+    bite = np.empty_like(image)
+    bite[:] = world.BACKGROUNDS["black"]
+    bite[(yy - 32) ** 2 + (xx - 32) ** 2 <= 20 ** 2] = world.COLOURS["blue"]
+    bite[(yy - 24) ** 2 + (xx - 14) ** 2 <= 7 ** 2] = world.BACKGROUNDS["black"]
+    bite[(yy - 24) ** 2 + (xx - 39) ** 2 <= 6 ** 2] = world.EYE_COLOUR
+    bite[23:25, 20:34] = world.EYE_COLOUR
+    assert not judge.judge_image(bite)["eyes_touching"]
 
 
 def test_two_lobes_needs_a_waist_in_the_middle():
     import numpy as np
 
-    assert judge.two_lobes(np.array([3, 6, 8, 8, 6, 2, 2, 6, 8, 8, 6, 3]))  # two round lobes, a thin bridge
-    assert not judge.two_lobes(np.array([6, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 6]))  # a band
-    assert not judge.two_lobes(np.array([8, 2, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8]))  # a notch near the end, not a waist
-    assert not judge.two_lobes(np.array([2, 2, 1, 2, 2]))  # too small to tell
+    assert judge.two_lobes(np.array([3, 6, 8, 8, 6, 2, 2, 6, 8, 8, 6, 3])) == 5  # two round lobes, a thin bridge
+    assert judge.two_lobes(np.array([6, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 6])) is None  # a band
+    assert judge.two_lobes(np.array([8, 2, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8])) is None  # a notch near the end, not a waist
+    assert judge.two_lobes(np.array([2, 2, 1, 2, 2])) is None  # too small to tell
 
 
 def test_measure_generations_on_a_tiny_pipeline(tiny_sd15_dir):

@@ -21,6 +21,8 @@ image to its nearest training image.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 from scipy import ndimage
 from skimage.morphology import convex_hull_image
@@ -119,18 +121,18 @@ def eye_measure(obj_mask: np.ndarray, filled: np.ndarray, bbox: tuple[int, int, 
         dark = dist_eye is None or float(dist_eye[labels == i].min()) < 90
         if area >= 0.012 * bw * bh and rel_y < 0.7 and dark:
             eyes.append({"area": area, "cx": cx, "cy": cy, "w": int(np.ptp(xs)) + 1, "h": int(np.ptp(ys)) + 1,
-                         "lobes": two_lobes(np.bincount(xs - xs.min()))})
-    pair = False
-    for i in range(len(eyes)):
-        for j in range(i + 1, len(eyes)):
-            a, b = eyes[i], eyes[j]
-            level = abs(a["cy"] - b["cy"]) < 0.25 * bh
-            apart = abs(a["cx"] - b["cx"]) > 0.2 * bw
-            alike = max(a["area"], b["area"]) < 3 * min(a["area"], b["area"])
-            centred = abs((a["cx"] + b["cx"]) / 2 - (x0 + x1 - 1) / 2) < 0.2 * bw
-            pair = pair or (level and apart and alike and centred)
+                         "ys": ys, "xs": xs})
+    def eye_pair(a: dict, b: dict) -> bool:  # two eyes side by side, of similar size, about symmetric
+        level = abs(a["cy"] - b["cy"]) < 0.25 * bh
+        apart = abs(a["cx"] - b["cx"]) > 0.2 * bw
+        alike = max(a["area"], b["area"]) < 3 * min(a["area"], b["area"])
+        centred = abs((a["cx"] + b["cx"]) / 2 - (x0 + x1 - 1) / 2) < 0.2 * bw
+        return bool(level and apart and alike and centred)
+
+    pair = any(eye_pair(eyes[i], eyes[j]) for i in range(len(eyes)) for j in range(i + 1, len(eyes)))
     wide = [e for e in eyes if e["w"] >= 1.5 * e["h"] and e["area"] >= 0.03 * bw * bh]
-    touching = not pair and any(e["lobes"] for e in wide)
+    near_edge = ndimage.binary_dilation(~filled, iterations=2)  # within 2 px of the object's outline
+    touching = not pair and any(touching_pair(e, eye_pair, near_edge) for e in wide)
     merged = bool(wide) and not pair and not touching
     hole_share = float(sum(e["area"] for e in eyes) / max(1, filled.sum()))
     score = 1.0 if pair else (0.9 if touching else 0.75 if merged else min(0.45, hole_share * 5))
@@ -138,18 +140,36 @@ def eye_measure(obj_mask: np.ndarray, filled: np.ndarray, bbox: tuple[int, int, 
             "eyes_touching": bool(touching), "eyes_merged": bool(merged)}
 
 
-def two_lobes(heights: np.ndarray, waist: float = 0.6) -> bool:
-    """Whether a wide dark hole is two eyes that touch rather than one band: its height per column (``heights``,
-    left to right) rises to a peak in each half with a waist between them no taller than ``waist`` × the lower
-    peak. Two round eyes joined by a thin bridge have that waist; a band blurred from both eyes is about as
-    tall in the middle as at its ends."""
+def two_lobes(heights: np.ndarray, waist: float = 0.6) -> int | None:
+    """Where a wide dark hole narrows between two eyes that touch: the column of its waist, or None for one band.
+    Its height per column (``heights``, left to right) rises to a peak on each side of a waist in the middle half
+    no taller than ``waist`` × the lower peak. Two round eyes joined by a thin bridge have that waist; a band
+    blurred from both eyes is about as tall in the middle as at its ends."""
     n = len(heights)
     if n < 6:
-        return False
+        return None
     mid = np.arange(n // 4, n - n // 4)  # the waist lies in the middle half
     m = int(mid[np.argmin(heights[mid])])
     left, right = heights[:m].max(initial=0), heights[m + 1:].max(initial=0)
-    return bool(heights[m] <= waist * min(left, right) and min(left, right) >= 3)
+    return m if heights[m] <= waist * min(left, right) and min(left, right) >= 3 else None
+
+
+def touching_pair(hole: dict, eye_pair: Callable[[dict, dict], bool], near_edge: np.ndarray) -> bool:
+    """Whether a wide hole (``ys``/``xs``: its pixels) is two eyes that touch: it has a waist
+    (:func:`two_lobes`), its two sides, cut there, pass ``eye_pair`` as two separate eyes would (level, apart,
+    alike in size, about symmetric around the object's middle), and neither side reaches the object's outline
+    (``near_edge``): a bite out of the object's edge beside one eye has a waist too, but it is open to the
+    outside, and a viewer sees one eye."""
+    ys, xs = hole["ys"], hole["xs"]
+    m = two_lobes(np.bincount(xs - xs.min()))
+    if m is None:
+        return False
+    sides = []
+    for keep in (xs - xs.min() < m, xs - xs.min() > m):
+        if int(near_edge[ys[keep], xs[keep]].sum()) >= 3:
+            return False
+        sides.append({"area": int(keep.sum()), "cx": float(xs[keep].mean()), "cy": float(ys[keep].mean())})
+    return eye_pair(*sides)
 
 
 def judge_image(image) -> dict:
