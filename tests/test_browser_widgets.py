@@ -163,9 +163,18 @@ def test_notebook_04_widgets_update_the_printed_steps_in_chromium(chromium, play
             # The notebook is open and its kernel connected before anything runs.
             page.locator(".jp-Notebook .jp-Cell").first.wait_for()
             expect(page.locator(".jp-NotebookPanel-toolbar .jp-KernelName")).to_contain_text("Python 3")
-            # Run → Run All Cells, as a person would.
-            page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
-            page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
+            # Run → Run All Cells, as a person would; again if no cell started (a click that lands before the
+            # kernel has finished connecting runs nothing, and a person would click again too).
+            started = page.locator(".jp-InputPrompt", has_text=re.compile(r"\[(\*|\d+)\]"))
+            for attempt in range(3):
+                page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
+                page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
+                try:
+                    started.first.wait_for(timeout=WAIT_MS // 2)
+                    break
+                except sync_api.TimeoutError:
+                    if attempt == 2:
+                        raise
 
             form = page.locator(".jp-OutputArea .widget-vbox", has=page.locator("b", has_text="Training settings"))
             output = form.locator(".widget-output")
