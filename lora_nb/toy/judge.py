@@ -122,6 +122,7 @@ def eye_measure(obj_mask: np.ndarray, filled: np.ndarray, bbox: tuple[int, int, 
         if area >= 0.012 * bw * bh and rel_y < 0.7 and dark:
             eyes.append({"area": area, "cx": cx, "cy": cy, "w": int(np.ptp(xs)) + 1, "h": int(np.ptp(ys)) + 1,
                          "ys": ys, "xs": xs})
+
     def eye_pair(a: dict, b: dict) -> bool:  # two eyes side by side, of similar size, about symmetric
         level = abs(a["cy"] - b["cy"]) < 0.25 * bh
         apart = abs(a["cx"] - b["cx"]) > 0.2 * bw
